@@ -1,0 +1,144 @@
+"""PaLM's vocabulary (paper section 2): lossless, whitespace kept, digits split, UTF-8 byte fallback.
+
+A BPE model from the `tokenizers` library over raw characters, so a space is an ordinary character
+and `decode(encode(s)) == s` for every string (SentencePiece's `▁` escape would turn a literal `▁`
+into a space). Pre-tokenization keeps an optional leading space with a word, isolates every digit,
+and keeps runs of whitespace intact. Characters outside the trained alphabet become `<0xXX>` byte
+tokens, which sit in the vocabulary as ordinary pieces (ids 5..260) so that the text `<0x41>` is
+never read as a byte. The result is saved as a Transformers fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .errors import TokenizerError
+
+PAD, BOS, EOS, UNK, EOD = "<pad>", "<s>", "</s>", "<unk>", "<eod>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, EOD)
+BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
+MIN_VOCAB_SIZE = 384  # the 261 reserved pieces plus room for the commonest characters
+# Letters (with combining marks) keep one optional leading space; each digit stands alone; other
+# symbols group; whitespace runs stay whole except the space that starts the next word.
+PRETOKENIZE = r" ?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
+CHARACTER_COVERAGE = 0.9995  # SentencePiece's default: rarer characters fall back to bytes
+
+
+def _alphabet_size(char_counts: Counter, coverage: float) -> int:
+    """How many of the commonest characters it takes to cover `coverage` of all characters."""
+    total, covered = sum(char_counts.values()), 0
+    for n, (_, count) in enumerate(char_counts.most_common(), 1):
+        covered += count
+        if covered >= coverage * total:
+            return n
+    return len(char_counts)
+
+
+def _with_byte_pieces(tok: Tokenizer) -> Tokenizer:
+    """Renumber the trained vocabulary to make room for the 256 byte pieces after the specials."""
+    spec = json.loads(tok.to_str())
+    trained = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({t: len(SPECIAL_TOKENS) + i for i, t in enumerate(BYTE_TOKENS)})
+    for piece, _ in trained:
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+    spec["model"]["vocab"] = vocab
+    for added in spec["added_tokens"]:
+        added["id"] = vocab[added["content"]]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def train_tokenizer(
+    documents: Callable[[], Iterable[str]], vocab_size: int, model_max_length: int = 2048
+) -> PalmTokenizer:
+    """Train on the texts that `documents()` yields (called twice: to count characters, then to train)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise TokenizerError(
+            f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
+            f"({len(SPECIAL_TOKENS)} special and {len(BYTE_TOKENS)} byte tokens come first)"
+        )
+    if vocab_size > 1 << 20:
+        raise TokenizerError(f"vocab size {vocab_size} is too large (at most {1 << 20})")
+    chars: Counter = Counter()
+    for doc in documents():
+        chars.update(doc)
+    budget = vocab_size - len(BYTE_TOKENS)
+    tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=budget,
+        special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=min(_alphabet_size(chars, CHARACTER_COVERAGE), budget // 2),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents(), trainer)
+    return PalmTokenizer(_wrap(_with_byte_pieces(tok), model_max_length))
+
+
+def _wrap(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens={"eod_token": EOD},
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",  # decoder-only batches pad on the left so every row ends at its last token
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,  # lossless: never touch spaces around punctuation
+        split_special_tokens=True,  # the text "<s>" is three characters, not BOS
+    )
+
+
+class PalmTokenizer:
+    """palm's handle on a trained vocabulary: a Transformers fast tokenizer plus the ids palm needs."""
+
+    def __init__(self, hf: PreTrainedTokenizerFast):
+        self.hf = hf
+        self._backend: Tokenizer = hf.backend_tokenizer
+        self._backend.encode_special_tokens = True
+        ids = {t: self._backend.token_to_id(t) for t in SPECIAL_TOKENS}
+        if None in ids.values():
+            missing = ", ".join(t for t, i in ids.items() if i is None)
+            raise TokenizerError(f"tokenizer lacks the special tokens {missing}")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.eod_id = (ids[t] for t in SPECIAL_TOKENS)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PalmTokenizer:
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise TokenizerError(f"{path} holds no tokenizer (tokenizer.json is missing)")
+        try:
+            return cls(PreTrainedTokenizerFast.from_pretrained(str(path)))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save_pretrained(str(path))
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of `text`, with BOS first by default (as `AutoTokenizer` gives them)."""
+        return self._backend.encode(text, add_special_tokens=bos).ids
+
+    def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=bos)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, leaving out special tokens: `decode(encode(s)) == s`."""
+        return self._backend.decode(list(ids), skip_special_tokens=True)
+
+    def pieces(self, text: str) -> list[str]:
+        return self._backend.encode(text, add_special_tokens=False).tokens
