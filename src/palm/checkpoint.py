@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .config import PalmConfig
 from .errors import CheckpointError
@@ -74,3 +77,62 @@ def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed
     model.save_pretrained(str(out))
     tok.save(out)
     return n_params
+
+
+# Training checkpoints: RUN/checkpoints/step-NNNNNNN/ holds model.safetensors (fp32 master weights,
+# tied embedding once), optimizer.safetensors (every state tensor) and state.json (the rest: step,
+# data position, optimizer scalars and groups). No pickle anywhere, so a checkpoint can be opened safely.
+CHECKPOINTS = "checkpoints"
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"state": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, entries in meta["state"].items():
+        state.setdefault(int(idx), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Atomically write the checkpoint for `step`, then delete all but the newest `keep`."""
+    out = Path(run) / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=1))
+    for old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old)
+    return out
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are skipped)."""
+    folder = Path(run) / CHECKPOINTS
+    return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+
+
+def load_training_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model and optimizer in place from a checkpoint folder; returns its state.json."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise CheckpointError(f"{path} does not match this model (missing {missing}, unexpected {unexpected})")
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or does not match: {e}") from None
+    return state

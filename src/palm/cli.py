@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -57,6 +58,90 @@ def init_model(
     with atomic_directory(out, overwrite=force) as tmp:
         n_params = init_model_dir(preset, tokenizer, tmp, seed=seed)
     typer.echo(f"wrote a {n_params / 1e6:.1f}M-parameter {preset} model to {out}")
+
+
+def _read_config_file(path: Path) -> dict:
+    """Training settings from TOML or YAML; keys are TrainConfig fields (dashes allowed)."""
+    from .train import TrainingError
+
+    if not path.is_file():
+        raise TrainingError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line for the user
+        raise TrainingError(f"config file {path} cannot be parsed: {e}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise TrainingError(f"config file {path} must hold a table of settings")
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+@app.command("train")
+def train_command(
+    corpus: Annotated[
+        Optional[list[str]],
+        typer.Option("--corpus", help="Named corpus, file or folder, optionally :weight; comma-separated or repeated."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Else one is trained on the corpus.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch, in sequences.")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="palm (Adafactor recipe) or adamw.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file with the same keys.")] = None,
+) -> None:
+    """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("resume", "config")}
+    from .train import TrainConfig, TrainingError, load_run_config, train
+
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    if resume is not None:
+        cfg = load_run_config(resume)
+        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "compile"}
+        if unchangeable:
+            raise TrainingError(f"--resume continues a run as it was; only --max-steps and the intervals may change, not {', '.join(sorted(unchangeable))}")
+        cfg = TrainConfig(**{**dataclasses.asdict(cfg), **given, "out": str(resume)})
+    else:
+        settings = {**(_read_config_file(config) if config else {}), **given}
+        if not settings.get("corpus") or not settings.get("out"):
+            raise TrainingError("--corpus and --out are required (or --resume RUN)")
+        if isinstance(settings["corpus"], str):
+            settings["corpus"] = [settings["corpus"]]
+        try:
+            cfg = TrainConfig(**settings)
+        except TypeError as e:
+            raise TrainingError(f"unknown setting in {config}: {e}") from None
+    run = train(cfg, resume=resume is not None)
+    typer.echo(f"trained {run.step} steps; model in {run.path / 'final'}, metrics in {run.path / 'metrics.jsonl'}")
+
+
+@app.command("plot")
+def plot_command(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default RUN/curves.png).")] = None,
+) -> None:
+    """Draw a run's loss, validation and learning-rate curves to a PNG."""
+    from .plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run, out)}")
 
 
 def main(argv: list[str] | None = None) -> None:
