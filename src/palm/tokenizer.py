@@ -11,6 +11,7 @@ never read as a byte. The result is saved as a Transformers fast tokenizer.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,7 +78,7 @@ def train_tokenizer(
         vocab_size=budget,
         special_tokens=list(SPECIAL_TOKENS),
         limit_alphabet=min(_alphabet_size(chars, CHARACTER_COVERAGE), budget // 2),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # a large corpus takes a while; logs and pipes stay clean
     )
     tok.train_from_iterator(documents(), trainer)
     return PalmTokenizer(_wrap(_with_byte_pieces(tok), model_max_length))
