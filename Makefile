@@ -23,7 +23,7 @@ test: setup
 # Trains a tokenizer and a small bilingual PaLM (about 8 minutes on 2 cores), then shows generations,
 # validation bits per byte against a unigram baseline, and where the model, metrics and plot are.
 # STEPS=N trains longer. The demo replaces its own previous output in $(DEMO)/run.
-STEPS ?= 280
+STEPS ?= 1400
 demo: setup
 	$(BIN)/python examples/demo.py --out $(DEMO)/run --steps $(STEPS)
 

@@ -144,6 +144,49 @@ def plot_command(
     typer.echo(f"wrote {plot_run(run, out)}")
 
 
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or nothing reads stdin.")] = None,
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")] = Path("demo/run/final"),
+    file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 turns it off.")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string; repeatable.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+) -> None:
+    """Stream a model's continuation of a prompt to the terminal; a summary goes to stderr."""
+    from .errors import GenerationInputError
+    from .generate import Generator, SamplingConfig
+
+    if file is not None:
+        if not file.is_file():
+            raise GenerationInputError(f"prompt file {file} does not exist")
+        prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif prompt is None or prompt == "-":
+        prompts = [sys.stdin.read()]
+    else:
+        prompts = [prompt]
+    if not any(p.strip() for p in prompts):
+        raise GenerationInputError("the prompt is empty")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    cfg.validate()
+    generator = Generator.load(model, compile=compile)
+    for p in prompts:
+        stats: dict = {}
+        sys.stdout.write(p)
+        for piece in generator.stream(p, cfg, stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+        print(f"[{stats['tokens']} tokens, {rate:.1f} tokens/s, {stats['finish_reason']}]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

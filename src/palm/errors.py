@@ -19,4 +19,8 @@ class CheckpointError(PalmError):
     """A model directory or checkpoint that is missing, corrupt or does not match."""
 
 
-__all__ = ["PalmError", "CorpusError", "TokenizerError", "CheckpointError", "ConfigError"]
+class GenerationInputError(PalmError):
+    """A prompt or sampling setting that cannot be generated from."""
+
+
+__all__ = ["PalmError", "CorpusError", "TokenizerError", "CheckpointError", "ConfigError", "GenerationInputError"]
