@@ -1,0 +1,115 @@
+"""palm's decoding path against Transformers' generate(), and the `palm generate` command."""
+
+import re
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import lively_model, tiny_config
+from palm.cli import main
+from palm.generate import GenerationError, Generator, SamplingConfig, StaticCache
+
+PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
+
+
+@pytest.fixture(scope="module")
+def generator(tokenizer):
+    return Generator(lively_model(tiny_config(tokenizer)), tokenizer)
+
+
+def hf_greedy(generator, tokenizer_dir, prompts, n):
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = hf(prompts, return_tensors="pt", padding=True)
+    out = generator.model.generate(**batch, max_new_tokens=n, do_sample=False)
+    rows = []
+    for row in out[:, batch.input_ids.shape[1] :].tolist():
+        ids = []
+        for t in row:
+            if t in generator.eos_ids:
+                break
+            ids.append(t)
+        rows.append(ids)
+    return rows
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS[1:2], PROMPTS], ids=["zh", "en", "left-padded batch"])
+def test_greedy_equals_transformers_generate(generator, tokenizer_dir, prompts):
+    ours = generator.generate(prompts, SamplingConfig(max_new_tokens=16))
+    assert [c.token_ids for c in ours] == hf_greedy(generator, tokenizer_dir, prompts, 16)
+    assert all(len(set(c.token_ids)) > 3 for c in ours)
+
+
+def test_batch_rows_equal_single_prompts(generator):
+    cfg = SamplingConfig(max_new_tokens=10)
+    together = generator.generate(PROMPTS, cfg)
+    assert [c.token_ids for c in together] == [generator.generate([p], cfg)[0].token_ids for p in PROMPTS]
+
+
+def test_seeded_sampling_repeats(generator):
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7)
+    a, b = generator.generate(PROMPTS[:1], cfg)[0], generator.generate(PROMPTS[:1], cfg)[0]
+    other = generator.generate(PROMPTS[:1], SamplingConfig(**{**cfg.__dict__, "seed": 8}))[0]
+    assert a.token_ids == b.token_ids and a.token_ids != other.token_ids
+    assert "".join(generator.stream(PROMPTS[0], cfg)) == a.text
+
+
+def test_stop_string_ends_the_text(generator):
+    full = generator.generate(PROMPTS[1:2], SamplingConfig(max_new_tokens=24))[0].text
+    stop = full[5:8]
+    assert stop and full.find(stop) >= 5
+    cut = generator.generate(PROMPTS[1:2], SamplingConfig(max_new_tokens=24, stop=[stop]))[0]
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(generator.stream(PROMPTS[1], SamplingConfig(max_new_tokens=24, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_cache_holds_one_kv_head_per_layer(generator):
+    cfg = generator.model.config
+    cache = StaticCache(generator.model, batch=2, max_len=64, dtype=torch.float32)
+    assert len(cache.keys) == cfg.num_hidden_layers
+    assert all(tuple(k.shape) == (2, 1, 64, cfg.head_dim) for k in cache.keys + cache.values)
+    multi_head = 2 * cfg.num_hidden_layers * 2 * cfg.num_attention_heads * 64 * cfg.head_dim * 4
+    assert cache.nbytes() * cfg.num_attention_heads == multi_head
+
+
+def test_stream_never_splits_a_character(generator, tokenizer, monkeypatch):
+    char_bytes = [5 + b for b in "ꙮ".encode()]  # an unseen character: three byte tokens
+    assert tokenizer.decode(char_bytes) == "ꙮ"
+    ids = [tokenizer.encode("ab", bos=False)[0], *char_bytes, tokenizer.eos_id]
+    monkeypatch.setattr(Generator, "token_stream", lambda self, prompts, cfg: (torch.tensor([t]) for t in ids))
+    pieces = list(generator.stream("x", SamplingConfig(max_new_tokens=10)))
+    assert "".join(pieces) == tokenizer.decode(ids[:-1]) and all("\ufffd" not in p for p in pieces)
+
+
+def test_prompt_longer_than_the_context(generator):
+    with pytest.raises(GenerationError, match="context"):
+        generator.generate(["hello " * 400], SamplingConfig(max_new_tokens=4))
+
+
+def test_bad_sampling_values():
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=[""])]:
+        with pytest.raises(GenerationError):
+            SamplingConfig(**bad).validate()
+
+
+def test_palm_generate_streams_and_summarises(capsys, model_dir):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "6", "我喜欢编程，因为"])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    assert info.value.code == 0 and out.startswith("我喜欢编程，因为")
+    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6))[0].text
+    assert out == "我喜欢编程，因为" + expected + "\n"
+    assert re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s, (stop|length)\]", err.strip())
+
+
+@pytest.mark.parametrize("argv, words", [(["--model", "/nonexistent", "hi"], "not a model directory"),
+                                         (["--top-p", "2", "hi"], "top_p"), (["--file", "/nonexistent"], "does not exist")])
+def test_palm_generate_errors(capsys, model_dir, argv, words):
+    if "--model" not in argv:
+        argv = ["--model", model_dir, *argv]
+    with pytest.raises(SystemExit) as info:
+        main(["generate", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and words in err and len(err.strip().splitlines()) == 1
