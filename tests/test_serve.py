@@ -1,0 +1,253 @@
+"""`palm serve`: a real uvicorn server on loopback, driven by the real OpenAI client and raw httpx."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from palm.cli import main
+from palm.generate import Generator, SamplingConfig
+from palm.serve import create_app, listen
+
+MODEL = "palm-test"
+LIMIT = 64  # max_tokens_limit of the test server
+BODY_LIMIT = 20_000  # bytes; an over-context prompt (~3.6 KB) still fits under it
+PROMPT = "The meaning of life is"
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir) -> Generator:
+    return Generator.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(generator):
+    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_body_bytes=BODY_LIMIT, max_batch=8)
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).json() == {"status": "ok"}:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield base, app
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def complete(base: str, prompt: str, max_tokens: int, **extra) -> dict:
+    r = httpx.post(f"{base}/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...], param: str | None = "any") -> dict:
+    assert r.status_code in (status if isinstance(status, tuple) else (status,)), r.text
+    error = r.json()["error"]
+    assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error"
+    assert isinstance(error["message"], str) and error["message"]
+    if param != "any":
+        assert error["param"] == param, error
+    return error
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].object == "model" and models[0].owned_by == "palm" and isinstance(models[0].created, int)
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_greedy_completion_equals_the_generator(generator, client):
+    expected = generator.generate([PROMPT], SamplingConfig(max_new_tokens=8))[0]
+    assert expected.text  # the lively fixture model writes something
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert out.object == "text_completion" and out.model == MODEL
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == expected.prompt_tokens
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.total_tokens == expected.prompt_tokens + len(expected.token_ids)
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_streamed_chat_equals_the_whole_one(client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_raw_shapes_and_sse_framing(server):
+    base = server[0]
+    body = complete(base, PROMPT, 4, frequency_penalty=0.5, presence_penalty=0, user="u", logprobs=None, top_k=0,
+                    repetition_penalty=1.0, stop=["\n\n"], seed=1)
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(body["choices"][0]) == {"index", "text", "finish_reason", "logprobs"}
+    assert body["choices"][0]["logprobs"] is None and body["id"].startswith("cmpl-")
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 3, "temperature": 0}).json()
+    assert set(chat) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(chat["choices"][0]) == {"index", "message", "finish_reason", "logprobs"}
+    assert set(chat["choices"][0]["message"]) == {"role", "content"}
+    with httpx.stream("POST", f"{base}/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_concurrent_requests_are_batched_and_get_their_own_outputs(server, generator, monkeypatch):
+    base, app = server
+    prompts = [f"Request {i}: the quick brown fox" + " jumps" * (i % 4) for i in range(16)]
+    expected = [complete(base, p, 6)["choices"][0]["text"] for p in prompts]  # each served alone
+    assert len(set(expected)) > 1
+
+    # Hold the worker on the first request so the other 15 queue up and must be batched (8 + 7).
+    worker, real, gate, calls = app.state.worker, generator.generate, threading.Event(), []
+
+    def gated(batch, cfg):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            assert gate.wait(30)
+        return real(batch, cfg)
+
+    monkeypatch.setattr(generator, "generate", gated)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(complete, base, p, 6) for p in prompts]
+        deadline = time.monotonic() + 30
+        while not (len(calls) == 1 and worker.waiting == 15):
+            assert time.monotonic() < deadline, (calls, worker.waiting)
+            time.sleep(0.01)
+        gate.set()
+        got = [f.result()["choices"][0]["text"] for f in futures]
+    assert got == expected
+    assert calls == [1, 8, 7]
+
+
+BAD_COMPLETIONS = {
+    "max_tokens-not-int": ({"prompt": PROMPT, "max_tokens": "x"}, "max_tokens"),
+    "missing-prompt": ({"max_tokens": 4}, "prompt"),
+    "prompt-not-string": ({"prompt": 5}, "prompt"),
+    "two-prompts": ({"prompt": ["a", "b"]}, "prompt"),
+    "empty-prompt": ({"prompt": ""}, "prompt"),
+    "max_tokens-over-limit": ({"prompt": PROMPT, "max_tokens": LIMIT + 1}, "max_tokens"),
+    "max_tokens-zero": ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    "negative-temperature": ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+    "top_p-over-one": ({"prompt": PROMPT, "top_p": 1.5}, "top_p"),
+    "n-two": ({"prompt": PROMPT, "n": 2}, "n"),
+    "logprobs": ({"prompt": PROMPT, "logprobs": 3}, "logprobs"),
+    "over-context": ({"prompt": "hello world " * 300}, "prompt"),
+    "over-context-streamed": ({"prompt": "hello world " * 300, "stream": True}, "prompt"),
+}
+BAD_CHATS = {
+    "no-messages": ({"messages": []}, "messages"),
+    "bad-role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    "content-not-text": ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    "stop-not-strings": ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop"),
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_COMPLETIONS, *(f"chat:{k}" for k in BAD_CHATS)])
+def test_invalid_requests_get_openai_errors_and_the_server_carries_on(server, name):
+    base = server[0]
+    if name.startswith("chat:"):
+        payload, param = BAD_CHATS[name[5:]]
+        r = httpx.post(f"{base}/v1/chat/completions", json=payload)
+    else:
+        payload, param = BAD_COMPLETIONS[name]
+        r = httpx.post(f"{base}/v1/completions", json=payload)
+    error = assert_openai_error(r, (400, 422), param if param is not None else "any")
+    if name.startswith("over-context"):
+        assert error["code"] == "context_length_exceeded" and "256" in error["message"]
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    assert complete(base, PROMPT, 2)["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_malformed_json_and_unknown_routes_use_the_error_shape(server):
+    base = server[0]
+    r = httpx.post(f"{base}/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, None)
+    r = httpx.get(f"{base}/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == ERROR_KEYS
+
+
+def test_oversized_bodies_get_413(server):
+    base = server[0]
+    big = json.dumps({"prompt": "x" * (BODY_LIMIT + 10_000), "max_tokens": 2}).encode()
+    declared = httpx.post(f"{base}/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert_openai_error(declared, 413)
+    # No Content-Length (chunked): the size is counted as the body arrives.
+    chunked = httpx.post(f"{base}/v1/completions", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
+                         headers={"content-type": "application/json"})
+    assert "content-length" not in chunked.request.headers
+    assert_openai_error(chunked, 413)
+    assert complete(base, PROMPT, 2)["object"] == "text_completion"
+
+
+def test_a_client_leaving_mid_stream_does_not_wedge_the_server(server):
+    base = server[0]
+    with httpx.stream("POST", f"{base}/v1/completions",
+                      json={"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line)
+    assert complete(base, PROMPT, 3)["choices"][0]["text"] == complete(base, PROMPT, 3)["choices"][0]["text"]
+
+
+def test_cli_serve_reports_errors_in_one_line(capsys, model_dir, tmp_path):
+    def run(*argv):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", *argv])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 1 and len(lines) == 1 and lines[0].startswith("palm: error:"), lines
+        return lines[0]
+
+    assert "config.json" in run("--model", str(tmp_path), "--port", "0")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        assert "cannot listen" in run("--model", model_dir, "--port", str(taken.getsockname()[1]))
+    finally:
+        taken.close()
