@@ -3,7 +3,8 @@
     python bench/decode.py [--preset small] [--prompt-len 128] [--new-tokens 128] [--rounds 3] [--compile]
 
 Batch-1 greedy decoding, the candidates interleaved round by round after a warm-up; peak memory is
-measured in a fresh process per candidate (CPU: peak RSS growth; GPU: peak allocated). Also prints
+measured in a fresh process per candidate (CPU: the process's peak RSS, model included, the same
+weights for both; GPU: peak allocated). Also prints
 prefill tokens/s and the KV-cache bytes per token of multi-query attention against a multi-head
 model of the same width.
 """
@@ -66,15 +67,12 @@ def worker(args) -> None:
         model = model.cuda()
         prompt = prompt.cuda()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.worker == "palm":
         palm_decode(Generator(model, _Tokens()), prompt, args.new_tokens)
     else:
         hf_decode(model, prompt, args.new_tokens)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": peak - base}))
+    print(json.dumps({"peak_bytes": peak}))
 
 
 def main() -> None:
