@@ -145,7 +145,7 @@ def test_concurrent_requests_are_batched_and_get_their_own_outputs(server, gener
     expected = [complete(base, p, 6)["choices"][0]["text"] for p in prompts]  # each served alone
     assert len(set(expected)) > 1
 
-    # Hold the worker on the first request so the other 15 queue up and must be batched (8 + 7).
+    # Hold the worker on its first batch so the other requests queue up and must be batched (at most 8).
     worker, real, gate, calls = app.state.worker, generator.generate, threading.Event(), []
 
     def gated(batch, cfg):
@@ -158,13 +158,14 @@ def test_concurrent_requests_are_batched_and_get_their_own_outputs(server, gener
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(complete, base, p, 6) for p in prompts]
         deadline = time.monotonic() + 30
-        while not (len(calls) == 1 and worker.waiting == 15):
+        # The first batch may already hold more than one request if they arrived together.
+        while not (len(calls) == 1 and calls[0] + worker.waiting == 16):
             assert time.monotonic() < deadline, (calls, worker.waiting)
             time.sleep(0.01)
         gate.set()
         got = [f.result()["choices"][0]["text"] for f in futures]
     assert got == expected
-    assert calls == [1, 8, 7]
+    assert sum(calls) == 16 and max(calls) <= 8 and len(calls) <= 1 + 2  # the queued ones went in batches of 8
 
 
 BAD_COMPLETIONS = {

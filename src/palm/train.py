@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import atomic_directory, list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from .config import PalmConfig
 from .corpora import parse_corpus_spec, part_documents
@@ -74,6 +75,7 @@ class TrainConfig:
     cache_dir: str | None = None  # token shards; None: RUN/../.palm-cache
     threads: int | None = None
     progress: bool = True
+    parallel: str = "none"  # ddp under torchrun; fsdp is planned (see README)
 
     def validate(self) -> None:
         checks = [
@@ -87,6 +89,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (0 < self.val_fraction < 0.5, "--val-fraction must be between 0 and 0.5"),
             (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.parallel in ("none", "ddp"), "--parallel must be none or ddp"),
         ]
         for ok, message in checks:
             if not ok:
@@ -143,6 +146,7 @@ class Run:
     recent: list[float] = field(default_factory=list)  # the spike detector's window
     rewinds: int = 0
     tokens: int = 0
+    world: distributed.World = field(default_factory=distributed.World)
 
     def state(self) -> dict:
         return {"skipped": self.skipped, "recent": self.recent, "rewinds": self.rewinds, "tokens": self.tokens}
@@ -170,29 +174,53 @@ def _tokenizer_for(cfg: TrainConfig, run_dir: Path, parts) -> PalmTokenizer:
     return tok
 
 
-def open_run(cfg: TrainConfig, resume: bool) -> Run:
-    """Build (or, with resume, restore) a run: tokenizer, data shards, model, optimizer, state."""
-    cfg.validate()
-    path = Path(cfg.out)
-    if not resume and path.exists() and any(path.iterdir()):
-        raise TrainingError(f"{path} already exists and is not empty; resume it with --resume {path}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _prepare(cfg: TrainConfig, path: Path, resume: bool, show: bool) -> tuple[PalmTokenizer, TokenData]:
     parts = parse_corpus_spec(cfg.corpus)
     path.mkdir(parents=True, exist_ok=True)
     try:
         tok = _tokenizer_for(cfg, path, parts)
         cache = Path(cfg.cache_dir) if cfg.cache_dir else path.resolve().parent / ".palm-cache"
-        data = prepare_data(parts, tok, cache, cfg.seq_len, cfg.val_fraction, progress=_show_progress(cfg))
+        data = prepare_data(parts, tok, cache, cfg.seq_len, cfg.val_fraction, progress=show)
     except BaseException:
         if not resume and not any(p for p in path.iterdir() if p.name != "tokenizer"):
             import shutil
 
             shutil.rmtree(path)  # a run that never started leaves nothing behind
         raise
-    if not resume:
-        (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    device = pick_device()
+    return tok, data
+
+
+def open_run(cfg: TrainConfig, resume: bool) -> Run:
+    """Build (or, with resume, restore) a run: tokenizer, data shards, model, optimizer, state.
+
+    Under torchrun, rank 0 trains the tokenizer, builds the shards and writes the run's files;
+    the other ranks wait for it and then read the same files.
+    """
+    cfg.validate()
+    world = distributed.setup(cfg.parallel)
+    path = Path(cfg.out)
+    if not resume and path.exists() and any(path.iterdir()):
+        raise TrainingError(f"{path} already exists and is not empty; resume it with --resume {path}")
+    if any(cfg.batch_at(k) % world.size for k in (1, cfg.max_steps)) or cfg.batch_at(1) < world.size:
+        raise TrainingError(f"--batch-size must split evenly over {world.size} processes at every ramp stage")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world.barrier()
+    failure = None
+    if world.is_main:
+        try:
+            tok, data = _prepare(cfg, path, resume, _show_progress(cfg))
+            if not resume:
+                (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        except PalmError as e:
+            failure = e
+    if world.active:
+        failure = distributed.share_failure(failure)
+    if failure is not None:
+        raise failure
+    if not world.is_main:
+        tok, data = _prepare(cfg, path, True, False)
+    device = world.device() if world.active else pick_device()
     config = PalmConfig.from_preset(
         cfg.preset,
         vocab_size=len(tok),
@@ -207,13 +235,21 @@ def open_run(cfg: TrainConfig, resume: bool) -> Run:
     torch.manual_seed(cfg.seed)
     model = PalmForCausalLM(config).to(device).train()
     optimizer = build_optimizer(cfg.optimizer, model.named_parameters(), lr=cfg.peak_lr)
-    run = Run(cfg, path, tok, data, model, optimizer, device, pick_dtype(cfg, device))
+    run = Run(cfg, path, tok, data, model, optimizer, device, pick_dtype(cfg, device), world=world)
     checkpoints = list_checkpoints(path)
+    world.barrier()  # every rank has looked before rank 0 may write the first checkpoint
     if resume and checkpoints:
         restore(run, checkpoints[-1])
     elif not checkpoints:
-        save_training_checkpoint(path, 0, model, optimizer, run.state(), cfg.keep_checkpoints)
+        _save(run, 0)
     return run
+
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint `step`: DDP replicas are identical, so rank 0 writes for all."""
+    if run.world.is_main:
+        save_training_checkpoint(run.path, step, run.model, run.optimizer, run.state(), run.cfg.keep_checkpoints)
+    run.world.barrier()
 
 
 def restore(run: Run, checkpoint: Path) -> None:
@@ -271,13 +307,17 @@ def unigram_baselines(run: Run) -> dict[str, float]:
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None) -> Run:
     """Train to cfg.max_steps (continuing a run when `resume`) and export RUN/final."""
     run = open_run(cfg, resume)
-    _truncate_metrics(run.path, run.step)
-    step_model = torch.compile(run.model) if cfg.compile else run.model
+    main = run.world.is_main
+    if main:
+        _truncate_metrics(run.path, run.step)
+    step_model = distributed.wrap(run.model, run.world, bf16=run.dtype == torch.bfloat16)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     fpt = flops_per_token(run.model.config, cfg.seq_len)
-    peak = measure_matmul_peak(run.dtype, run.device)
+    peak = measure_matmul_peak(run.dtype, run.device) * run.world.size
     sheet = datasheet_peak(run.device, run.dtype)
-    log = (run.path / METRICS).open("a")
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not _show_progress(cfg), desc="train", unit="step")
+    sheet = sheet * run.world.size if sheet else None
+    log = (run.path / METRICS).open("a") if main else None  # metrics and progress come from rank 0 only
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (main and _show_progress(cfg)), desc="train", unit="step")
     try:
         while run.step < cfg.max_steps:
             step = run.step + 1
@@ -310,20 +350,24 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
                 "mfu": mfu(n_tokens / elapsed, fpt, peak),
                 "mfu_datasheet": mfu(n_tokens / elapsed, fpt, sheet),
             }
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record.update(evaluate(run))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_training_checkpoint(run.path, step, run.model, run.optimizer, run.state(), cfg.keep_checkpoints)
+                _save(run, step)
             bar.update(1)
             bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
             if on_step:
                 on_step(run, record)
     finally:
         bar.close()
-        log.close()
-    export_final(run)
+        if log:
+            log.close()
+    if main:
+        export_final(run)
+    run.world.barrier()
     return run
 
 
@@ -335,7 +379,8 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
     """
     cfg = run.cfg
     batch_index = step + run.skipped
-    batch = get_batch(run.data, batch_index, cfg.seed, cfg.batch_at(step)).to(run.device)
+    rows = run.world.rows(cfg.batch_at(step))
+    batch = get_batch(run.data, batch_index, cfg.seed, cfg.batch_at(step), rows=rows).to(run.device)
     x, y = batch[:, :-1], batch[:, 1:]
     micro = cfg.micro_batch_size or x.shape[0]
     scale = 1000.0 if batch_index in cfg.poison_batches else 1.0
@@ -347,7 +392,10 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
         loss = (ce + cfg.z_loss * z) * scale
         loss.backward()
         loss_sum, ce_sum, z_sum = loss_sum + loss.item(), ce_sum + ce.item(), z_sum + z.item()
-    return loss_sum, ce_sum, z_sum
+    # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
+    # equal rows per rank both equal the single-process values on the whole batch.
+    w = run.world
+    return w.mean(loss_sum), w.mean(ce_sum), w.mean(z_sum)
 
 
 def _rewind(run: Run, step: int, loss: float, log) -> None:
@@ -362,8 +410,9 @@ def _rewind(run: Run, step: int, loss: float, log) -> None:
     run.skipped += run.cfg.skip_batches
     event = {"step": run.step, "event": "loss_spike", "spike_step": step, "loss": loss,
              "rewound_to": run.step, "skipped_batches": run.cfg.skip_batches}
-    log.write(json.dumps(event) + "\n")
-    log.flush()
+    if log:
+        log.write(json.dumps(event) + "\n")
+        log.flush()
 
 
 def export_final(run: Run) -> Path:
