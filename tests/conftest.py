@@ -18,6 +18,27 @@ ZH = [
 ]
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `palm ARGV` in this process: (exit code, stdout, stderr)."""
+    from palm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    """A failed command: non-zero exit, one `palm: error:` line naming `words`, no traceback."""
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("palm: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+
+
 def corpus_texts() -> list[str]:
     english = sorted(pydoc_data.topics.topics.items())[:80]
     return [text for _, text in english] + [" ".join(ZH[i:] + ZH[:i]) * 3 for i in range(len(ZH))]

@@ -8,24 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from palm.cli import main
-
-
-def palm(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("palm: error:"), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0]
+from conftest import assert_one_line_error
+from conftest import run_cli as palm
 
 
 def test_tokenizer_train_writes_an_auto_tokenizer(capsys, corpus_dir, tmp_path):

@@ -5,29 +5,13 @@ import math
 
 import pytest
 
-from palm.cli import main
+from conftest import assert_one_line_error
+from conftest import run_cli as palm
 from palm.config import ConfigError
 from palm.plan import format_sci, format_tflops, make_plan, render
 
 PAPER = dict(seq_len=2048, tokens=780e9)
 PAPER_540B_RUN = dict(device="tpu-v4", devices=6144, dp=2, fsdp=256, tp=12, tokens_per_s=238.3e3)
-
-
-def palm(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("palm: error:"), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from palm.cli import main
+from conftest import run_cli
 from palm.train import TrainConfig, train
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
@@ -70,10 +70,8 @@ def test_loss_spike_rewinds_and_skips(corpus_dir, tokenizer_dir, tmp_path):
 
 
 def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        raise SystemExit(0)
-    return info.value.code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *argv)
+    return code, err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "binary", "too-small"])
