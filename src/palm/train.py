@@ -384,14 +384,16 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
     x, y = batch[:, :-1], batch[:, 1:]
     micro = cfg.micro_batch_size or x.shape[0]
     scale = 1000.0 if batch_index in cfg.poison_batches else 1.0
-    loss_sum = ce_sum = z_sum = 0.0
+    sums = torch.zeros(3, device=run.device)  # loss, ce, z: read back once per step, not per micro-batch
     for i in range(0, x.shape[0], micro):
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.dtype == torch.bfloat16):
-            logits = model(input_ids=x[i : i + micro], use_cache=False).logits
-        ce, z = lm_loss(logits, y[i : i + micro], num_items=y.numel())
-        loss = (ce + cfg.z_loss * z) * scale
+            # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
+            out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
+                        num_items_in_batch=y.numel(), use_cache=False)
+        loss = out.loss * scale
         loss.backward()
-        loss_sum, ce_sum, z_sum = loss_sum + loss.item(), ce_sum + ce.item(), z_sum + z.item()
+        sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss])
+    loss_sum, ce_sum, z_sum = sums.tolist()
     # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
     # equal rows per rank both equal the single-process values on the whole batch.
     w = run.world
