@@ -47,8 +47,11 @@ def write_atomic(path: Path, text: str | bytes) -> None:
 
 def markdown(result: dict) -> str:
     quality_bench, tokenizer_bench, train_bench = load("quality"), load("tokenizer"), load("train")
-    out = [f"Measured {result['when']} with `python bench/report.py{' --quick' if result['quick'] else ''}` "
-           f"({result.get('machine', {}).get('cpu', 'this machine')}, {result.get('threads')} threads)."]
+    threads = result.get("threads")
+    threads = f"{threads} thread" + ("s" if threads != 1 else "")
+    flags = " --quick" if result["quick"] else ""
+    out = [f"Measured {result['when']} with `python bench/report.py{flags}` "
+           f"({result.get('machine', {}).get('cpu', 'this machine')}, {threads})."]
     if "train" in result:
         t = result
         out += ["", f"**Training step** (forward, backward, clip, AdamW; batch {t['settings']['batch']} x "

@@ -325,12 +325,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
                 group["lr"] = lr_for(cfg, step)
             start = time.perf_counter()
             run.model.zero_grad(set_to_none=True)
-            loss, ce, z = _forward_backward(run, step_model, step)
+            sums = _forward_backward(run, step_model, step)
+            # Clipped before the spike check (a spike's gradients are thrown away anyway), so that the
+            # losses and the norm come back to the host together: one sync per step.
+            norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            *sums, norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
+            loss, ce, z = (run.world.mean(v) for v in sums)
             if _is_spike(run, loss):
                 _rewind(run, step, loss, log)
                 bar.n = run.step
                 continue
-            norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item()
             run.optimizer.step()
             run.step = step
             n_tokens = cfg.batch_at(step) * cfg.seq_len
@@ -371,8 +375,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
     return run
 
 
-def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
-    """Loss of the batch for `step`, with gradients accumulated over micro-batches.
+def _forward_backward(run: Run, model, step: int) -> torch.Tensor:
+    """[loss, ce, z] of this rank's rows of the batch for `step` (a tensor, not yet read back), with
+    gradients accumulated over micro-batches.
 
     Gradients are computed even for a spike (it is detected from the summed loss); the caller
     throws them away by rewinding.
@@ -393,11 +398,9 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
         loss = out.loss * scale
         loss.backward()
         sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss])
-    loss_sum, ce_sum, z_sum = sums.tolist()
     # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
-    # equal rows per rank both equal the single-process values on the whole batch.
-    w = run.world
-    return w.mean(loss_sum), w.mean(ce_sum), w.mean(z_sum)
+    # equal rows per rank the mean over ranks equals the single-process values on the whole batch.
+    return sums
 
 
 def _rewind(run: Run, step: int, loss: float, log) -> None:
