@@ -105,3 +105,9 @@ def test_small_vocab_rejected():
 def test_load_missing_tokenizer(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         PalmTokenizer.load(tmp_path)
+
+
+def test_batch_encoding_gives_the_same_ids_as_one_by_one(tokenizer):
+    texts = ["def f(x):\n    return x  # 12\n\n\n", "我喜欢编程，因为 ✨ e\u0301", "<s> \t tail  ", ""]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t, bos=False) for t in texts]
+    assert tokenizer.encode_batch(texts, bos=True) == [tokenizer.encode(t) for t in texts]
