@@ -479,7 +479,7 @@ def summary(result: dict) -> list[str]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny and small only, batch 2, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="tiny and small only, batch 2, 3 rounds")
     ap.add_argument("--shapes", help=f"comma-separated presets (default: {','.join(SHAPE_NAMES)}; quick: tiny,small)")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--seq", type=int, default=512)
@@ -500,7 +500,7 @@ def parse_args(argv=None):
         if c not in BUILDERS:
             ap.error(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}")
     args.batch = args.batch or (2 if args.quick else 8)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (3 if args.quick else 4)
     return args
 
 
