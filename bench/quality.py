@@ -155,7 +155,7 @@ def run(args) -> dict:
     token_byte_lengths_cache["table"] = token_byte_lengths(tok)
     trainees = [Trainee("palm", s, len(tok), budget), Trainee("llama", s, len(tok), budget)]
     print(f"quality: {budget:.0f} s of training each, d={s.d} layers={s.layers} heads={s.heads} "
-          f"seq={s.seq} batch={s.batch}, {torch.get_num_threads()} threads", flush=True)
+          f"seq={s.seq} batch={s.batch}, torch threads: {torch.get_num_threads()}", flush=True)
     while not all(t.done for t in trainees):
         for t in trainees:  # interleaved
             if not t.done:

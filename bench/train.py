@@ -360,7 +360,7 @@ def run(args) -> dict:
     shapes = [preset_shape(n, args.seq) for n in args.shapes]
     names = list(args.candidates) + (["palm+compile"] if args.compile else [])
     peaks = measure_peaks(device)
-    print(f"device {device.type}, {torch.get_num_threads()} threads, {dtype_note}", flush=True)
+    print(f"device {device.type}, torch threads: {torch.get_num_threads()}, {dtype_note}", flush=True)
     rows, profiles = [], {}
     for shape in shapes:
         x, y = batch_for(shape, args.batch, device)
