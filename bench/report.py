@@ -88,18 +88,19 @@ def chart(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        for ax, key, scale in ((axes[0], "tokens_per_s", 1), (axes[1], "mfu", 100)):
+        for ax, key, scale in ((axes[0], "ratio_to_palm", 1), (axes[1], "mfu", 100)):
             xs, ys = [], []
             for j, shape in enumerate(shapes):
                 r = next((r for r in rows if r["name"] == name and r["shape"] == shape), None)
-                if r:
+                if r and r.get(key) is not None:
                     xs.append(j + i * width)
                     ys.append(r[key] * scale)
             ax.bar(xs, ys, width, label=name)
-    for ax, title in ((axes[0], "training tokens/s"), (axes[1], f"MFU, % of measured {result.get('dtype')} peak")):
+    titles = ("training tokens/s relative to palm", f"MFU, % of the measured {result.get('dtype')} matmul peak")
+    for ax, title in zip(axes, titles):
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shapes))], shapes)
         ax.set_title(title)
-    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
