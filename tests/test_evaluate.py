@@ -169,8 +169,9 @@ def test_multiple_choice_prefers_the_models_own_continuation(model, tokenizer, t
     Every choice shares all but the last token, where greedy took the argmax, so greedy must score highest.
     """
     generator = Generator(model, tokenizer)
-    pool = ["我喜欢编程，因为", "The quick brown fox", "def main():", "今天天气很好，", "x = 12", "Hello world",
-            "自然语言处理", "import os", "for i in range(", "The answer is"]
+    # Many prompts, because a random model often emits token runs that the tokenizer would split otherwise.
+    pool = [a + b for a in ("我喜欢", "The ", "def ", "今天", "x = ", "自然语言", "import ", "模型")
+            for b in ("编程", "quick", "main", "天气", "1", "处理", "os", "发布")]
     rows = []
     for prompt, completion in zip(pool, generator.generate(pool, SamplingConfig(max_new_tokens=5))):
         ids = completion.token_ids
@@ -185,7 +186,7 @@ def test_multiple_choice_prefers_the_models_own_continuation(model, tokenizer, t
             continue
         choices = [tokenizer.decode(o) for o in others] + [completion.text]
         rows.append({"prompt": prompt, "choices": choices, "answer": len(choices) - 1})
-    assert len(rows) >= 3, "too few prompts whose greedy text tokenizes back to the same tokens"
+    assert len(rows) >= 5, "too few prompts whose greedy text tokenizes back to the same tokens"
     task = load_task(write_jsonl(tmp_path / "mc.jsonl", rows))
     assert task.kind == "multiple_choice" and task.metrics == ("accuracy",)
     result = evaluate_task(model, tokenizer, task)
@@ -212,18 +213,22 @@ def test_loglikelihood_keeps_the_end_of_a_long_context(model, tokenizer):
 
 def test_generation_task_scores_greedy_output(model, tokenizer, tmp_path):
     generator = Generator(model, tokenizer)
-    prompts = ["a", "b", "c", "d"]
     cfg = SamplingConfig(max_new_tokens=5, stop=["\n"])
-    greedy = [c.text for c in generator.generate(prompts, cfg)]
-    rows = [{"prompt": p, "answer": g if i % 2 == 0 else g + "x"} for i, (p, g) in enumerate(zip(prompts, greedy))]
-    write_jsonl(tmp_path / "g.jsonl", rows)
+    pool = ["a", "b", "c", "d", "我", "你", "x =", "def", "The", "今天"]
+    found = [(p, c.text) for p, c in zip(pool, generator.generate(pool, cfg)) if len(c.text.strip()) >= 3]
+    prompts, greedy = zip(*found[:4], strict=True)
+    references = [g if i % 2 == 0 else g + "x" for i, g in enumerate(greedy)]
+    write_jsonl(tmp_path / "g.jsonl", [{"prompt": p, "answer": r} for p, r in zip(prompts, references)])
     (tmp_path / "g.yaml").write_text("file: g.jsonl\nkind: generate\nmetric: [exact_match, chrf, rouge_l, bleu]\n"
                                      "max_new_tokens: 5\n", encoding="utf-8")
     result = evaluate_task(model, tokenizer, load_task(tmp_path / "g.yaml"), batch_size=3)
     assert result["task"] == "g"
-    assert [s["prediction"] for s in result["samples"]] == greedy
-    assert result["metrics"]["exact_match"] == 0.5
-    assert 50 < result["metrics"]["chrf"] < 100 and 0.5 < result["metrics"]["rouge_l"] < 1
+    assert [s["prediction"] for s in result["samples"]] == list(greedy)
+    metrics = result["metrics"]
+    assert metrics["exact_match"] == 0.5
+    assert metrics["chrf"] == pytest.approx(chrf(greedy, references)) and 0 < metrics["chrf"] < 100
+    assert metrics["rouge_l"] == pytest.approx(rouge_l(greedy, references)) and 0.5 <= metrics["rouge_l"] < 1
+    assert metrics["bleu"] == pytest.approx(bleu(greedy, references))
 
 
 def test_metrics():
