@@ -1,10 +1,11 @@
 """Write two small evaluation tasks from the demo corpora's held-out documents (the ones `palm train`
 never trains on), as palm task files and as lm-eval task YAMLs:
 
-- `continuation` (multiple choice): the start of a document, and two possible next stretches of
-  text: its own, and the same stretch of a document from another corpus. Chance is 50%.
-- `complete` (generation): the start of a document; the answer is its next 24 characters, scored
-  by chrF and ROUGE-L.
+- `continuation` (multiple choice): up to 64 characters of a document, cut where a word ends, and two
+  possible next 24 characters: its own, and those of another document of the same corpus. Chance
+  is 50%.
+- `complete` (generation): the same prompts; the answer is the document's next 24 characters,
+  scored by chrF and ROUGE-L.
 
     python examples/eval_tasks.py --out demo/tasks
     palm eval --model demo/run/final --tasks demo/tasks/continuation.yaml,demo/tasks/complete.yaml --shots 3
@@ -24,11 +25,23 @@ from palm.data import _in_val  # the held-out rule of `palm train`: a hash of th
 
 CORPORA = ["zh-news", "zh-reviews", "python-docs", "python-code"]
 VAL_FRACTION = 0.05  # palm train's default
-PROMPT_CHARS, NEXT_CHARS, PER_CORPUS = 64, 24, 40
+PROMPT_CHARS, NEXT_CHARS, PER_CORPUS = 64, 24, 40  # a prompt ends at the last word end before PROMPT_CHARS
 
 
-def held_out(name: str, count: int) -> list[str]:
-    """`count` stretches of PROMPT_CHARS + NEXT_CHARS characters from a corpus's held-out documents.
+_ENDS_A_WORD = set("，。！？；：、）》」,.;:!?)]}")
+
+
+def cut(stretch: str) -> tuple[str, str] | None:
+    """(prompt, next) of a stretch, cut where a word ends (before a space, or between punctuation and a
+    letter), so that no token of the tokenizer spans the cut. None where there is no such place."""
+    for p in range(PROMPT_CHARS, PROMPT_CHARS // 2, -1):
+        if stretch[p] == " " or (stretch[p - 1] in _ENDS_A_WORD and stretch[p].isalnum()):
+            return stretch[:p], stretch[p : p + NEXT_CHARS]
+    return None
+
+
+def held_out(name: str, count: int) -> list[tuple[str, str]]:
+    """`count` (prompt, next) pairs cut from stretches of a corpus's held-out documents.
 
     A long document (a source file) gives up to 16 stretches, so that a corpus of few documents
     still yields enough. Whitespace runs become one space, so that a generation task's stop string
@@ -36,8 +49,8 @@ def held_out(name: str, count: int) -> list[str]:
     """
     size = PROMPT_CHARS + NEXT_CHARS
     docs = (" ".join(doc.split()) for i, doc in enumerate(named_documents(name)) if _in_val(i, VAL_FRACTION))
-    pieces = (d[k : k + size] for d in docs for k in range(0, min(len(d) - size + 1, 16 * size), size))
-    found = list(itertools.islice(pieces, count))
+    stretches = (d[k : k + size] for d in docs for k in range(0, min(len(d) - size + 1, 16 * size), size))
+    found = list(itertools.islice(filter(None, map(cut, stretches)), count))
     if len(found) < count:
         raise SystemExit(f"{name} has only {len(found)} held-out stretches of {size} characters")
     return found
@@ -61,10 +74,10 @@ def main() -> None:
     for split, part in (("test", slice(0, PER_CORPUS)), ("fewshot", slice(PER_CORPUS, None))):
         mc, gen = [], []
         for name in CORPORA:
-            others = [d for other in CORPORA if other != name for d in docs[other][part]]
-            for doc in docs[name][part]:
-                prompt, right = doc[:PROMPT_CHARS], doc[PROMPT_CHARS : PROMPT_CHARS + NEXT_CHARS]
-                wrong = rng.choice(others)[PROMPT_CHARS : PROMPT_CHARS + NEXT_CHARS]
+            pieces = docs[name][part]
+            for i, (prompt, right) in enumerate(pieces):
+                # The wrong ending comes from the same corpus, so only the context tells them apart.
+                wrong = pieces[(i + 1 + rng.randrange(len(pieces) - 1)) % len(pieces)][1]
                 answer = rng.randrange(2)
                 mc.append({"prompt": prompt, "choices": [wrong, right] if answer else [right, wrong], "answer": answer})
                 gen.append({"prompt": prompt, "answer": right})

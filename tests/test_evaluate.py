@@ -369,7 +369,7 @@ def test_library_raises_typed_errors(tmp_path):
 MC_ROWS = [
     {"question": "2 + 2 =", "choices": [" 4", " 5", " 22"], "label": 0},
     {"question": "The capital of France is", "choices": [" Paris", " Berlin"], "label": 0},
-    {"question": "我喜欢", "choices": ["编程", "散步"], "label": 1},
+    {"question": "我喜欢编程，", "choices": ["因为它", "散步"], "label": 0},
     {"question": "def main():", "choices": ["\n    pass", "\n    return 1"], "label": 1},
 ]
 GEN_ROWS = [{"question": q, "answer": a} for q, a in [("1 2 3", "4"), ("a b c", "d"), ("我喜欢编程，因为", "它"), ("x =", "1")]]

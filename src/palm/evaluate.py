@@ -509,20 +509,24 @@ GENERATION_METRICS = {"exact_match": exact_match, "rouge_l": rouge_l, "chrf": ch
 
 
 def _split_for_scoring(tokenizer: PalmTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context with BOS, continuation), tokenized together where the boundary allows.
+    """Token ids of (context with BOS, continuation): the text context + continuation as the tokenizer
+    splits it, cut where its tokens part from those of the context alone.
 
-    As lm-eval does: trailing whitespace of the context moves to the continuation (the vocabulary
-    attaches a space to the word after it), and the continuation is what the whole text has beyond
-    the context's tokens.
+    Usually that is the end of the context. When the continuation completes the context's last word
+    ("生产关" + "系的…" is "生产", "关系", ...), the merged token and all after it are scored, so a choice
+    is always scored as the text it makes, in the model's own tokenization. (lm-eval scores the
+    tokens after the context's length instead, which there leaves "系" out.) As in lm-eval, trailing
+    whitespace of the context moves to the continuation: the vocabulary joins a space to the next word.
     """
     spaces = len(context) - len(context.rstrip())
     if spaces and len(context) > spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = tokenizer.encode(context)
     whole = tokenizer.encode(context + continuation)
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx) :]
-    return ctx, tokenizer.encode(continuation, bos=False)
+    common = 0
+    while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
+        common += 1
+    return whole[:common], whole[common:]
 
 
 def loglikelihoods(
