@@ -95,11 +95,12 @@ def test_bad_sampling_values():
 
 def test_palm_generate_streams_and_summarises(capsys, model_dir):
     with pytest.raises(SystemExit) as info:
-        main(["generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "6", "我喜欢编程，因为"])
+        main(["generate", "--model", model_dir, "--temperature", "0", "--repetition-penalty", "1.3",
+              "--max-new-tokens", "6", "我喜欢编程，因为"])
         raise SystemExit(0)
     out, err = capsys.readouterr()
     assert info.value.code == 0 and out.startswith("我喜欢编程，因为")
-    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6))[0].text
+    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6, repetition_penalty=1.3))[0].text
     assert out == "我喜欢编程，因为" + expected + "\n"
     assert re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s, (stop|length)\]", err.strip())
 

@@ -103,7 +103,7 @@ def train_command(
     hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile")] = None,
-    parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp under torchrun.")] = None,
+    parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp / fsdp under torchrun.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
@@ -116,9 +116,10 @@ def train_command(
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
     if resume is not None:
         cfg = load_run_config(resume)
-        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "compile"}
+        # The layout may change: checkpoints of either kind load at any world size.
+        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "compile", "parallel"}
         if unchangeable:
-            raise TrainingError(f"--resume continues a run as it was; only --max-steps and the intervals may change, not {', '.join(sorted(unchangeable))}")
+            raise TrainingError(f"--resume continues a run as it was; only --max-steps, --parallel and the intervals may change, not {', '.join(sorted(unchangeable))}")
         cfg = TrainConfig(**{**dataclasses.asdict(cfg), **given, "out": str(resume)})
     else:
         settings = {**(_read_config_file(config) if config else {}), **given}
