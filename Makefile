@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench-setup bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,17 @@ test: setup
 STEPS ?= 1400
 demo: setup
 	$(BIN)/python examples/demo.py --out $(DEMO)/run --steps $(STEPS)
+
+# The benchmark peers (the `bench` extra), then litgpt with --no-deps: litgpt pins huggingface-hub<1.4,
+# which Transformers 5 cannot use, though its model code runs fine beside it. Its own runtime needs
+# (lightning, jsonargparse, psutil) are in the extra.
+bench-setup: setup
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q --no-deps "litgpt==0.5.13"
+
+# Training-step, tokenizer and quality benchmarks against the peers (a few minutes); BENCH=full for all shapes.
+bench: bench-setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/report.py $(if $(filter full,$(BENCH)),,--quick)
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import lively_model, tiny_config
 from palm import PalmConfig, PalmForCausalLM
-from palm.model import CACHE_FIELD
+from palm.model import CACHE_FIELD, fused_lm_loss, lm_loss
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox", "x = 12"]
 
@@ -107,6 +107,48 @@ def test_loss_is_cross_entropy_plus_z_loss(model, tokenizer):
     out.loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
     model.zero_grad()
+
+
+@pytest.mark.parametrize("z_coef", [0.0, 1e-4, 0.5])
+def test_fused_loss_matches_logits_loss_in_value_and_gradient(z_coef):
+    torch.manual_seed(0)
+    n, d, vocab = 600, 16, 50  # chunks of 256 rows: three chunks, the last one short
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(vocab, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::7] = -100
+    ce, z = lm_loss(h @ w.t(), targets)
+    (2 * (ce + z_coef * z)).backward()
+    ref = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, ce2, z2 = fused_lm_loss(h, w, targets, z_coef, chunk_tokens=1)
+    (2 * loss).backward()
+    torch.testing.assert_close(ce2, ce)
+    torch.testing.assert_close(z2, z)
+    torch.testing.assert_close(loss, ce + z_coef * z)
+    torch.testing.assert_close(h.grad, ref[0])
+    torch.testing.assert_close(w.grad, ref[1])
+
+
+def test_skip_logits_gives_the_same_loss_and_gradients_without_logits(tokenizer):
+    model = lively_model(tiny_config(tokenizer))
+    ids = torch.tensor([tokenizer.encode("def f(x):\n    return x * 2  # twice")] * 2)
+    full = model(ids, labels=ids)
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fused = model(ids, labels=ids, skip_logits=True)
+    fused.loss.backward()
+    assert fused.logits is None
+    for name in ("loss", "lm_loss", "z_loss"):
+        torch.testing.assert_close(getattr(fused, name), getattr(full, name))
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+    # shift_labels (Transformers' name) are targets already aligned with the positions
+    aligned = model(ids[:, :-1], shift_labels=ids[:, 1:], skip_logits=True)
+    with torch.no_grad():
+        ce, _ = lm_loss(model(ids[:, :-1]).logits, ids[:, 1:])
+    torch.testing.assert_close(aligned.lm_loss.detach(), ce)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -109,6 +109,12 @@ def test_load_missing_tokenizer(tmp_path):
         PalmTokenizer.load(tmp_path)
 
 
+def test_batch_encoding_gives_the_same_ids_as_one_by_one(tokenizer):
+    texts = ["def f(x):\n    return x  # 12\n\n\n", "我喜欢编程，因为 ✨ e\u0301", "<s> \t tail  ", ""]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t, bos=False) for t in texts]
+    assert tokenizer.encode_batch(texts, bos=True) == [tokenizer.encode(t) for t in texts]
+
+
 def test_same_corpus_gives_the_same_tokenizer(tmp_path):
     # Many characters of a small corpus share a count; the vocabulary must not depend on hash order.
     for name in ("a", "b", "c"):

@@ -142,7 +142,8 @@ class PalmTokenizer:
         return self._backend.encode(text, add_special_tokens=bos).ids
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=bos)]
+        # encode_batch_fast skips character offsets, which palm never reads: 3x the MB/s (bench/tokenizer.py).
+        return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=bos)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`, leaving out special tokens: `decode(encode(s)) == s`."""

@@ -336,13 +336,17 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
                 group["lr"] = lr_for(cfg, step)
             start = time.perf_counter()
             run.model.zero_grad(set_to_none=True)
-            loss, ce, z = _forward_backward(run, step_model, step)
+            sums = _forward_backward(run, step_model, step)
+            # Clipped before the spike check (a spike's gradients are thrown away anyway), so that the
+            # losses and the norm come back to the host together: one sync per step. With FSDP the grads
+            # are DTensor shards and the norm is reduced over all of them.
+            norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip))
+            *sums, norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
+            loss, ce, z = (run.world.mean(v) for v in sums)
             if _is_spike(run, loss):
                 _rewind(run, step, loss, log)
                 bar.n = run.step
                 continue
-            # With FSDP the grads are DTensor shards and the norm is reduced over all of them.
-            norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)).item()
             run.optimizer.step()
             run.step = step
             n_tokens = cfg.batch_at(step) * cfg.seq_len
@@ -383,8 +387,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
     return run
 
 
-def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
-    """Loss of the batch for `step`, with gradients accumulated over micro-batches.
+def _forward_backward(run: Run, model, step: int) -> torch.Tensor:
+    """[loss, ce, z] of this rank's rows of the batch for `step` (a tensor, not yet read back), with
+    gradients accumulated over micro-batches.
 
     Gradients are computed even for a spike (it is detected from the summed loss); the caller
     throws them away by rewinding.
@@ -396,18 +401,18 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float]:
     x, y = batch[:, :-1], batch[:, 1:]
     micro = cfg.micro_batch_size or x.shape[0]
     scale = 1000.0 if batch_index in cfg.poison_batches else 1.0
-    loss_sum = ce_sum = z_sum = 0.0
+    sums = torch.zeros(3, device=run.device)  # loss, ce, z: read back once per step, not per micro-batch
     for i in range(0, x.shape[0], micro):
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.dtype == torch.bfloat16):
-            logits = model(input_ids=x[i : i + micro], use_cache=False).logits
-        ce, z = lm_loss(logits, y[i : i + micro], num_items=y.numel())
-        loss = (ce + cfg.z_loss * z) * scale
+            # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
+            out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
+                        num_items_in_batch=y.numel(), use_cache=False)
+        loss = out.loss * scale
         loss.backward()
-        loss_sum, ce_sum, z_sum = loss_sum + loss.item(), ce_sum + ce.item(), z_sum + z.item()
+        sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss])
     # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
-    # equal rows per rank both equal the single-process values on the whole batch.
-    w = run.world
-    return w.mean(loss_sum), w.mean(ce_sum), w.mean(z_sum)
+    # equal rows per rank the mean over ranks equals the single-process values on the whole batch.
+    return sums
 
 
 def _rewind(run: Run, step: int, loss: float, log) -> None:

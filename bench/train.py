@@ -1,0 +1,528 @@
+"""Training-step speed: palm against its peers on the same shapes, interleaved in one run.
+
+    python bench/train.py [--quick] [--shapes tiny,small,base] [--dtype auto|bf16|fp32] [--batch N]
+                          [--rounds N] [--threads N] [--compile] [--profile] [--json PATH]
+
+A step is forward, backward, global-norm clipping and an AdamW update (the same optimizer for every
+candidate, so the models are what differs), on random tokens at sequence 512. Candidates:
+
+    palm              palm.PalmForCausalLM, trained as `palm train` does (fused chunked loss + z-loss)
+    falcon            Transformers FalconForCausalLM: parallel attention, multi-query, no bias, RoPE
+    llama-mqa         Transformers LlamaForCausalLM with one KV head: the serial block most models use
+    litgpt            litgpt's GPT configured as a PaLM (parallel residual, shared norm, MQA, LLaMAMLP)
+    palm-pytorch      lucidrains' palm-pytorch from PyPI
+
+All use tied input/output embeddings, head size 64 and d_ff = 4 d (Falcon's ungated GELU MLP gets
+6 d so that its matmuls match a 4 d SwiGLU). After one warm-up step each, the candidates run
+A B C A B C ... and the best of the rounds is reported, so drift in machine load hits all alike.
+Model FLOPs per token are PaLM's Appendix B formula 6N + 12 L H Q T with N counted from each
+model's own weight matrices; MFU is against the matmul peak of the step's dtype measured in this
+run. bf16 autocast is used where bf16 matmuls are native (palm.flops.fast_bf16), fp32 elsewhere.
+Peak memory comes from a fresh process per candidate (CPU: peak RSS growth over the step, model,
+gradients and optimizer state included; GPU: peak allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from palm import PalmConfig, PalmForCausalLM
+from palm.flops import fast_bf16, measure_matmul_peak
+
+CANDIDATES = ("palm", "falcon", "llama-mqa", "litgpt", "palm-pytorch")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    vocab: int
+    d: int
+    layers: int
+    heads: int
+    head_dim: int
+    seq: int = 512
+
+
+def preset_shape(name: str, seq: int = 512) -> Shape:
+    c = PalmConfig.from_preset(name)
+    return Shape(name, c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim, seq)
+
+
+SHAPE_NAMES = ("tiny", "small", "base")  # base (125M) is the larger shape that still fits comfortably
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights that take part in matmuls (Appendix B's N): every >=2-D parameter, a tied one counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.dim() >= 2)
+
+
+def flops_per_token(n_params: int, shape: Shape) -> float:
+    return 6 * n_params + 12 * shape.layers * shape.heads * shape.head_dim * shape.seq
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak: float) -> float:
+    return tokens_per_s * flops_per_tok / peak
+
+
+def best_of(times: list[float]) -> float:
+    """The fastest round: on a shared machine the other rounds are slowed by someone else's work."""
+    return min(times)
+
+
+# --- candidates: each returns (model, loss(x, y)); a peer that cannot be built raises Unavailable ---
+
+
+class Unavailable(Exception):
+    """A candidate that cannot run here; the message says why."""
+
+
+def build_palm(s: Shape):
+    model = PalmForCausalLM(
+        PalmConfig(vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                   head_dim=s.head_dim, max_position_embeddings=max(s.seq, 2048), use_cache=False)
+    )
+    n = None  # the loss is over every token: counted by the model, as palm.train passes it
+
+    def loss(x, y):
+        return model(input_ids=x, shift_labels=y, skip_logits=True, num_items_in_batch=n).loss
+
+    return model, loss
+
+
+def _hf_loss(model):
+    def loss(x, y):
+        logits = model(input_ids=x, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # what Transformers' loss does
+
+    return loss
+
+
+def build_falcon(s: Shape):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    if s.d != s.heads * s.head_dim:
+        raise Unavailable("Falcon ties head size to d_model / heads")
+    config = FalconConfig(
+        vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+        multi_query=True, num_kv_heads=1, parallel_attn=True, new_decoder_architecture=False, bias=False,
+        alibi=False, ffn_hidden_size=6 * s.d, tie_word_embeddings=True, max_position_embeddings=max(s.seq, 2048),
+        use_cache=False, attn_implementation="sdpa",
+    )
+    model = FalconForCausalLM(config)
+    return model, _hf_loss(model)
+
+
+def build_llama(s: Shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=s.vocab, hidden_size=s.d, intermediate_size=4 * s.d, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=1, head_dim=s.head_dim, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, max_position_embeddings=max(s.seq, 2048), use_cache=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    return model, _hf_loss(model)
+
+
+def build_litgpt(s: Shape):
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+    except ImportError as e:
+        raise Unavailable(
+            f"litgpt is not installed ({e.name}): it pins huggingface-hub<1.4, which Transformers 5 cannot use; "
+            "`make bench-setup` installs it with --no-deps"
+        ) from None
+    config = Config(
+        n_embd=s.d, n_layer=s.layers, n_head=s.heads, head_size=s.head_dim, n_query_groups=1, vocab_size=s.vocab,
+        padded_vocab_size=s.vocab, block_size=s.seq, parallel_residual=True, shared_attention_norm=True,
+        bias=False, mlp_class_name="LLaMAMLP", intermediate_size=4 * s.d, norm_class_name="LayerNorm",
+        rotary_percentage=1.0,
+    )
+    model = GPT(config)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as in PaLM
+
+    def loss(x, y):
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    return model, loss
+
+
+def build_palm_pytorch(s: Shape):
+    try:
+        from palm_pytorch import PaLM
+    except ImportError as e:
+        raise Unavailable(f"palm-pytorch is not installed ({e.name}): pip install -e '.[bench]'") from None
+    model = PaLM(dim=s.d, num_tokens=s.vocab, depth=s.layers, dim_head=s.head_dim, heads=s.heads, ff_mult=4)
+
+    def loss(x, y):
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    return model, loss
+
+
+BUILDERS: dict[str, Callable] = {
+    "palm": build_palm,
+    "falcon": build_falcon,
+    "llama-mqa": build_llama,
+    "litgpt": build_litgpt,
+    "palm-pytorch": build_palm_pytorch,
+}
+
+
+@dataclass
+class Candidate:
+    name: str
+    model: torch.nn.Module
+    loss: Callable
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable
+
+
+def make_candidate(name: str, shape: Shape, device: torch.device, dtype: torch.dtype, compile_: bool = False):
+    torch.manual_seed(0)
+    base = name.removesuffix("+compile")
+    model, loss = BUILDERS[base](shape)
+    model = model.to(device).train()
+    if compile_:
+        loss = torch.compile(loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    params = list(model.parameters())
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            value = loss(x, y)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    return Candidate(name, model, loss, optimizer, step)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_step(c: Candidate, x, y, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    c.step_fn(x, y)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def batch_for(shape: Shape, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, shape.vocab, (batch, shape.seq + 1), generator=g).to(device)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+# --- peak memory, one fresh process per candidate ---------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype) -> dict:
+    """Peak memory of one candidate's training step on each shape (smallest first), in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    BUILDERS[name.removesuffix("+compile")]  # fail early on a typo
+    out = {}
+    for shape in shapes:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            base = _rss_bytes()
+        try:
+            c = make_candidate(name, shape, device, dtype, name.endswith("+compile"))
+        except Unavailable:
+            continue
+        x, y = batch_for(shape, batch, device)
+        for _ in range(2):  # the first step allocates gradients and optimizer state; the second is steady
+            c.step_fn(x, y)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+        out[shape.name] = peak - base
+        del c, x, y
+    return out
+
+
+def measure_memory(names, shapes, batch, dtype) -> dict[str, dict[str, int]]:
+    memory = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--batch", str(batch),
+               "--shapes", ",".join(s.name for s in shapes), "--seq", str(shapes[0].seq),
+               "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32", "--threads", str(torch.get_num_threads())]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        memory[name] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    return memory
+
+
+# --- the profile of palm's step ---------------------------------------------------------------
+
+
+def profile_step(c: Candidate, x, y, device, top: int = 12) -> dict:
+    """Where palm's step spends its time: shares of self time by operator, matmuls grouped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    c.step_fn(x, y)
+    with profile(activities=activities) as prof:
+        c.step_fn(x, y)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr)) for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(t for _, t in events) or 1
+    events.sort(key=lambda e: -e[1])
+    matmul = sum(t for k, t in events if k in ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"))
+    attention = sum(t for k, t in events if "scaled_dot_product" in k or "flash_attention" in k)
+    return {
+        "total_s": total / 1e6,
+        "matmul_share": matmul / total,
+        "attention_share": attention / total,
+        "other_share": 1 - (matmul + attention) / total,
+        "top": [{"op": k, "share": t / total} for k, t in events[:top]],
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    if requested == "fp32":
+        return torch.float32, "fp32 (requested)"
+    if requested == "bf16":
+        return torch.bfloat16, "bf16 autocast (requested)"
+    if fast_bf16(device):
+        return torch.bfloat16, "bf16 autocast (bf16 matmuls are native here)"
+    return torch.float32, "fp32: bf16 matmuls are not native on this machine (no AMX/AVX512-BF16), so bf16 would be far slower"
+
+
+def measure_peaks(device: torch.device, seconds: float = 1.0) -> dict[str, float]:
+    """Matmul FLOP/s per dtype, measured now. Emulated bf16 is probed on a small matrix: it is that slow."""
+    fast = fast_bf16(device)
+    return {
+        "fp32": measure_matmul_peak(torch.float32, device, n=2048 if device.type == "cuda" else 1024, seconds=seconds),
+        "bf16": measure_matmul_peak(torch.bfloat16, device, n=4096 if device.type == "cuda" else (1024 if fast else 256),
+                                    seconds=seconds),
+    }
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, dtype_note = choose_dtype(args.dtype, device)
+    shapes = [preset_shape(n, args.seq) for n in args.shapes]
+    names = list(args.candidates) + (["palm+compile"] if args.compile else [])
+    peaks = measure_peaks(device)
+    print(f"device {device.type}, torch threads: {torch.get_num_threads()}, {dtype_note}", flush=True)
+    rows, profiles = [], {}
+    for shape in shapes:
+        x, y = batch_for(shape, args.batch, device)
+        live: list[Candidate] = []
+        for name in names:
+            try:
+                live.append(make_candidate(name, shape, device, dtype, name.endswith("+compile")))
+            except Unavailable as e:
+                rows.append({"name": name, "shape": shape.name, "status": "unavailable", "reason": str(e),
+                             "tokens_per_s": None, "mfu": None})
+            except Exception as e:  # a peer that breaks is reported, not fatal
+                rows.append({"name": name, "shape": shape.name, "status": "unavailable",
+                             "reason": f"{type(e).__name__}: {e}".splitlines()[0][:200], "tokens_per_s": None,
+                             "mfu": None})
+        for c in live:  # warm-up: kernel selection, allocator, compilation
+            for _ in range(args.warmup):
+                c.step_fn(x, y)
+        times: dict[str, list[float]] = {c.name: [] for c in live}
+        for r in range(args.rounds):
+            # The peak is re-measured each round and the best kept: it is as exposed to load as the steps.
+            peaks = {k: max(v, measure_peaks(device, seconds=0.3)[k]) for k, v in peaks.items()}
+            for c in live:  # interleaved: A B C A B C
+                times[c.name].append(timed_step(c, x, y, device))
+            print(f"  {shape.name} round {r + 1}/{args.rounds}: "
+                  + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+        if args.profile:
+            palm = next((c for c in live if c.name == "palm"), None)
+            if palm is not None:
+                profiles[shape.name] = profile_step(palm, x, y, device)
+        tokens = args.batch * shape.seq
+        for c in live:
+            n = matmul_params(c.model)
+            fpt = flops_per_token(n, shape)
+            step_s = best_of(times[c.name])
+            rows.append({
+                "name": c.name, "shape": shape.name, "status": "ok", "batch": args.batch, "seq": shape.seq,
+                "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "matmul_params": n,
+                "flops_per_token": fpt, "step_s": step_s, "step_s_median": statistics.median(times[c.name]),
+                "tokens_per_s": tokens / step_s,
+            })
+        del live
+        gc.collect()
+    peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
+    for r in rows:
+        if r["status"] == "ok":
+            r["mfu"], r["peak_flops"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak), peak
+    if not args.no_memory:
+        ok = sorted({r["name"] for r in rows if r["status"] == "ok"}, key=names.index)
+        memory = measure_memory(ok, shapes, args.batch, dtype)
+        for r in rows:
+            r["peak_memory_bytes"] = memory.get(r["name"], {}).get(r["shape"])
+    for shape in shapes:
+        ref = next((r for r in rows if r["shape"] == shape.name and r["name"] == "palm" and r["status"] == "ok"), None)
+        for r in rows:
+            if r["shape"] == shape.name and r["status"] == "ok":
+                r["ratio_to_palm"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: ([s.name for s in shapes].index(r["shape"]), order.get(r["name"], 99)))
+    print(f"measured matmul peak (best of the run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    return {
+        "machine": machine_info(device),
+        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "dtype_note": dtype_note,
+        "peak_flops": peaks,
+        "threads": torch.get_num_threads(),
+        "settings": {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
+                     "optimizer": "AdamW, global-norm clip 1.0", "timing": "best of the interleaved rounds"},
+        "train": rows,
+        "profile": profiles,
+    }
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "device": device.type}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(result: dict) -> str:
+    """The markdown table of a run (also used by bench/report.py)."""
+    lines = [
+        "| shape | candidate | tokens/s | MFU | GFLOP/token | peak memory MB | vs palm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["train"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['shape']} | {r['name']} | n/a: {r['reason']} | | | | |")
+            continue
+        mem = r.get("peak_memory_bytes")
+        mem = "" if mem is None else f"{mem / 2**20:,.0f}"
+        ratio = r.get("ratio_to_palm")
+        ratio = "" if ratio is None else f"{ratio:.2f}x"
+        lines.append(
+            f"| {r['shape']} | {r['name']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+            f"{r['flops_per_token'] / 1e9:.3f} | {mem} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> list[str]:
+    """palm against the fastest peer, per shape."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in result["train"]):
+        ok = [r for r in result["train"] if r["shape"] == shape and r["status"] == "ok"]
+        palm = next((r for r in ok if r["name"] == "palm"), None)
+        peers = [r for r in ok if not r["name"].startswith("palm") or r["name"] == "palm-pytorch"]
+        if palm and peers:
+            best = max(peers, key=lambda r: r["tokens_per_s"])
+            out.append(f"{shape}: palm {palm['tokens_per_s']:,.0f} tokens/s = {palm['tokens_per_s'] / best['tokens_per_s']:.2f}x "
+                       f"the fastest peer ({best['name']}), MFU {palm['mfu']:.1%} of the measured {result['dtype']} peak")
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny and small only, batch 2, 3 rounds")
+    ap.add_argument("--shapes", help=f"comma-separated presets (default: {','.join(SHAPE_NAMES)}; quick: tiny,small)")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true", help="also time palm with torch.compile")
+    ap.add_argument("--profile", action="store_true", help="profile palm's step on each shape")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.shapes = (args.shapes or ("tiny,small" if args.quick else ",".join(SHAPE_NAMES))).split(",")
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    for c in args.candidates:
+        if c not in BUILDERS:
+            ap.error(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}")
+    args.batch = args.batch or (2 if args.quick else 8)
+    args.rounds = args.rounds or (3 if args.quick else 4)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        shapes = [preset_shape(n, args.seq) for n in args.shapes]
+        print(json.dumps(memory_worker(args.memory_worker, shapes, args.batch, dtype)))
+        return
+    result = run(args)
+    print()
+    print(table(result))
+    print()
+    for line in summary(result):
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

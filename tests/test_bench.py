@@ -1,0 +1,127 @@
+"""The benchmark scripts' pure helpers, and that every candidate builds and steps on a toy shape.
+
+No benchmark is run here: bench/report.py does that, on demand.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from palm import PalmConfig
+from palm.flops import flops_per_token, matrix_params
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load("train")
+tokenizer = load("tokenizer")
+quality = load("quality")
+report = load("report")
+
+TOY = train.Shape("toy", vocab=64, d=32, layers=2, heads=2, head_dim=16, seq=16)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_flop_count_of_palm_is_appendix_b(preset):
+    shape = train.preset_shape(preset)
+    model, _ = train.build_palm(shape)
+    config = PalmConfig.from_preset(preset)
+    assert train.matmul_params(model) == matrix_params(config)
+    assert train.flops_per_token(train.matmul_params(model), shape) == flops_per_token(config, 512)
+
+
+@pytest.mark.parametrize("name", train.CANDIDATES)
+def test_every_candidate_builds_and_takes_a_step_or_says_why_not(name):
+    try:
+        c = train.make_candidate(name, TOY, torch.device("cpu"), torch.float32)
+    except train.Unavailable as e:
+        assert name in ("litgpt", "palm-pytorch") and "install" in str(e)
+        return
+    x, y = train.batch_for(TOY, 2, torch.device("cpu"))
+    before = [p.detach().clone() for p in c.model.parameters()]
+    assert train.timed_step(c, x, y, torch.device("cpu")) > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, c.model.parameters()))
+    # same shape for all: tied embeddings and the same matmul budget within Falcon's GELU rounding
+    palm_n = train.matmul_params(train.build_palm(TOY)[0])
+    assert abs(train.matmul_params(c.model) - palm_n) / palm_n < 0.15
+
+
+def _row(name, shape, tps, fpt=1e9):
+    return {"name": name, "shape": shape, "status": "ok", "tokens_per_s": tps, "mfu": tps * fpt / 1e12,
+            "flops_per_token": fpt, "peak_memory_bytes": 2**20, "ratio_to_palm": None}
+
+
+def test_table_and_summary_compare_palm_with_the_fastest_peer():
+    rows = [_row("palm", "small", 300.0), _row("falcon", "small", 200.0), _row("palm-pytorch", "small", 250.0),
+            _row("palm+compile", "small", 900.0),
+            {"name": "litgpt", "shape": "small", "status": "unavailable", "reason": "not installed",
+             "tokens_per_s": None, "mfu": None}]
+    result = {"train": rows, "dtype": "fp32"}
+    text = train.table(result)
+    assert "| small | litgpt | n/a: not installed |" in text
+    assert "| small | palm | 300 | 30.0% |" in text
+    (line,) = train.summary(result)
+    assert "1.20x the fastest peer (palm-pytorch)" in line  # palm's own compiled run is not a peer
+
+
+def test_quick_defaults_and_unknown_candidate():
+    args = train.parse_args(["--quick"])
+    assert args.shapes == ["tiny", "small"] and args.batch == 2 and args.rounds == 3
+    assert train.parse_args([]).shapes == ["tiny", "small", "base"]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--candidates", "palm,gpt5"])
+
+
+def test_dtype_falls_back_to_fp32_without_native_bf16():
+    dtype, note = train.choose_dtype("auto", torch.device("cpu"))
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert train.choose_dtype("bf16", torch.device("cpu"))[0] == torch.bfloat16
+
+
+def test_sentencepiece_lines_fit_its_limit_and_keep_all_text():
+    doc = "a" * 5000 + "\n\n" + "中" * 3000 + "\nend"
+    lines = tokenizer.lines_of([doc], max_bytes=4000)
+    assert all(0 < len(line.encode()) <= 4000 for line in lines)
+    assert "".join(lines) == doc.replace("\n", "")
+    train_docs, held = tokenizer.split(["x"] * 3)
+    assert len(train_docs) == 2 and len(held) == 1
+
+
+def test_quality_table_marks_the_best_per_corpus():
+    result = {"quality": [
+        {"name": "palm", "block": "parallel", "recipe": "r1", "steps": 10, "tokens_per_s": 100.0,
+         "val_bpb": {"zh": 2.0, "py": 1.5}},
+        {"name": "llama", "block": "serial", "recipe": "r2", "steps": 8, "tokens_per_s": 80.0,
+         "val_bpb": {"zh": 2.1, "py": 1.4}},
+    ]}
+    text = quality.table(result)
+    assert "| palm (parallel) | r1 | 10 | 100 | **2.000** | 1.500 |" in text
+    assert "| llama (serial) | r2 | 8 | 80 | 2.100 | **1.400** |" in text
+
+
+def test_report_publishes_json_table_chart_and_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
+    result = {"when": "now", "quick": True, "threads": 1, "machine": {"cpu": "cpu"}, "dtype": "fp32",
+              "dtype_note": "fp32", "peak_flops": {"fp32": 1e11, "bf16": 3e8},
+              "settings": {"batch": 2, "seq": 512, "timing": "best"},
+              "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)], "profile": {}}
+    md = report.publish(result, out=tmp_path / "results", readme=readme)
+    text = readme.read_text()
+    assert "old table" not in text and "| tiny | falcon | 250 |" in text and text.endswith("after\n")
+    assert (tmp_path / "results" / "latest.json").read_text().count('"tokens_per_s"') == 2
+    assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
+    assert md == (tmp_path / "results" / "latest.md").read_text()
+    assert not report.update_readme("x", tmp_path / "results" / "latest.md")  # no markers: left alone
