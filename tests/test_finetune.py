@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import FinetuneConfig, collate, encode_row, finetune
+from palm.finetune import FinetuneConfig, collate, encode_row, finetune, format_prompt
 from palm.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
 ROWS = [
@@ -31,7 +30,7 @@ def completion_nll(model, tokenizer, rows, task):
     """By hand: -log p(completion + </s> | <s> prompt), summed over rows, and the number of tokens scored."""
     total, count = 0.0, 0
     for row in rows:
-        prompt = [tokenizer.bos_id] + tokenizer.encode(encode_prompt(row, task), bos=False)
+        prompt = [tokenizer.bos_id] + tokenizer.encode(format_prompt(row["prompt"], task), bos=False)
         target = tokenizer.encode(row["completion"], bos=False) + [tokenizer.eos_id]
         ids = torch.tensor([prompt + target])
         with torch.no_grad():
@@ -40,12 +39,6 @@ def completion_nll(model, tokenizer, rows, task):
             total -= logp[len(prompt) - 1 + j, t].item()
         count += len(target)
     return total, count
-
-
-def encode_prompt(row, task):
-    from palm.finetune import format_prompt
-
-    return format_prompt(row["prompt"], task)
 
 
 def test_only_completion_tokens_are_scored(tokenizer, model_dir):

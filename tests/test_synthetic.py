@@ -56,8 +56,8 @@ def test_number_task_splits_are_disjoint_in_both_directions():
     # A number held out one way is held out the other way too.
     held = {r["prompt"] for r in split.test} | {r["answer"] for r in split.test}
     assert not held & (train | {r["completion"] for r in split.train})
-    assert {"prompt": "三百一十二", "completion": "three hundred and twelve"} in split.train + [
-        {"prompt": r["prompt"], "completion": r["answer"]} for r in split.test + split.fewshot]
+    assert {"prompt": "三百一十二", "answer": "three hundred and twelve"} in split.test + split.fewshot or {
+        "prompt": "三百一十二", "completion": "three hundred and twelve"} in split.train
 
 
 def test_arithmetic_task_holds_out_both_orders():

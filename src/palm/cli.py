@@ -184,7 +184,7 @@ def finetune_command(
             raise TrainingError("--model, --data and --out are required (or --resume RUN)")
         if "max_steps" in given and "epochs" in given:
             raise TrainingError("give --steps or --epochs, not both")
-        cfg = FinetuneConfig(**given, progress=True)
+        cfg = FinetuneConfig(**given)
     run = finetune(cfg, resume=resume is not None)
     best = run.extra.get("best_val_loss")
     note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import atomic_directory, list_checkpoints
 from .config import PalmConfig
 from .errors import CheckpointError, PalmError
 from .model import IGNORE_INDEX, PalmForCausalLM, lm_loss
-from .optim import OPTIMIZERS, build_optimizer
+from .optim import build_optimizer
 from .tokenizer import PalmTokenizer
-from transformers.utils import logging as hf_logging
 from .train import RUN_FILE, Run, TrainConfig, TrainingError, _save, pick_device, pick_dtype, restore, run_loop
 
 # The prompt goes where {prompt} is; the completion follows the template directly.
@@ -67,8 +67,8 @@ class FinetuneConfig(TrainConfig):
     seq_len: int = 256  # longest row in tokens; longer prompts lose their beginning
     batch_size: int = 32
     batch_ramp: bool = False
-    lr: float | None = 1e-3
-    hold_steps: int | None = None
+    lr: float | None = 1e-3  # Adafactor's relative step; constant, as T5 fine-tuned with it
+    hold_steps: int | None = None  # None: hold the lr for the whole run (set to max_steps when it starts)
     spike_factor: float = 0.0
     checkpoint_every: int = 100
     eval_every: int = 50
@@ -301,8 +301,6 @@ def _load_base(cfg: FinetuneConfig) -> tuple[PalmConfig, PalmTokenizer, PalmForC
 def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
     """A Run for fine-tuning: the base model (or, resuming, the run's own copy of its config), data and hooks."""
     cfg.validate()
-    if cfg.optimizer not in OPTIMIZERS:
-        raise TrainingError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     path = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -319,6 +317,8 @@ def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
     data = load_examples(cfg, tok)
     if cfg.epochs is not None:
         cfg.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
+    if cfg.hold_steps is None:
+        cfg.hold_steps = cfg.max_steps
     if not resume:
         cfg.data_sha256 = _digest(cfg)
         path.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def number_task(seed: int = 0, n_test: int = 200, n_fewshot: int = 50, n_train: 
     return _split(rows(train), rows(fewshot), rows(test), seed)
 
 
-def arithmetic_task(seed: int = 0, low: int = 0, high: int = 99, n_test: int = 200, n_fewshot: int = 50,
+def arithmetic_task(seed: int = 0, low: int = 10, high: int = 99, n_test: int = 200, n_fewshot: int = 50,
                     n_train: int | None = None) -> Split:
     """'What is a + b?' -> str(a + b) for low <= a, b <= high.
 
