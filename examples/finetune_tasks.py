@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=3, help="k for the before-fine-tuning score")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flags", default=None, help="palm finetune flags replacing the task's tuned ones (one task only)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,10 +65,12 @@ def main() -> None:
     results: dict = {}
     for name in args.tasks.split(","):
         build, template_name, flags = TASKS[name]
+        flags = shlex.split(args.flags) if args.flags is not None else flags
         split = build(seed=args.seed)
         paths = write_task(split, out / "data", name, template_name)
         template = TEMPLATES[template_name]
         before, _ = exact_match(args.model, split.test, template, split.fewshot, args.shots, args.seed)
+        print(f"{name}: {args.shots}-shot exact match before fine-tuning {before:.1%}", flush=True)
         run = out / name
         if run.exists():
             shutil.rmtree(run)  # this script's own previous run

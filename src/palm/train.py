@@ -412,13 +412,18 @@ def _forward_backward(run: Run, model, step: int) -> tuple[float, float, float, 
     # Dropout masks, like the batch, are a pure function of (seed, batch, rank), so a resumed run draws the same.
     torch.manual_seed((cfg.seed * 1_000_003 + batch_index) * 1024 + run.world.rank)
     # The loss is a mean over the targets that count: all of them in pretraining, the completions in fine-tuning.
+    scored = (y != IGNORE_INDEX).any(0)
     n_items = max(1, int((y != IGNORE_INDEX).sum()))
+    # Logits only from the first position with a target on: all of them in pretraining; in fine-tuning the
+    # prompts' positions are skipped, and with them most of the vocabulary matmul.
+    keep = y.shape[1] - int(scored.int().argmax()) if bool(scored.any()) else y.shape[1]
+    y = y[:, -keep:]
     micro = cfg.micro_batch_size or x.shape[0]
     scale = 1000.0 if batch_index in cfg.poison_batches else 1.0
     loss_sum = ce_sum = z_sum = 0.0
     for i in range(0, x.shape[0], micro):
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.dtype == torch.bfloat16):
-            logits = model(input_ids=x[i : i + micro], use_cache=False).logits
+            logits = model(input_ids=x[i : i + micro], use_cache=False, logits_to_keep=keep).logits
         ce, z = lm_loss(logits, y[i : i + micro], num_items=n_items)
         loss = (ce + cfg.z_loss * z) * scale
         loss.backward()
