@@ -1,24 +1,42 @@
-"""Data parallel training under torchrun (gloo on CPU) matches one process on the same global batch."""
+"""Training under torchrun (gloo on CPU) matches one process on the same global batch, with DDP and with
+FSDP2, and FSDP's sharded checkpoints resume on another number of processes (2 -> 1 and 1 -> 2)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from palm.cli import main
+from conftest import run_cli
+from palm.checkpoint import list_checkpoints
+
+STEPS = 6  # checkpoints at 0, 3 and 6; the resume tests continue from 3
 
 
 def write_config(tmp_path, corpus_dir, tokenizer_dir, name):
     conf = tmp_path / f"{name}.toml"
+    # An odd width, so FSDP splits some tensors unevenly over two ranks (3 ranks would split the rest).
     conf.write_text(
-        f'corpus = ["{corpus_dir}"]\nout = "{tmp_path / name}"\ntokenizer = "{tokenizer_dir}"\nmax-steps = 6\n'
+        f'corpus = ["{corpus_dir}"]\nout = "{tmp_path / name}"\ntokenizer = "{tokenizer_dir}"\nmax-steps = {STEPS}\n'
         f'seq-len = 32\nbatch-size = 8\neval-every = 1000\ncheckpoint-every = 3\nprogress = false\n'
         f'cache-dir = "{tmp_path / "cache"}"\n'
-        "[model]\nhidden_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nhead_dim = 16\n"
+        "[model]\nhidden_size = 63\nnum_hidden_layers = 2\nnum_attention_heads = 4\nhead_dim = 16\n"
     )
     return conf
+
+
+def torchrun(*args, nproc=2):
+    """`torchrun --standalone --nproc_per_node 2 -m palm.cli ARGS`, as the README shows it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "palm.cli", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def losses(run):
@@ -26,22 +44,120 @@ def losses(run):
     return [r["loss"] for r in rows if "event" not in r]
 
 
-def test_ddp_two_processes_match_one(tmp_path, corpus_dir, tokenizer_dir, capsys):
-    single = write_config(tmp_path, corpus_dir, tokenizer_dir, "single")
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--config", str(single)])
-        raise SystemExit(0)
-    assert info.value.code == 0
-
-    ddp = write_config(tmp_path, corpus_dir, tokenizer_dir, "ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "palm.cli", "train", "--config", str(ddp), "--parallel", "ddp"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert len(one) == len(two) == 6
+def assert_same_losses(one, two):
+    assert len(one) == len(two) == STEPS
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-5 * abs(a), (one, two)
-    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
-    assert done.stdout.count("trained 6 steps") == 1  # rank 0 alone reports
+
+
+def is_sharded(checkpoint):
+    return (checkpoint / "shards" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+
+
+def cut_at(run, out, step):
+    """A copy of `run` as if it had been killed right after checkpointing `step`."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "final")
+    for checkpoint in list_checkpoints(out):
+        if int(checkpoint.name.split("-")[1]) > step:
+            shutil.rmtree(checkpoint)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def single(folder, corpus_dir, tokenizer_dir):
+    """The reference: one plain process on the whole global batch."""
+    from palm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single"))])
+        raise SystemExit(0)
+    assert info.value.code == 0
+    return folder / "single"
+
+
+@pytest.fixture(scope="module")
+def fsdp(folder, corpus_dir, tokenizer_dir):
+    conf = write_config(folder, corpus_dir, tokenizer_dir, "fsdp")
+    done = torchrun("train", "--config", str(conf), "--parallel", "fsdp")
+    assert done.stdout.count(f"trained {STEPS} steps") == 1  # rank 0 alone reports
+    return folder / "fsdp"
+
+
+def test_ddp_two_processes_match_one(single, folder, corpus_dir, tokenizer_dir):
+    ddp = write_config(folder, corpus_dir, tokenizer_dir, "ddp")
+    done = torchrun("train", "--config", str(ddp), "--parallel", "ddp")
+    assert_same_losses(losses(single), losses(folder / "ddp"))
+    assert (folder / "ddp" / "final" / "model.safetensors").is_file()
+    assert done.stdout.count(f"trained {STEPS} steps") == 1  # rank 0 alone reports
+
+
+def test_fsdp_two_processes_match_one(single, fsdp):
+    assert_same_losses(losses(single), losses(fsdp))
+    # Checkpoints are sharded: one DCP file per rank; the final model is one Transformers directory.
+    checkpoints = list_checkpoints(fsdp)
+    assert [c.name for c in checkpoints] == ["step-0000000", "step-0000003", "step-0000006"]
+    assert all(is_sharded(c) and len(list((c / "shards").glob("*.distcp"))) == 2 for c in checkpoints)
+    a = load_file(str(single / "final" / "model.safetensors"))
+    b = load_file(str(fsdp / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(fsdp / "final"), trust_remote_code=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "none"])
+def test_fsdp_checkpoint_resumes_on_one_process(single, fsdp, tmp_path, capsys, parallel):
+    # fsdp: a plain `palm train --resume` keeps the run's layout, as a sharded group of one;
+    # none: the shards load into an unsharded model and the run goes on with safetensors checkpoints.
+    run = cut_at(fsdp, tmp_path / "run", 3)
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--parallel", parallel)
+    assert code == 0, err
+    assert_same_losses(losses(single), losses(run))
+    latest = list_checkpoints(run)[-1]
+    assert latest.name == "step-0000006" and is_sharded(latest) == (parallel == "fsdp")
+    assert json.loads((latest / "state.json").read_text())["tokens"] == json.loads(
+        (single / "checkpoints" / "step-0000006" / "state.json").read_text())["tokens"]
+
+
+def test_one_process_checkpoint_resumes_on_two(single, tmp_path):
+    run = cut_at(single, tmp_path / "run", 3)
+    torchrun("train", "--resume", str(run), "--parallel", "fsdp")
+    assert_same_losses(losses(single), losses(run))
+    assert not is_sharded(list_checkpoints(run)[-2]) and is_sharded(list_checkpoints(run)[-1])
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_failed_sharded_save_keeps_the_last_good_checkpoint(single, tmp_path, capsys, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from palm import distributed
+
+    real_save = dcp.save
+
+    def crash_after_writing(state, checkpoint_id):  # the shards are on disk, the metadata is not
+        real_save(state, checkpoint_id=checkpoint_id)
+        (checkpoint_id / ".metadata").unlink()
+        raise OSError("disk full")
+
+    run = cut_at(single, tmp_path / "run", 3)
+    monkeypatch.setattr(dcp, "save", crash_after_writing)
+    try:
+        code, _, err = run_cli(capsys, "train", "--resume", str(run), "--parallel", "fsdp")
+    finally:
+        distributed.teardown()  # the failed run left its group of one behind
+    assert code != 0 and "disk full" in err
+    assert [c.name for c in list_checkpoints(run)] == ["step-0000000", "step-0000003"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000000", "step-0000003"]
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--parallel", "fsdp")
+    assert code == 0, err
+    assert_same_losses(losses(single), losses(run))

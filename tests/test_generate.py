@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from conftest import lively_model, tiny_config
 from palm.cli import main
-from palm.generate import GenerationError, Generator, SamplingConfig, StaticCache
+from palm.generate import BYTE_IDS, GenerationError, Generator, SamplingConfig, StaticCache
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
 
@@ -95,11 +95,12 @@ def test_bad_sampling_values():
 
 def test_palm_generate_streams_and_summarises(capsys, model_dir):
     with pytest.raises(SystemExit) as info:
-        main(["generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "6", "我喜欢编程，因为"])
+        main(["generate", "--model", model_dir, "--temperature", "0", "--repetition-penalty", "1.3",
+              "--max-new-tokens", "6", "我喜欢编程，因为"])
         raise SystemExit(0)
     out, err = capsys.readouterr()
     assert info.value.code == 0 and out.startswith("我喜欢编程，因为")
-    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6))[0].text
+    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6, repetition_penalty=1.3))[0].text
     assert out == "我喜欢编程，因为" + expected + "\n"
     assert re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s, (stop|length)\]", err.strip())
 
@@ -113,3 +114,15 @@ def test_palm_generate_errors(capsys, model_dir, argv, words):
         main(["generate", *argv])
     err = capsys.readouterr().err
     assert info.value.code == 1 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_stream_never_shows_bytes_that_a_later_byte_rewrites(generator, monkeypatch):
+    # <0x6A> alone decodes as "j", but the run <0x6A><0xE6><0x88> is invalid UTF-8 and decodes as
+    # three U+FFFD: a stream that showed "j" early would disagree with the finished text.
+    byte = lambda b: BYTE_IDS[b]  # noqa: E731
+    word = [t for t in generator.tokenizer.encode("the") if t not in BYTE_IDS and t >= BYTE_IDS.start]
+    tokens = [byte(0x6A), byte(0xE6), byte(0x88), *word, byte(0xE6), byte(0x88), byte(0x91)]
+    monkeypatch.setattr(generator, "token_stream", lambda prompts, cfg: iter(torch.tensor([[t]]) for t in tokens))
+    pieces = list(generator.stream("x", SamplingConfig(max_new_tokens=len(tokens))))
+    final = generator.tokenizer.decode(tokens)
+    assert "".join(pieces) == final and final.startswith("\ufffd" * 3) and final.endswith("the我")

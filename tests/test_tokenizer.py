@@ -9,6 +9,8 @@ from palm import PalmTokenizer, TokenizerError, train_tokenizer
 from palm.data import iter_documents
 from palm.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS
 
+from conftest import corpus_texts
+
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Arbitrary Unicode (hypothesis leaves out lone surrogates, which are not valid Unicode), plus a
 # dense mix of the characters where lossless tokenizers usually slip.
@@ -105,3 +107,11 @@ def test_small_vocab_rejected():
 def test_load_missing_tokenizer(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         PalmTokenizer.load(tmp_path)
+
+
+def test_same_corpus_gives_the_same_tokenizer(tmp_path):
+    # Many characters of a small corpus share a count; the vocabulary must not depend on hash order.
+    for name in ("a", "b", "c"):
+        train_tokenizer(corpus_texts, vocab_size=1024).save(tmp_path / name)
+    files = {(tmp_path / name / "tokenizer.json").read_bytes() for name in ("a", "b", "c")}
+    assert len(files) == 1

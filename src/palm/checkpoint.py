@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -82,7 +83,13 @@ def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed
 # Training checkpoints: RUN/checkpoints/step-NNNNNNN/ holds model.safetensors (fp32 master weights,
 # tied embedding once), optimizer.safetensors (every state tensor) and state.json (the rest: step,
 # data position, optimizer scalars and groups). No pickle anywhere, so a checkpoint can be opened safely.
+#
+# A sharded (FSDP) run instead writes shards/, a torch.distributed.checkpoint folder in which every
+# rank writes its own pieces of the model and optimizer state under their parameter names (FQNs),
+# beside the same state.json. Either kind loads into either kind of run, at any world size: DCP
+# reshards on load, and a safetensors checkpoint is cut into shards by set_state_dict.
 CHECKPOINTS = "checkpoints"
+SHARDS = "shards"
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,20 +126,129 @@ def save_training_checkpoint(run: Path, step: int, model, optimizer, state: dict
     return out
 
 
+def _zero_optimizer_state(optimizer) -> None:
+    # get_state_dict/set_state_dict materialise an optimizer's lazy state by taking one step with
+    # zero gradients and lr 0. That leaves the weights alone but counts a step (and PalmAdafactor
+    # stores eps1 in v), which would shift beta2 and bias corrections by one for the rest of the
+    # run. Zero moments and a zero step count are exactly what the first real step would create.
+    for entry in optimizer.state.values():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                entry[key] = 0
+
+
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """FQN-keyed (and, for a sharded model, sharded) state dicts that alias the live tensors."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    fresh = not optimizer.state
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if fresh:
+        _zero_optimizer_state(optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # the scalars are copies: take them again
+    return model_sd, optim_sd
+
+
+def save_sharded_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Collective: every rank writes its shards of `step` into one temporary folder, which rank 0
+    renames into place only when all of them (and state.json) are complete.
+
+    Multi-node runs need RUN on a file system that every node sees.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    out = Path(run) / CHECKPOINTS / f"step-{step:07d}"
+    main = dist.get_rank() == 0
+    try:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_directory(out, overwrite=True)) if main else None
+            box = [str(tmp) if main else None]
+            dist.broadcast_object_list(box, src=0)  # the others write into rank 0's temporary folder
+            model_sd, optim_sd = _state_dicts(model, optimizer)
+            # Returns on rank 0 once every rank has reported its writes done and the metadata is written;
+            # a failure on any rank is raised on all of them.
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=Path(box[0]) / SHARDS)
+            if main:
+                (tmp / "state.json").write_text(json.dumps({**state, "step": step, "format": "dcp"}, indent=1))
+    except (OSError, CheckpointException) as e:
+        raise CheckpointError(f"could not write checkpoint {out} (the last complete one is kept): {e}") from None
+    if main:
+        for old in list_checkpoints(run)[:-keep]:
+            shutil.rmtree(old)
+    return out
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are skipped)."""
     folder = Path(run) / CHECKPOINTS
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
 
 
+def _is_sharded(model) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """DCP checkpoint into any model: the current (possibly sharded) state dicts are the templates
+    that dcp.load fills in place, resharding from however many ranks wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    with warnings.catch_warnings():  # loading without a process group is meant: resuming on one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path / SHARDS)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def _load_full_into_sharded(path: Path, model, optimizer, meta: dict) -> None:
+    """safetensors checkpoint into a sharded model: each rank reads the full tensors and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = load_file(str(path / "model.safetensors"))
+    if model.config.tie_word_embeddings:  # save_model wrote the shared tensor under one of its two names
+        embed, head = "model.embed_tokens.weight", "lm_head.weight"
+        weights.setdefault(embed, weights.get(head))
+        weights.setdefault(head, weights[embed])
+    if set(weights) != set(model.state_dict()):
+        raise CheckpointError(f"{path} does not match this model: {sorted(set(weights) ^ set(model.state_dict()))}")
+    # Optimizer state is saved by position in the parameter list, which follows named_parameters().
+    names = [name for name, _ in model.named_parameters()]
+    flat = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
+    optim_sd = {
+        "state": {names[idx]: entry for idx, entry in flat["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in flat["param_groups"]],
+    }
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+    if not optim_sd["state"]:  # saved before the first step
+        _zero_optimizer_state(optimizer)
+
+
 def load_training_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model and optimizer in place from a checkpoint folder; returns its state.json."""
+    """Restore model and optimizer in place from a checkpoint folder; returns its state.json.
+
+    Collective when the checkpoint or the model is sharded: every rank of the run calls it.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's failures are BaseExceptions
+
     try:
         state = json.loads((path / "state.json").read_text())
+        if (path / SHARDS).is_dir():
+            _load_sharded(path, model, optimizer)
+            return state
+        if _is_sharded(model):
+            _load_full_into_sharded(path, model, optimizer, state.pop("optimizer"))
+            return state
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise CheckpointError(f"{path} does not match this model (missing {missing}, unexpected {unexpected})")
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, json.JSONDecodeError, SafetensorError,
+            CheckpointException) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or does not match: {e}") from None
     return state

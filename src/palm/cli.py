@@ -103,7 +103,7 @@ def train_command(
     hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile")] = None,
-    parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp under torchrun.")] = None,
+    parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp / fsdp under torchrun.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
@@ -116,9 +116,10 @@ def train_command(
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
     if resume is not None:
         cfg = load_run_config(resume)
-        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "compile"}
+        # The layout may change: checkpoints of either kind load at any world size.
+        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "compile", "parallel"}
         if unchangeable:
-            raise TrainingError(f"--resume continues a run as it was; only --max-steps and the intervals may change, not {', '.join(sorted(unchangeable))}")
+            raise TrainingError(f"--resume continues a run as it was; only --max-steps, --parallel and the intervals may change, not {', '.join(sorted(unchangeable))}")
         cfg = TrainConfig(**{**dataclasses.asdict(cfg), **given, "out": str(resume)})
     else:
         settings = {**(_read_config_file(config) if config else {}), **given}
@@ -244,6 +245,81 @@ def generate_command(
         sys.stdout.write("\n")
         rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
         print(f"[{stats['tokens']} tokens, {rate:.1f} tokens/s, {stats['finish_reason']}]", file=sys.stderr)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
+    corpus: Annotated[
+        Optional[list[str]],
+        typer.Option("--corpus", help="Perplexity and bits/byte on the held-out split of these corpora (a mixture spec)."),
+    ] = None,
+    tasks: Annotated[
+        Optional[list[str]], typer.Option("--tasks", help="Task files (.jsonl or .yaml); comma-separated or repeated.")
+    ] = None,
+    harness: Annotated[
+        Optional[list[str]], typer.Option("--harness", help="lm-evaluation-harness task names; comma-separated or repeated.")
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]], typer.Option("--include-path", help="Folder of lm-eval task YAMLs; repeatable.")
+    ] = None,
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Examples shown before each question (tasks: 0 by default; harness: each task's own).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Chooses the few-shot examples.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N examples of each task.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Window length (default: the run's training length, else the context).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --seq-len).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Held-out tokens scored per corpus, at most.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Held-out share (default: the run's, else 0.05).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Token shards (default: the run's cache).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the results as JSON here.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+) -> None:
+    """Measure a model: bits/byte on held-out text, few-shot tasks, lm-evaluation-harness tasks."""
+    from .evaluate import EvaluationError
+
+    if not (corpus or tasks or harness):
+        raise EvaluationError("give --corpus, --tasks or --harness (or several)")
+    if include_path and not harness:
+        raise EvaluationError("--include-path only applies to --harness tasks")
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size must be positive, not {batch_size}")
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise EvaluationError(f"--threads must be positive, not {threads}")
+        torch.set_num_threads(threads)
+    from . import evaluate as ev
+
+    report: dict = {"model": str(model)}
+    loaded = None
+    task_list = ev.load_tasks(tasks) if tasks else []  # a bad task file fails before the model loads
+    if corpus or tasks:
+        loaded = ev.load_model(model)
+    if corpus:
+        cfg = ev.CorpusEvalConfig(corpus=corpus, seq_len=seq_len, stride=stride, val_fraction=val_fraction,
+                                  cache_dir=str(cache_dir) if cache_dir else None, max_tokens=max_tokens,
+                                  batch_size=batch_size)
+        scores = ev.evaluate_corpora(*loaded, cfg, model_dir=model, progress=sys.stderr.isatty())
+        typer.echo(ev.corpus_table(scores))
+        report["corpora"] = [s.to_dict() for s in scores]
+    if task_list:
+        results = [ev.evaluate_task(*loaded, t, shots=shots or 0, seed=seed, limit=limit, batch_size=batch_size)
+                   for t in task_list]
+        typer.echo(ev.task_table(results))
+        report["tasks"] = results
+    if harness:
+        from lm_eval.utils import make_table
+
+        results = ev.run_harness(model, ev.HarnessConfig(
+            tasks=harness, include_path=[str(p) for p in include_path or []], shots=shots, limit=limit,
+            batch_size=batch_size, seed=seed))
+        typer.echo(make_table(results))
+        report["harness"] = {k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results}
+    if out is not None:
+        ev.write_json(out, report)
+        typer.echo(f"wrote {out}")
 
 
 @app.command("serve")

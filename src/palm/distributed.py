@@ -54,7 +54,11 @@ class World:
 
 
 def setup(mode: str) -> World:
-    """Join the process group torchrun describes in the environment (or stay single-process)."""
+    """Join the process group torchrun describes in the environment (or stay single-process).
+
+    FSDP without torchrun runs as a group of one, so that a sharded run can be continued (or
+    started) in a plain `palm train` process with the same code path and checkpoint format.
+    """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode must be one of {', '.join(PARALLEL_MODES)}")
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,27 +70,55 @@ def setup(mode: str) -> World:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # not under torchrun: an in-process store, no port to pick or collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), mode)
 
 
-def wrap(model: torch.nn.Module, world: World, bf16: bool) -> torch.nn.Module:
-    """The module the train step calls: the model itself, a DDP wrapper, or the model sharded in place."""
+def shard(model: torch.nn.Module, world: World, bf16: bool) -> torch.nn.Module:
+    """With FSDP, shard `model` in place (FSDP2 `fully_shard`); otherwise return it untouched.
+
+    This must happen before the optimizer is built: fully_shard swaps every parameter for a
+    DTensor holding this rank's shard, and the optimizer has to step those.
+    """
+    if world.mode != "fsdp":
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute only where bf16 matmuls are fast; gradients are reduced and kept in fp32 either way.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    # The tied embedding / lm head live in the root group, so the one tensor is sharded (and
+    # gathered for the head) once.
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The module the train step calls: a DDP wrapper, else the model itself (FSDP shards in place)."""
     if world.mode == "ddp" and world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=ids)
-    if world.mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kwargs = {"mp_policy": policy} if policy else {}
-        for block in model.model.layers:
-            fully_shard(block, **kwargs)
-        # The tied embedding / lm head live in the root group, so the one tensor is sharded once.
-        fully_shard(model, **kwargs)
     return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def broadcast(value, src: int = 0):
+    """Rank `src`'s picklable `value` on every rank (itself in one process)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def share_failure(error: Exception | None) -> Exception | None:

@@ -17,11 +17,14 @@ import torch
 from .errors import CheckpointError, GenerationInputError
 from .flops import fast_bf16
 from .model import PalmForCausalLM
-from .tokenizer import PalmTokenizer
+from .tokenizer import BYTE_TOKENS, SPECIAL_TOKENS, PalmTokenizer
 
 
 # A request that cannot be served: empty or over-long prompt, bad sampling values.
 GenerationError = GenerationInputError
+
+
+BYTE_IDS = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(BYTE_TOKENS))  # the <0xXX> pieces
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Generator:
             if stopped:
                 finish = "stop"
                 break
-            safe = self._printable(text, cfg.stop)
+            safe = min(self._printable(text, cfg.stop), self._settled(ids))
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -226,6 +229,15 @@ class Generator:
             yield text[emitted:]
         if stats is not None:
             stats.update(tokens=len(ids), seconds=time.perf_counter() - start, finish_reason=finish)
+
+    def _settled(self, ids: list[int]) -> int:
+        """Length of the text that later tokens can no longer change: all but the trailing run of byte
+        tokens. A run decodes as one UTF-8 sequence, or as one U+FFFD per byte where it is invalid, so
+        a byte already shown as "j" may become U+FFFD once the next byte joins its run."""
+        end = len(ids)
+        while end and ids[end - 1] in BYTE_IDS:
+            end -= 1
+        return len(self.tokenizer.decode(ids[:end]))
 
     @staticmethod
     def _printable(text: str, stops: list[str]) -> int:

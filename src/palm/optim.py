@@ -78,6 +78,8 @@ def palm_beta2(step: int, decay_rate: float = 0.8) -> float:
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
+    # For an FSDP parameter (a DTensor shard) this is the RMS of the whole tensor: DTensor reduces over
+    # all shards, uneven ones included, so a sharded step equals the unsharded one (tests/test_distributed.py).
     return x.square().mean().sqrt()
 
 

@@ -31,14 +31,19 @@ PRETOKENIZE = r" ?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
 CHARACTER_COVERAGE = 0.9995  # SentencePiece's default: rarer characters fall back to bytes
 
 
-def _alphabet_size(char_counts: Counter, coverage: float) -> int:
-    """How many of the commonest characters it takes to cover `coverage` of all characters."""
-    total, covered = sum(char_counts.values()), 0
-    for n, (_, count) in enumerate(char_counts.most_common(), 1):
+def _alphabet(char_counts: Counter, coverage: float, limit: int) -> list[str]:
+    """The commonest characters that together cover `coverage` of all characters (at most `limit`).
+
+    Ties are broken by code point: left to `tokenizers`, characters of equal count at the cut-off
+    are chosen in hash order, and the same corpus would give a different vocabulary on every run.
+    """
+    total, covered, chosen = sum(char_counts.values()), 0, []
+    for char, count in sorted(char_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]:
+        chosen.append(char)
         covered += count
         if covered >= coverage * total:
-            return n
-    return len(char_counts)
+            break
+    return chosen
 
 
 def _with_byte_pieces(tok: Tokenizer) -> Tokenizer:
@@ -71,13 +76,15 @@ def train_tokenizer(
     for doc in documents():
         chars.update(doc)
     budget = vocab_size - len(BYTE_TOKENS)
+    alphabet = _alphabet(chars, CHARACTER_COVERAGE, budget // 2)
     tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(
         vocab_size=budget,
         special_tokens=list(SPECIAL_TOKENS),
-        limit_alphabet=min(_alphabet_size(chars, CHARACTER_COVERAGE), budget // 2),
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         show_progress=sys.stderr.isatty(),  # a large corpus takes a while; logs and pipes stay clean
     )
     tok.train_from_iterator(documents(), trainer)

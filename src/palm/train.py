@@ -1,9 +1,10 @@
 """Pretraining with the PaLM recipe (paper section 5).
 
 The batch at step k is a pure function of (seed, k + skipped batches), every piece of state lives
-in a checkpoint (weights and optimizer in safetensors, the rest in JSON), and a loss spike rewinds
-to the last checkpoint and skips ahead in the data, as was done for PaLM 540B. Resuming from any
-checkpoint therefore continues bitwise identically to a run that was never stopped.
+in a checkpoint (weights and optimizer in safetensors, or in DCP shards under FSDP; the rest in
+JSON), and a loss spike rewinds to the last checkpoint and skips ahead in the data, as was done for
+PaLM 540B. Resuming from any checkpoint therefore continues bitwise identically to a run that was
+never stopped (on another number of processes: to float rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_directory, list_checkpoints, load_training_checkpoint, save_training_checkpoint
+from .checkpoint import (
+    atomic_directory,
+    list_checkpoints,
+    load_training_checkpoint,
+    save_sharded_checkpoint,
+    save_training_checkpoint,
+)
 from .config import PalmConfig
 from .corpora import parse_corpus_spec, part_documents
 from .data import TokenData, get_batch, prepare_data, token_byte_lengths, unigram_bits_per_byte, val_windows
@@ -75,7 +82,7 @@ class TrainConfig:
     cache_dir: str | None = None  # token shards; None: RUN/../.palm-cache
     threads: int | None = None
     progress: bool = True
-    parallel: str = "none"  # ddp under torchrun; fsdp is planned (see README)
+    parallel: str = "none"  # ddp or fsdp under torchrun (fsdp also runs as a group of one without it)
 
     def validate(self) -> None:
         checks = [
@@ -89,7 +96,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (0 < self.val_fraction < 0.5, "--val-fraction must be between 0 and 0.5"),
             (self.lr is None or self.lr > 0, "--lr must be positive"),
-            (self.parallel in ("none", "ddp"), "--parallel must be none or ddp"),
+            (self.parallel in distributed.PARALLEL_MODES, "--parallel must be none, ddp or fsdp"),
         ]
         for ok, message in checks:
             if not ok:
@@ -245,8 +252,10 @@ def open_run(cfg: TrainConfig, resume: bool) -> Run:
     )
     torch.manual_seed(cfg.seed)
     model = PalmForCausalLM(config).to(device).train()
+    dtype = pick_dtype(cfg, device)
+    model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
     optimizer = build_optimizer(cfg.optimizer, model.named_parameters(), lr=cfg.peak_lr)
-    run = Run(cfg, path, tok, data, model, optimizer, device, pick_dtype(cfg, device), world=world)
+    run = Run(cfg, path, tok, data, model, optimizer, device, dtype, world=world)
     checkpoints = list_checkpoints(path)
     world.barrier()  # every rank has looked before rank 0 may write the first checkpoint
     if resume and checkpoints:
@@ -257,8 +266,10 @@ def open_run(cfg: TrainConfig, resume: bool) -> Run:
 
 
 def _save(run: Run, step: int) -> None:
-    """Checkpoint `step`: DDP replicas are identical, so rank 0 writes for all."""
-    if run.world.is_main:
+    """Checkpoint `step`: with FSDP every rank writes its shards; DDP replicas are identical, so rank 0 writes for all."""
+    if run.world.mode == "fsdp":
+        save_sharded_checkpoint(run.path, step, run.model, run.optimizer, run.state(), run.cfg.keep_checkpoints)
+    elif run.world.is_main:
         save_training_checkpoint(run.path, step, run.model, run.optimizer, run.state(), run.cfg.keep_checkpoints)
     run.world.barrier()
 
@@ -323,8 +334,7 @@ def unigram_baselines(run: Run) -> dict[str, float]:
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None) -> Run:
     """Train to cfg.max_steps (continuing a run when `resume`) and export RUN/final."""
     run = run_loop(open_run(cfg, resume), on_step)
-    if run.world.is_main:
-        export_final(run)
+    export_final(run)  # collective under FSDP; rank 0 writes
     run.world.barrier()
     return run
 
@@ -335,7 +345,7 @@ def run_loop(run: Run, on_step: Callable[[Run, dict], None] | None = None) -> Ru
     main = run.world.is_main
     if main:
         _truncate_metrics(run.path, run.step)
-    step_model = distributed.wrap(run.model, run.world, bf16=run.dtype == torch.bfloat16)
+    step_model = distributed.wrap(run.model, run.world)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     fpt = flops_per_token(run.model.config, cfg.seq_len)
     peak = measure_matmul_peak(run.dtype, run.device) * run.world.size
@@ -355,7 +365,8 @@ def run_loop(run: Run, on_step: Callable[[Run, dict], None] | None = None) -> Ru
                 _rewind(run, step, loss, log)
                 bar.n = run.step
                 continue
-            norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item()
+            # With FSDP the grads are DTensor shards and the norm is reduced over all of them.
+            norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)).item()
             run.optimizer.step()
             run.step = step
             run.tokens += n_tokens
@@ -374,7 +385,8 @@ def run_loop(run: Run, on_step: Callable[[Run, dict], None] | None = None) -> Ru
                 "mfu": mfu(n_tokens / elapsed, fpt, peak),
                 "mfu_datasheet": mfu(n_tokens / elapsed, fpt, sheet),
             }
-            if main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            sharded = run.world.mode == "fsdp"  # a sharded forward needs every rank; rank 0 still logs alone
+            if (main or sharded) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record.update(run.eval_fn(run))
             if main:
                 log.write(json.dumps(record) + "\n")
@@ -452,11 +464,25 @@ def _rewind(run: Run, step: int, loss: float, log) -> None:
 
 
 def export_final(run: Run) -> Path:
-    """RUN/final: a Transformers directory (weights, config with auto_map, code, tokenizer)."""
+    """RUN/final: a Transformers directory (weights, config with auto_map, code, tokenizer), written by rank 0.
+
+    Collective with FSDP: the shards are gathered into one full state dict on rank 0's CPU first.
+    """
     out = run.path / "final"
-    run.model.config.use_cache = True
-    with atomic_directory(out, overwrite=True) as tmp:
-        run.model.save_pretrained(str(tmp))
-        run.tokenizer.save(tmp)
-    run.model.config.use_cache = False
+    model = run.model
+    if run.world.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if run.world.is_main:
+            with torch.device("meta"):
+                model = PalmForCausalLM(run.model.config)
+            model.load_state_dict(full, assign=True)
+            model.tie_weights()
+    if run.world.is_main:
+        model.config.use_cache = True
+        with atomic_directory(out, overwrite=True) as tmp:
+            model.save_pretrained(str(tmp))
+            run.tokenizer.save(tmp)
+        model.config.use_cache = False
     return out
