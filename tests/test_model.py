@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -224,3 +225,30 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         model(ids, labels=ids).loss.backward()
         grads.append(model.model.layers[0].in_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_dropout_acts_in_training_only_and_old_configs_load(tokenizer, tmp_path):
+    ids = torch.tensor([tokenizer.encode("我喜欢编程，因为 it is fun 123")])
+    plain = lively_model(tiny_config(tokenizer))
+    dropped = lively_model(tiny_config(tokenizer, dropout=0.1, attention_dropout=0.1))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(ids).logits, plain(ids).logits, rtol=0, atol=0)  # eval: no dropout
+        dropped.train()
+        plain.train()
+        torch.manual_seed(0)
+        a = dropped(ids, use_cache=False).logits
+        torch.manual_seed(0)
+        b = dropped(ids, use_cache=False).logits
+        torch.manual_seed(1)
+        c = dropped(ids, use_cache=False).logits
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        assert torch.equal(plain(ids, use_cache=False).logits, plain.eval()(ids, use_cache=False).logits)
+    # A config.json written before the dropout fields existed loads with dropout off.
+    plain.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dropout"), config.pop("attention_dropout")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert loaded.config.dropout == 0.0 and loaded.config.attention_dropout == 0.0
+    with pytest.raises(ValueError):
+        PalmConfig(dropout=1.0)

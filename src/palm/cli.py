@@ -141,6 +141,58 @@ def train_command(
         typer.echo(f"trained {steps} steps; model in {where / 'final'}, metrics in {where / 'metrics.jsonl'}")
 
 
+@app.command("finetune")
+def finetune_command(
+    model: Annotated[Optional[Path], typer.Option("--model", help="The model directory to start from.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}.')] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; the model lands in RUN/final.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Prompt template: summarize, qa or translate.")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default 500).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over --data instead of --steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="0.1 as in the paper.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Evaluations without a better validation loss before stopping.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Longest row in tokens.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="palm (Adafactor) or adamw.")] = None,
+    hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
+) -> None:
+    """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
+    given = {k: v for k, v in locals().items() if v is not None and k != "resume"}
+    from .finetune import FinetuneConfig, finetune, load_finetune_config
+    from .train import TrainingError
+
+    rename = {"model": "base_model", "steps": "max_steps"}
+    given = {rename.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    if resume is not None:
+        cfg = load_finetune_config(resume)
+        unchangeable = set(given) - {"max_steps", "checkpoint_every", "eval_every", "threads"}
+        if unchangeable:
+            flags = {v: k for k, v in rename.items()}
+            named = ", ".join(sorted("--" + flags.get(k, k).replace("_", "-") for k in unchangeable))
+            raise TrainingError(f"--resume continues a run as it was; only --steps and the intervals may change, not {named}")
+        if "max_steps" in given:
+            given["epochs"] = None  # an explicit step count replaces the epochs the run was started with
+        cfg = dataclasses.replace(cfg, **given, out=str(resume))
+    else:
+        if not {"base_model", "data", "out"} <= set(given):
+            raise TrainingError("--model, --data and --out are required (or --resume RUN)")
+        if "max_steps" in given and "epochs" in given:
+            raise TrainingError("give --steps or --epochs, not both")
+        cfg = FinetuneConfig(**given)
+    run = finetune(cfg, resume=resume is not None)
+    best = run.extra.get("best_val_loss")
+    note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""
+    stopped = " (stopped early)" if run.stop else ""
+    typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.path / 'final'}")
+
+
 @app.command("plot")
 def plot_command(
     run: Annotated[Path, typer.Argument(help="Run folder.")],

@@ -44,6 +44,9 @@ class PalmConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
     z_loss_coef: float = 1e-4  # PaLM's auxiliary 1e-4 * log(Z)^2; 0 turns it off
+    # PaLM pretrains without dropout and fine-tunes with 0.1 (section 5 and 6); these act in training only.
+    dropout: float = 0.0  # on each block's attention + MLP output, before the residual add
+    attention_dropout: float = 0.0  # on the attention probabilities
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
@@ -63,6 +66,9 @@ class PalmConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         super().__post_init__(**kwargs)

@@ -102,6 +102,7 @@ class PalmBlock(GradientCheckpointingLayer):
         self.in_proj = nn.Linear(d, sum(self.split), bias=False)
         self.attn_out = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.mlp_out = nn.Linear(f, d, bias=False)
+        self.dropout, self.attention_dropout = config.dropout, config.attention_dropout
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache=None):
         B, T, _ = x.shape
@@ -116,10 +117,12 @@ class PalmBlock(GradientCheckpointingLayer):
         attn_mask, is_causal = mask(k.shape[-2])
         # enable_gqa lets SDPA broadcast the shared K/V head instead of copying it n_heads times.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
+            dropout_p=self.attention_dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return x + self.attn_out(y) + self.mlp_out(F.silu(gate) * up)
+        # One dropout on the sum of the two parallel branches (both are residual updates); a no-op at p=0 or in eval.
+        return x + F.dropout(self.attn_out(y) + self.mlp_out(F.silu(gate) * up), self.dropout, self.training)
 
 
 def lm_loss(

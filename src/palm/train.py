@@ -35,7 +35,7 @@ from .corpora import parse_corpus_spec, part_documents
 from .data import TokenData, get_batch, prepare_data, token_byte_lengths, unigram_bits_per_byte, val_windows
 from .errors import CheckpointError, PalmError
 from .flops import datasheet_peak, fast_bf16, flops_per_token, measure_matmul_peak, mfu
-from .model import PalmForCausalLM, lm_loss
+from .model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 from .optim import OPTIMIZERS, build_optimizer, lr_at
 from .tokenizer import PalmTokenizer, train_tokenizer
 
@@ -154,9 +154,20 @@ class Run:
     rewinds: int = 0
     tokens: int = 0
     world: distributed.World = field(default_factory=distributed.World)
+    # What differs between pretraining and fine-tuning (palm.finetune): where batches come from and how a
+    # run is judged. The loop, checkpoints, exact resume, spike rewinds and metrics are shared.
+    batch_fn: Callable[[Run, int, int, range], tuple[torch.Tensor, torch.Tensor]] | None = None  # default: corpus_batch
+    eval_fn: Callable[[Run], dict] | None = None  # default: evaluate
+    extra: dict = field(default_factory=dict)  # the hooks' own state (e.g. early stopping); saved in checkpoints
+    stop: bool = False  # set by eval_fn to end the run early (saved too, so a resumed run stays stopped)
+
+    def __post_init__(self):
+        self.batch_fn = self.batch_fn or corpus_batch
+        self.eval_fn = self.eval_fn or evaluate
 
     def state(self) -> dict:
-        return {"skipped": self.skipped, "recent": self.recent, "rewinds": self.rewinds, "tokens": self.tokens}
+        return {"skipped": self.skipped, "recent": self.recent, "rewinds": self.rewinds, "tokens": self.tokens,
+                "extra": self.extra, "stop": self.stop}
 
 
 def load_run_config(path: Path) -> TrainConfig:
@@ -267,6 +278,7 @@ def restore(run: Run, checkpoint: Path) -> None:
     state = load_training_checkpoint(checkpoint, run.model, run.optimizer)
     run.step, run.skipped, run.recent = state["step"], state["skipped"], list(state["recent"])
     run.rewinds, run.tokens = state["rewinds"], state["tokens"]
+    run.extra, run.stop = state.get("extra", {}), state.get("stop", False)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -283,7 +295,11 @@ def _is_spike(run: Run, loss: float) -> bool:
     if not math.isfinite(loss):
         return True
     window = run.recent[-run.cfg.spike_window :]
-    return len(window) >= run.cfg.spike_window and loss > run.cfg.spike_factor * statistics.median(window)
+    return (
+        run.cfg.spike_factor > 0  # 0 turns the ratio test off (fine-tuning losses legitimately vary that much)
+        and len(window) >= run.cfg.spike_window
+        and loss > run.cfg.spike_factor * statistics.median(window)
+    )
 
 
 def evaluate(run: Run) -> dict:
@@ -317,7 +333,15 @@ def unigram_baselines(run: Run) -> dict[str, float]:
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None) -> Run:
     """Train to cfg.max_steps (continuing a run when `resume`) and export RUN/final."""
-    run = open_run(cfg, resume)
+    run = run_loop(open_run(cfg, resume), on_step)
+    export_final(run)  # collective under FSDP; rank 0 writes
+    run.world.barrier()
+    return run
+
+
+def run_loop(run: Run, on_step: Callable[[Run, dict], None] | None = None) -> Run:
+    """Step `run` to cfg.max_steps (or until eval_fn sets run.stop), logging and checkpointing as it goes."""
+    cfg = run.cfg
     main = run.world.is_main
     if main:
         _truncate_metrics(run.path, run.step)
@@ -330,13 +354,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
     log = (run.path / METRICS).open("a") if main else None  # metrics and progress come from rank 0 only
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (main and _show_progress(cfg)), desc="train", unit="step")
     try:
-        while run.step < cfg.max_steps:
+        while run.step < cfg.max_steps and not run.stop:
             step = run.step + 1
             for group in run.optimizer.param_groups:
                 group["lr"] = lr_for(cfg, step)
             start = time.perf_counter()
             run.model.zero_grad(set_to_none=True)
-            sums = _forward_backward(run, step_model, step)
+            sums, n_tokens = _forward_backward(run, step_model, step)
             # Clipped before the spike check (a spike's gradients are thrown away anyway), so that the
             # losses and the norm come back to the host together: one sync per step. With FSDP the grads
             # are DTensor shards and the norm is reduced over all of them.
@@ -349,7 +373,6 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
                 continue
             run.optimizer.step()
             run.step = step
-            n_tokens = cfg.batch_at(step) * cfg.seq_len
             run.tokens += n_tokens
             run.recent = (run.recent + [loss])[-cfg.spike_window :]
             elapsed = time.perf_counter() - start
@@ -368,11 +391,11 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
             }
             sharded = run.world.mode == "fsdp"  # a sharded forward needs every rank; rank 0 still logs alone
             if (main or sharded) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                record.update(evaluate(run))
+                record.update(run.eval_fn(run))
             if main:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or run.stop:
                 _save(run, step)
             bar.update(1)
             bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
@@ -382,14 +405,18 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict],
         bar.close()
         if log:
             log.close()
-    export_final(run)
-    run.world.barrier()
     return run
 
 
-def _forward_backward(run: Run, model, step: int) -> torch.Tensor:
-    """[loss, ce, z] of this rank's rows of the batch for `step` (a tensor, not yet read back), with
-    gradients accumulated over micro-batches.
+def corpus_batch(run: Run, index: int, batch_size: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pretraining's batch number `index`: (inputs, targets) of rows `rows` of a global batch of `batch_size`."""
+    batch = get_batch(run.data, index, run.cfg.seed, batch_size, rows=rows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def _forward_backward(run: Run, model, step: int) -> tuple[torch.Tensor, int]:
+    """([loss, ce, z] of this rank's rows of the batch for `step`, a tensor not yet read back; the
+    tokens of the whole batch), with gradients accumulated over micro-batches.
 
     Gradients are computed even for a spike (it is detected from the summed loss); the caller
     throws them away by rewinding.
@@ -397,8 +424,17 @@ def _forward_backward(run: Run, model, step: int) -> torch.Tensor:
     cfg = run.cfg
     batch_index = step + run.skipped
     rows = run.world.rows(cfg.batch_at(step))
-    batch = get_batch(run.data, batch_index, cfg.seed, cfg.batch_at(step), rows=rows).to(run.device)
-    x, y = batch[:, :-1], batch[:, 1:]
+    x, y = run.batch_fn(run, batch_index, cfg.batch_at(step), rows)
+    # Dropout masks, like the batch, are a pure function of (seed, batch, rank), so a resumed run draws the same.
+    torch.manual_seed((cfg.seed * 1_000_003 + batch_index) * 1024 + run.world.rank)
+    # The loss is a mean over the targets that count: all of them in pretraining, the completions in fine-tuning.
+    scored = (y != IGNORE_INDEX).any(0)
+    n_items = max(1, int((y != IGNORE_INDEX).sum()))
+    # Logits only from the first position with a target on: all of them in pretraining; in fine-tuning the
+    # prompts' positions are skipped, and with them most of the vocabulary matmul.
+    keep = y.shape[1] - int(scored.int().argmax()) if bool(scored.any()) else y.shape[1]
+    y = y[:, -keep:]
+    x, y = x.to(run.device), y.to(run.device)  # after the counting above, which stays on the host
     micro = cfg.micro_batch_size or x.shape[0]
     scale = 1000.0 if batch_index in cfg.poison_batches else 1.0
     sums = torch.zeros(3, device=run.device)  # loss, ce, z: read back once per step, not per micro-batch
@@ -406,13 +442,13 @@ def _forward_backward(run: Run, model, step: int) -> torch.Tensor:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.dtype == torch.bfloat16):
             # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
             out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
-                        num_items_in_batch=y.numel(), use_cache=False)
+                        logits_to_keep=keep, num_items_in_batch=n_items, use_cache=False)
         loss = out.loss * scale
         loss.backward()
         sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss])
     # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
     # equal rows per rank the mean over ranks equals the single-process values on the whole batch.
-    return sums
+    return sums, x.numel() * run.world.size
 
 
 def _rewind(run: Run, step: int, loss: float, log) -> None:
