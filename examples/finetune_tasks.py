@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import shlex
 import shutil
@@ -20,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from palm.finetune import TEMPLATES
-from palm.generate import Generator, SamplingConfig
+from palm.evaluate import evaluate_task, load_model, load_task
 from palm.synthetic import arithmetic_task, number_task, write_task
 
 # name -> (how to build it, --task template, fine-tuning flags). Tuned on this CPU for a few minutes each.
@@ -34,22 +32,11 @@ TASKS = {
 }
 
 
-def exact_match(model_dir: str | Path, rows: list[dict], template: str, fewshot: list[dict] = (), shots: int = 0,
-                seed: int = 0, max_new_tokens: int = 24, batch: int = 50) -> tuple[float, list[str]]:
-    """Share of `rows` whose greedy completion (to the first newline) equals the answer, and the completions.
-
-    k-shot prompts put `shots` examples drawn from `fewshot` (per row, from `seed`) before the question,
-    each formatted with the same template and followed by its answer and a blank line.
-    """
-    gen = Generator.load(model_dir)
-    rng = random.Random(seed)
-    prompts = []
-    for row in rows:
-        context = "".join(template.format(prompt=s["prompt"]) + s["answer"] + "\n\n" for s in rng.sample(list(fewshot), shots))
-        prompts.append(context + template.format(prompt=row["prompt"]))
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-    outputs = [c.text.strip() for i in range(0, len(prompts), batch) for c in gen.generate(prompts[i : i + batch], cfg)]
-    return sum(o == r["answer"] for o, r in zip(outputs, rows)) / len(rows), outputs
+def exact_match(model_dir: str | Path, task_file: Path, shots: int = 0, seed: int = 0) -> tuple[float, list[str]]:
+    """Greedy exact match of a model on a task file (what `palm eval --tasks` reports), and its completions."""
+    model, tokenizer = load_model(model_dir)
+    result = evaluate_task(model, tokenizer, load_task(task_file), shots, seed, batch_size=50)
+    return result["metrics"]["exact_match"], [r["prediction"].strip() for r in result["samples"]]
 
 
 def main() -> None:
@@ -71,8 +58,7 @@ def main() -> None:
         flags = shlex.split(args.flags) if args.flags is not None else flags
         split = build(seed=args.seed)
         paths = write_task(split, out / "data", name, template_name)
-        template = TEMPLATES[template_name]
-        before, _ = exact_match(args.model, split.test, template, split.fewshot, args.shots, args.seed)
+        before, _ = exact_match(args.model, paths["yaml"], args.shots, args.seed)
         print(f"{name}: {args.shots}-shot exact match before fine-tuning {before:.1%}", flush=True)
         run = out / name
         if run.exists():
@@ -86,8 +72,8 @@ def main() -> None:
         used = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time says what the run costs; wall time also says how busy the machine was.
         cpu_minutes = (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime) / 60
-        after, outputs = exact_match(run / "final", split.test, template)
-        after_shots, _ = exact_match(run / "final", split.test, template, split.fewshot, args.shots, args.seed)
+        after, outputs = exact_match(run / "final", paths["yaml"])
+        after_shots, _ = exact_match(run / "final", paths["yaml"], args.shots, args.seed)
         wrong = [(r["prompt"], r["answer"], o) for r, o in zip(split.test, outputs) if o != r["answer"]]
         results[name] = dict(train_rows=len(split.train), test_rows=len(split.test), before_fewshot=before,
                              after=after, after_fewshot=after_shots, minutes=minutes, cpu_minutes=cpu_minutes, command=shlex.join(command),
