@@ -23,12 +23,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from .errors import CorpusError
+from .errors import CorpusError, PalmError
 
 if TYPE_CHECKING:
     import torch
@@ -75,16 +75,32 @@ def read_text(path: Path) -> str:
         raise BinaryFileError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+def jsonl_rows(path: Path, error: type[PalmError] = CorpusError, what: str = "file") -> Iterator[tuple[str, Any]]:
+    """(place, value) for every non-blank line of a JSONL file, the place ("PATH:LINE") for messages.
+
+    A file that is missing or not UTF-8 text, or a line that is not JSON, raises `error`.
+    """
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        text = read_text(path)
+    except BinaryFileError as e:
+        raise error(f"{what} {e}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            raise error(f"{where}: not valid JSON ({e.msg})") from None
+        yield where, value
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for where, record in jsonl_rows(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise CorpusError(f'{path}:{lineno}: expected an object with a string "text" field')
+            raise CorpusError(f'{where}: expected an object with a string "text" field')
         yield record["text"]
 
 

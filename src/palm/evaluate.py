@@ -315,23 +315,10 @@ def _example(where: str, row: Any, kind: str) -> Example:
 
 def read_examples(path: Path, kind: str | None = None) -> tuple[str, tuple[Example, ...]]:
     """(kind, examples) of a JSONL task file; the kind, unless given, follows from the first row."""
-    from .data import read_text
+    from .data import jsonl_rows
 
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist")
-    try:
-        text = read_text(path)
-    except PalmError as e:
-        raise TaskError(str(e)) from None
     examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_rows(path, TaskError, "task file"):
         if kind is None:
             kind = "multiple_choice" if isinstance(row, dict) and "choices" in row else "generate"
         examples.append(_example(where, row, kind))

@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint import atomic_directory, list_checkpoints
 from .config import PalmConfig
+from .data import jsonl_rows
 from .errors import CheckpointError, PalmError
 from .model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 from .optim import build_optimizer
@@ -99,22 +100,8 @@ class FinetuneConfig(TrainConfig):
 
 def read_rows(path: str | Path) -> list[dict]:
     """`{"prompt": str, "completion": str}` rows of a JSONL file; DataError names the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"data file {path} is not UTF-8 text") from None
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not JSON ({e.msg})") from None
+    for where, row in jsonl_rows(Path(path), DataError, "data file"):
         if not isinstance(row, dict):
             raise DataError(f"{where} is not a JSON object with prompt and completion")
         for key in ("prompt", "completion"):
