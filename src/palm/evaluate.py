@@ -633,10 +633,8 @@ class HarnessConfig:
 def run_harness(model_dir: str | Path, cfg: HarnessConfig) -> dict[str, Any]:
     """lm-evaluation-harness's `hf` model on a palm directory, in this process; lm-eval's results dict.
 
-    palm is imported here, so the Auto classes know the model type without `trust_remote_code`.
+    Importing this module imported palm, so the Auto classes know the model type without `trust_remote_code`.
     """
-    import palm  # noqa: F401 - registers the model type with the Auto classes
-
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
