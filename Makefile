@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup test demo bench-setup bench clean
+.PHONY: setup hf-tests test test-bf16 test-fp32 gpu-check demo bench-setup bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) hf-tests
 
 # torch first, pinned: it is the CPU wheel on local disk; letting pip choose pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -17,8 +17,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# Transformers' common model tests (ModelTesterMixin, ConfigTester) ship in its sdist, not its wheel:
+# tests/test_transformers_common.py runs them on palm from $(HF_TESTS)/VERSION, fetched for the
+# installed version (a few seconds) and again only when that version changes. An empty __init__.py
+# makes the folder the package that their relative imports expect.
+HF_TESTS := $(VENV)/transformers-tests
+hf-tests: $(STAMP)
+	@v=$$($(BIN)/python -c 'from importlib.metadata import version; print(version("transformers"))'); \
+	test -f $(HF_TESTS)/$$v/__init__.py || { \
+	  echo "fetching the tests of transformers $$v into $(HF_TESTS)/$$v" && rm -rf $(HF_TESTS) && \
+	  $(BIN)/pip download -q --no-deps --no-binary :all: transformers==$$v -d $(HF_TESTS) && \
+	  mkdir $(HF_TESTS)/$$v.part && tar -xzf $(HF_TESTS)/transformers-$$v.tar.gz -C $(HF_TESTS)/$$v.part \
+	    --strip-components=2 --wildcards 'transformers-*/tests/*.py' && \
+	  touch $(HF_TESTS)/$$v.part/__init__.py && mv $(HF_TESTS)/$$v.part $(HF_TESTS)/$$v && \
+	  rm $(HF_TESTS)/transformers-$$v.tar.gz; }
+
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The suite with the bf16 capability check forced either way, so both precision paths run on any processor.
+test-bf16: setup
+	PALM_FAST_BF16=1 $(BIN)/python -m pytest -q
+test-fp32: setup
+	PALM_FAST_BF16=0 $(BIN)/python -m pytest -q
+
+# Every GPU check in one run (CUDA tests, bf16 training and decode benchmarks); it refuses to run without a GPU.
+gpu-check:
+	bench/gpu_check.sh
 
 # Trains a tokenizer and a small bilingual PaLM (about 8 minutes on 2 cores), then shows generations,
 # validation bits per byte against a unigram baseline, and where the model, metrics and plot are.

@@ -21,7 +21,7 @@ import time
 import torch
 
 from palm import PalmConfig, PalmForCausalLM
-from palm.generate import Generator, SamplingConfig, StaticCache
+from palm.generate import Generator, KVCache, SamplingConfig
 
 
 def build(preset: str, seed: int = 0) -> PalmForCausalLM:
@@ -103,7 +103,7 @@ def main() -> None:
         memory[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)["peak_bytes"]
 
     c = model.config
-    mqa = StaticCache(model, 1, 1, torch.float32).nbytes()
+    mqa = KVCache(c, 1, 1, torch.float32, device).nbytes()
     mha = mqa * c.num_attention_heads // c.num_key_value_heads
     print(f"\n{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {device.type}, batch 1, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} interleaved rounds\n")

@@ -12,6 +12,7 @@ import torch
 
 from palm import PalmConfig
 from palm.flops import flops_per_token, matrix_params
+from palm.runtime import fast_bf16
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -85,8 +86,7 @@ def test_quick_defaults_and_unknown_candidate():
 
 def test_dtype_falls_back_to_fp32_without_native_bf16():
     dtype, note = train.choose_dtype("auto", torch.device("cpu"))
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert dtype == (torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32)
     assert train.choose_dtype("bf16", torch.device("cpu"))[0] == torch.bfloat16
 
 

@@ -17,13 +17,14 @@ from palm.checkpoint import list_checkpoints
 STEPS = 6  # checkpoints at 0, 3 and 6; the resume tests continue from 3
 
 
-def write_config(tmp_path, corpus_dir, tokenizer_dir, name):
+def write_config(tmp_path, corpus_dir, tokenizer_dir, name, dtype="fp32"):
+    """fp32 unless asked: the runs are compared to 1e-5, which bf16 rounding would not meet."""
     conf = tmp_path / f"{name}.toml"
     # An odd width, so FSDP splits some tensors unevenly over two ranks (3 ranks would split the rest).
     conf.write_text(
         f'corpus = ["{corpus_dir}"]\nout = "{tmp_path / name}"\ntokenizer = "{tokenizer_dir}"\nmax-steps = {STEPS}\n'
         f'seq-len = 32\nbatch-size = 8\neval-every = 1000\ncheckpoint-every = 3\nprogress = false\n'
-        f'cache-dir = "{tmp_path / "cache"}"\n'
+        f'cache-dir = "{tmp_path / "cache"}"\ndtype = "{dtype}"\n'
         "[model]\nhidden_size = 63\nnum_hidden_layers = 2\nnum_attention_heads = 4\nhead_dim = 16\n"
     )
     return conf
@@ -44,10 +45,10 @@ def losses(run):
     return [r["loss"] for r in rows if "event" not in r]
 
 
-def assert_same_losses(one, two):
+def assert_same_losses(one, two, rel=1e-5):
     assert len(one) == len(two) == STEPS
     for a, b in zip(one, two):
-        assert abs(a - b) <= 1e-5 * abs(a), (one, two)
+        assert abs(a - b) <= rel * abs(a), (one, two)
 
 
 def is_sharded(checkpoint):
@@ -64,6 +65,15 @@ def cut_at(run, out, step):
     return out
 
 
+def run_cli_main(argv) -> int:
+    from palm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+        raise SystemExit(0)
+    return info.value.code
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("distributed")
@@ -72,12 +82,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(folder, corpus_dir, tokenizer_dir):
     """The reference: one plain process on the whole global batch."""
-    from palm.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single"))])
-        raise SystemExit(0)
-    assert info.value.code == 0
+    assert run_cli_main(["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single"))]) == 0
     return folder / "single"
 
 
@@ -161,3 +166,24 @@ def test_a_failed_sharded_save_keeps_the_last_good_checkpoint(single, tmp_path, 
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--parallel", "fsdp")
     assert code == 0, err
     assert_same_losses(losses(single), losses(run))
+
+
+# bf16: each rank computes its rows with bf16 matmuls, so the sums differ from one process's by rounding
+# alone. A bf16 loss carries about 3 significant digits; 1% is far below a training step's change.
+BF16_REL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def single_bf16(folder, corpus_dir, tokenizer_dir):
+    code = run_cli_main(["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single-bf16", "bf16"))])
+    assert code == 0
+    return folder / "single-bf16"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_bf16_two_processes_match_one_within_bf16_rounding(single_bf16, single, folder, corpus_dir, tokenizer_dir,
+                                                           parallel):
+    conf = write_config(folder, corpus_dir, tokenizer_dir, f"{parallel}-bf16", "bf16")
+    torchrun("train", "--config", str(conf), "--parallel", parallel)
+    assert_same_losses(losses(single_bf16), losses(folder / f"{parallel}-bf16"), rel=BF16_REL)
+    assert_same_losses(losses(single), losses(single_bf16), rel=BF16_REL)  # and bf16 tracks fp32

@@ -70,7 +70,7 @@ def test_training_step_loss_is_the_completion_loss(tokenizer, model_dir, tmp_pat
     data = write_rows(tmp_path / "train.jsonl", ROWS)
     seen = {}
     cfg = FinetuneConfig(base_model=model_dir, data=str(data), val=str(data), out=str(tmp_path / "run"), task="qa",
-                         max_steps=1, batch_size=len(ROWS), dropout=0.0, progress=False, threads=1)
+                         max_steps=1, batch_size=len(ROWS), dropout=0.0, progress=False, threads=1, dtype="fp32")
     finetune(cfg, on_step=lambda run, record: seen.update(record))
     total, count = completion_nll(PalmForCausalLM.from_pretrained(model_dir).eval(), tokenizer, ROWS, "qa")
     assert seen["lm_loss"] == pytest.approx(total / count, rel=1e-5)
@@ -88,7 +88,8 @@ class Killed(Exception):
 def settings(tmp_path, model_dir, name, **kw):
     data = write_rows(tmp_path / "train.jsonl", ROWS * 4)
     base = dict(base_model=model_dir, data=str(data), out=str(tmp_path / name), task="qa", max_steps=12,
-                batch_size=4, checkpoint_every=4, eval_every=3, patience=None, lr=1e-2, progress=False, threads=1)
+                batch_size=4, checkpoint_every=4, eval_every=3, patience=None, lr=1e-2, progress=False, threads=1,
+                dtype="fp32")
     return FinetuneConfig(**{**base, **kw})
 
 

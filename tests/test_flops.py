@@ -1,9 +1,7 @@
 import pytest
-import torch
 
 from palm import PalmConfig
-from palm.flops import fast_bf16, flops_per_token, matrix_params, mfu
-from palm.train import TrainConfig, pick_dtype
+from palm.flops import flops_per_token, matrix_params, mfu
 from test_config import count_params
 
 
@@ -24,12 +22,3 @@ def test_appendix_b_mfu_example():
     assert round(mfu(238.3e3, 6 * 540e9, 275e12 * 6144), 3) == 0.457
     assert mfu(1.0, 1.0, None) is None
 
-
-def test_bf16_is_chosen_by_capability():
-    cpu = torch.device("cpu")
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert fast_bf16(cpu) == native
-    cfg = TrainConfig(corpus=["x"], out="y")
-    assert pick_dtype(cfg, cpu) == (torch.bfloat16 if native else torch.float32)
-    assert pick_dtype(TrainConfig(corpus=["x"], out="y", dtype="fp32"), cpu) == torch.float32
-    assert pick_dtype(TrainConfig(corpus=["x"], out="y", dtype="bf16"), cpu) == torch.bfloat16

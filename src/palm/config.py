@@ -19,6 +19,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, head_dim=64),
     "small": dict(vocab_size=16384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, head_dim=64),
     "base": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, head_dim=64),
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, head_dim=128),
     "palm-8b": dict(vocab_size=256000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=16, head_dim=256),
     "palm-62b": dict(vocab_size=256000, hidden_size=8192, num_hidden_layers=64, num_attention_heads=32, head_dim=256),
     "palm-540b": dict(

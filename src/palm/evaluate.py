@@ -77,10 +77,9 @@ _EXTRAS_HINT = "pip install 'palm[eval]'"
 
 def load_model(model_dir: str | Path, dtype: str = "auto") -> tuple[PalmForCausalLM, PalmTokenizer]:
     """A palm model directory's model (in eval mode, on the GPU if there is one) and tokenizer."""
-    from .generate import Generator
+    from .modeldir import load_model as load
 
-    generator = Generator.load(model_dir, dtype=dtype)
-    return generator.model, generator.tokenizer
+    return load(model_dir, dtype=dtype)
 
 
 # ---- perplexity and bits per byte ------------------------------------------------------------------
@@ -626,6 +625,7 @@ class HarnessConfig:
     batch_size: int = 8
     seed: int = 0
     device: str | None = None  # None: cuda if there is one, else cpu
+    dtype: str = "auto"  # palm's choice (bf16 where native, else fp32), or "bf16" / "fp32"
     bootstrap_iters: int = 1000  # lm-eval's default, 100000, takes minutes for chrF/BLEU stderr on a CPU
     log_samples: bool = False  # keep every request's inputs and outputs in results["samples"]
 
@@ -640,11 +640,9 @@ def run_harness(model_dir: str | Path, cfg: HarnessConfig) -> dict[str, Any]:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvaluationError(f"--harness needs lm-eval: {_EXTRAS_HINT}") from None
-    import torch
+    from .modeldir import check_model_dir
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise EvaluationError(f"{model_dir} is not a model directory (config.json is missing)")
+    model_dir = check_model_dir(model_dir)
     for folder in cfg.include_path:
         if not Path(folder).is_dir():
             raise TaskError(f"--include-path {folder} is not a folder")
@@ -660,12 +658,15 @@ def run_harness(model_dir: str | Path, cfg: HarnessConfig) -> dict[str, Any]:
     missing = [n for n in names if not manager.match_tasks([n])]
     if missing:
         raise TaskError(f"lm-eval knows no task {', '.join(missing)} (add its YAML folder with --include-path)")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .runtime import pick_device, pick_dtype
+
+    device = pick_device(cfg.device)
+    dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     try:
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": "auto", "backend": "causal"},
-            tasks=names, num_fewshot=cfg.shots, limit=cfg.limit, batch_size=cfg.batch_size, device=device,
+            model_args={"pretrained": str(model_dir), "dtype": dtype, "backend": "causal"},
+            tasks=names, num_fewshot=cfg.shots, limit=cfg.limit, batch_size=cfg.batch_size, device=str(device),
             task_manager=manager, bootstrap_iters=cfg.bootstrap_iters, log_samples=cfg.log_samples,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
         )

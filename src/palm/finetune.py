@@ -30,7 +30,8 @@ from .errors import CheckpointError, PalmError
 from .model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 from .optim import build_optimizer
 from .tokenizer import PalmTokenizer
-from .train import RUN_FILE, Run, TrainConfig, TrainingError, _save, pick_device, pick_dtype, restore, run_loop
+from .runtime import pick_device, pick_dtype
+from .train import RUN_FILE, Run, TrainConfig, TrainingError, _save, restore, run_loop
 
 # The prompt goes where {prompt} is; the completion follows the template directly.
 TEMPLATES = {
@@ -317,7 +318,7 @@ def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
     device = pick_device()
     model = model.to(device).train()
     optimizer = build_optimizer(cfg.optimizer, model.named_parameters(), lr=cfg.peak_lr)
-    run = Run(cfg, path, tok, data, model, optimizer, device, pick_dtype(cfg, device),
+    run = Run(cfg, path, tok, data, model, optimizer, device, pick_dtype(cfg.dtype, device),
               batch_fn=example_batch, eval_fn=early_stopping)
     checkpoints = list_checkpoints(path)
     if checkpoints:

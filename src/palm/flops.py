@@ -40,15 +40,6 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float | None) -> 
     return None if not peak_flops else tokens_per_s * flops_per_tok / peak_flops
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are native here (tensor cores, AMX or AVX512-BF16), judged by capability."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of square matmuls in `dtype` on `device`, measured now (the machine's practical peak)."""
     a = torch.randn(n, n, device=device).to(dtype)

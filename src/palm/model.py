@@ -3,13 +3,19 @@
     x -> Embedding (N(0,1), no LayerNorm) -> L x ParallelBlock -> LayerNorm -> tied head / sqrt(d) -> logits
     ParallelBlock: y = x + Attn(LN(x)) + SwiGLU(LN(x)), one LN, one fused input matmul, no biases
 
+Attention goes through Transformers' attention interface (`attn_implementation` = "sdpa", "eager",
+"flex_attention", or any registered kernel), masks through `create_causal_mask` (2D padding masks,
+4D masks, dynamic and static caches), and `output_hidden_states` / `output_attentions` through
+Transformers' output capturing. The forward pass has no data-dependent Python branches, so
+`torch.export` and `torch.compile(fullgraph=True)` take it whole.
+
 This file is copied next to every saved checkpoint (Transformers' `auto_map`), so it imports only
-torch, transformers and `.config`, and loads with `trust_remote_code=True` where palm is not installed.
+torch, transformers and its own relative imports, and loads with `trust_remote_code=True` where
+palm is not installed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +24,24 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .config import PalmConfig
+from .loss import IGNORE_INDEX, fused_lm_loss, lm_loss
 
 # Transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-IGNORE_INDEX = -100
+CACHE_FIELD = "cache"
+renamed_cache_kwarg = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+
+__all__ = ["CACHE_FIELD", "IGNORE_INDEX", "PalmForCausalLM", "PalmModel", "PalmPreTrainedModel", "lm_loss"]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,48 +57,90 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate dimension i with i + head_dim/2 (the GPT-NeoX / Llama layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-@dataclass
-class AttentionMask:
-    """Decides, once per forward pass, how attention is masked; every layer shares the answer.
+def _causal_when_unmasked(module, query, key, value, attention_mask, is_causal):
+    """Transformers' convention for a missing mask: causal for a multi-token query, and an empty static
+    cache's unwritten tail cut off (so SDPA can take its `is_causal` fast path)."""
+    q_len = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = q_len > 1 and attention_mask is None and causal  # shape first: a SymBool must not leak out
+    if causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    return key, value, causal
 
-    `padding` is the 2D [B, past + T] mask generate() sends (1 = real token), or None. Queries sit at
-    cache slots past..past+T-1. Without padding a prefill is plain `is_causal` and a one-token decode
-    step needs no mask at all, which keeps SDPA on its fused kernels.
+
+def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Transformers' "sdpa" attention, but the shared K/V head is never copied per query head.
+
+    One decoding query packs its heads into the query axis ([B, KV, H/KV, D] against the KV heads),
+    which needs no mask change; longer queries use SDPA's `enable_gqa` broadcast.
+    """
+    key, value, causal = _causal_when_unmasked(module, query, key, value, attention_mask, is_causal)
+    groups = module.num_key_value_groups
+    batch, heads, q_len, dim = query.shape
+    packed = groups > 1 and q_len == 1
+    if packed:
+        query = query.reshape(batch, heads // groups, groups, dim)
+        if attention_mask is not None and attention_mask.shape[1] != 1:
+            attention_mask = attention_mask.reshape(batch, heads // groups, groups, -1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=groups > 1 and not packed,
+    )
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2), None
+
+
+def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Attention written out: the path that returns the attention probabilities ([B, H, T, S])."""
+    key, value, causal = _causal_when_unmasked(module, query, key, value, attention_mask, is_causal)
+    groups = module.num_key_value_groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if causal:
+        attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2), probs
+
+
+class PalmAttention(nn.Module):
+    """Causal self-attention over q, k, v that PalmBlock projected and rotated; it owns no weights.
+
+    Keys and values keep their `num_key_value_heads` heads (1 for multi-query attention) in the cache
+    and in attention; `num_key_value_groups` tells the attention kernels how many query heads share one.
     """
 
-    padding: torch.Tensor | None
-    past: int
-    q_len: int
-    device: torch.device
-    _built: dict = dataclasses.field(default_factory=dict)
+    def __init__(self, config: PalmConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = config.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
 
-    def __call__(self, kv_len: int) -> tuple[torch.Tensor | None, bool]:
-        if self.padding is None and kv_len == self.past + self.q_len:
-            if self.past == 0:
-                return None, self.q_len > 1
-            if self.q_len == 1:
-                return None, False
-        if kv_len not in self._built:
-            self._built[kv_len] = self._build(kv_len)
-        return self._built[kv_len], False
-
-    def _build(self, kv_len: int) -> torch.Tensor:
-        q_slot = torch.arange(self.past, self.past + self.q_len, device=self.device)
-        k_slot = torch.arange(kv_len, device=self.device)
-        mask = k_slot[None, :] <= q_slot[:, None]  # causal by slot; also hides unfilled slots of a fixed cache
-        mask = mask[None, None]
-        if self.padding is not None:
-            keys = self.padding.bool()
-            if keys.shape[-1] < kv_len:
-                keys = F.pad(keys, (0, kv_len - keys.shape[-1]), value=False)
-            mask = mask & keys[:, None, None, :kv_len]
-            # A padding query would see no key at all and SDPA would return NaN; let it see itself.
-            mask = mask | (k_slot[None, :] == q_slot[:, None])[None, None]
-        return mask
+    def forward(self, query, key, value, attention_mask, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        if implementation == "sdpa":
+            attend = sdpa_attention
+        else:
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        out, weights = attend(
+            self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, **kwargs,
+        )
+        return out.reshape(*out.shape[:2], -1), weights
 
 
 class PalmBlock(GradientCheckpointingLayer):
@@ -91,7 +149,6 @@ class PalmBlock(GradientCheckpointingLayer):
     def __init__(self, config: PalmConfig, layer_idx: int):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
-        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -100,114 +157,22 @@ class PalmBlock(GradientCheckpointingLayer):
         self.split = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim, f, f)
         self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
         self.in_proj = nn.Linear(d, sum(self.split), bias=False)
+        self.attn = PalmAttention(config, layer_idx)
         self.attn_out = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.mlp_out = nn.Linear(f, d, bias=False)
-        self.dropout, self.attention_dropout = config.dropout, config.attention_dropout
+        self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, mask: AttentionMask, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        x = hidden_states
         B, T, _ = x.shape
         q, k, v, gate, up = self.in_proj(self.ln(x)).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # the cache keeps n_kv_heads (1 for MQA) heads, not n_heads
-        attn_mask, is_causal = mask(k.shape[-2])
-        # enable_gqa lets SDPA broadcast the shared K/V head instead of copying it n_heads times.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        cos, sin = (t.to(q.dtype) for t in position_embeddings)
+        y, _ = self.attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attention_mask, cache=cache, **kwargs)
         # One dropout on the sum of the two parallel branches (both are residual updates); a no-op at p=0 or in eval.
         return x + F.dropout(self.attn_out(y) + self.mlp_out(F.silu(gate) * up), self.dropout, self.training)
-
-
-def lm_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_items: int | torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, mean log(Z)^2) over targets != -100, in fp32; targets are already aligned with logits.
-
-    One log-softmax serves both terms (log Z = logit[target] - logp[target]), as T5X shares one
-    logsumexp; log_softmax's fused kernel is several times faster on CPU than logsumexp's backward.
-    """
-    logits = logits.float().flatten(0, -2)
-    targets = targets.flatten()
-    valid = targets != IGNORE_INDEX
-    index = targets.clamp(min=0)[:, None]
-    logp_t = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
-    log_z = logits.gather(-1, index).squeeze(-1) - logp_t
-    n = valid.sum().clamp(min=1) if num_items is None else num_items
-    ce = -(logp_t * valid).sum() / n
-    z = (log_z.square() * valid).sum() / n
-    return ce, z
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """ce + z_coef * z straight from hidden states and the head weight, a few rows of logits at a time.
-
-    The gradient is taken chunk by chunk in the forward pass (the loss is the end of the graph), so
-    the [tokens, vocab] logits, their softmax and their gradient are never whole in memory; backward
-    only scales the stored gradients. Same maths as `lm_loss`, same matmul FLOPs.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, z_coef: float, n, chunk: int):
-        ce_sum = h.new_zeros((), dtype=torch.float32)
-        z_sum = h.new_zeros((), dtype=torch.float32)
-        need_grad = any(ctx.needs_input_grad[:2])
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for i in range(0, h.shape[0], chunk):
-            hc, t = h[i : i + chunk], targets[i : i + chunk]
-            valid = (t != IGNORE_INDEX).float()
-            index = t.clamp(min=0)[:, None]
-            logits = (hc @ weight.t()).float()  # bf16 matmul under autocast, maths in fp32
-            p = F.log_softmax(logits, dim=-1)
-            logp_t = p.gather(-1, index).squeeze(-1)
-            log_z = logits.gather(-1, index).squeeze(-1) - logp_t
-            ce_sum -= (logp_t * valid).sum()
-            z_sum += (log_z.square() * valid).sum()
-            if not need_grad:
-                continue
-            # d/dlogits of (ce + c z) / n = (softmax * (1 + 2 c log Z) - onehot(target)) * valid / n
-            p.exp_().mul_(((1 + 2 * z_coef * log_z) * valid / n)[:, None])
-            p.scatter_add_(-1, index, -(valid / n)[:, None])
-            g = p.to(hc.dtype)
-            grad_h[i : i + chunk] = g @ weight
-            grad_w += g.t() @ hc
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        ce, z = ce_sum / n, z_sum / n
-        ctx.mark_non_differentiable(ce, z)
-        return ce + z_coef * z, ce, z
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_z):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
-
-
-def fused_lm_loss(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    z_coef: float,
-    num_items: int | torch.Tensor | None = None,
-    chunk_tokens: int = 2**23,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce + z_coef * z, ce, z) of `lm_loss(h @ weight.T, targets)` without materialising the logits.
-
-    `chunk_tokens` bounds the logits held at once (rows x vocab elements, 32 MB in fp32 by default, and
-    never under 256 rows): small enough to reuse memory, large enough for efficient matmuls.
-    """
-    h = h.flatten(0, -2)
-    targets = targets.flatten()
-    n = (targets != IGNORE_INDEX).sum().clamp(min=1) if num_items is None else num_items
-    chunk = max(256, chunk_tokens // weight.shape[0])
-    return _FusedHeadLoss.apply(h, weight, targets, float(z_coef), n, chunk)
 
 
 @dataclass
@@ -224,6 +189,11 @@ class PalmPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PalmBlock"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": PalmBlock, "attentions": PalmAttention}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -245,37 +215,34 @@ class PalmModel(PalmPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
         self.post_init()
 
+    @renamed_cache_kwarg
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
-        cache=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        cache = cache if cache is not None else past_key_values  # 5.24 sends `cache`, 5.23 `past_key_values`
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        B, T = x.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None]
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be 2D [batch, keys] with 1 for real tokens")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        mask = AttentionMask(attention_mask, past, T, x.device)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+        )
+        position_embeddings = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache if use_cache else None})
+            x = layer(x, attention_mask=mask, position_embeddings=position_embeddings, cache=cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache if use_cache else None)
 
 
 class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
@@ -293,21 +260,24 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @renamed_cache_kwarg
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
-        logits_to_keep: int = 0,
-        cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool = False,
-        **kwargs,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PalmCausalLMOutput:
-        """`shift_labels` (kwarg, Transformers' name) gives targets already aligned with the positions.
+        """`shift_labels` (Transformers' name) are targets already aligned with the positions.
 
         `skip_logits=True` with labels returns no logits and takes the loss from `fused_lm_loss`, which
         never holds the [tokens, vocab] logits: the training path.
@@ -316,15 +286,17 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **kwargs,
         )
         h = out.last_hidden_state
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        targets = kwargs.get("shift_labels")
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:
+            h = h[:, logits_to_keep]
+        targets = shift_labels
         if targets is None and labels is not None:
             # Transformers convention: labels are the input ids; position t predicts label t+1.
             targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
@@ -333,14 +305,14 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
         h = h * self.config.hidden_size**-0.5
         logits = loss = ce = z = None
         if skip_logits and targets is not None:
-            loss, ce, z = fused_lm_loss(
-                h, self.lm_head.weight, targets.to(h.device), self.config.z_loss_coef, kwargs.get("num_items_in_batch")
-            )
+            loss, ce, z = fused_lm_loss(h, self.lm_head.weight, targets.to(h.device), self.config.z_loss_coef,
+                                        num_items_in_batch)
         else:
             logits = self.lm_head(h).float()
             if targets is not None:
-                ce, z = lm_loss(logits, targets.to(logits.device), kwargs.get("num_items_in_batch"))
+                ce, z = lm_loss(logits, targets.to(logits.device), num_items_in_batch)
                 loss = ce + self.config.z_loss_coef * z if self.config.z_loss_coef else ce
         return PalmCausalLMOutput(
-            loss=loss, logits=logits, lm_loss=ce, z_loss=z, **{CACHE_FIELD: out.get(CACHE_FIELD)}
+            loss=loss, logits=logits, lm_loss=ce, z_loss=z, cache=out.cache,
+            hidden_states=out.hidden_states, attentions=out.attentions,
         )

@@ -34,7 +34,8 @@ from .config import PalmConfig
 from .corpora import parse_corpus_spec, part_documents
 from .data import TokenData, get_batch, prepare_data, token_byte_lengths, unigram_bits_per_byte, val_windows
 from .errors import CheckpointError, PalmError
-from .flops import datasheet_peak, fast_bf16, flops_per_token, measure_matmul_peak, mfu
+from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
+from .runtime import pick_device, pick_dtype
 from .model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 from .optim import OPTIMIZERS, build_optimizer, lr_at
 from .tokenizer import PalmTokenizer, train_tokenizer
@@ -124,16 +125,6 @@ def lr_for(cfg: TrainConfig, step: int) -> float:
     hold = cfg.hold_steps if cfg.hold_steps is not None else max(1, cfg.max_steps // 10)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20)
     return lr_at(step, cfg.optimizer, cfg.peak_lr, hold, warmup, cfg.max_steps)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)):
-        return torch.bfloat16
-    return torch.float32
 
 
 @dataclass
@@ -252,7 +243,7 @@ def open_run(cfg: TrainConfig, resume: bool) -> Run:
     )
     torch.manual_seed(cfg.seed)
     model = PalmForCausalLM(config).to(device).train()
-    dtype = pick_dtype(cfg, device)
+    dtype = pick_dtype(cfg.dtype, device)
     model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
     optimizer = build_optimizer(cfg.optimizer, model.named_parameters(), lr=cfg.peak_lr)
     run = Run(cfg, path, tok, data, model, optimizer, device, dtype, world=world)

@@ -1,0 +1,90 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p and repetition penalty, per row.
+
+Every row of a batch carries its own settings and its own seeded generator, so a row samples the
+same tokens whichever rows share its batch (what continuous batching in `palm serve` relies on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GenerationInputError
+
+# A request that cannot be served: empty or over-long prompt, bad sampling values.
+GenerationError = GenerationInputError
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k filter
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
+            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationError(message)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded for this request (None: torch's global one, unseeded sampling)."""
+        return torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Transformers' rule (CTRL paper): shrink the logits of every token in context by `penalty` [B, 1].
+
+    `seen` [B, S] holds the context's ids, negative where a slot is empty or padding.
+    """
+    index = seen.clamp(min=0)
+    prev = logits.gather(1, index)
+    shrunk = torch.where(prev < 0, prev * penalty, prev / penalty)
+    return logits.scatter(1, index, torch.where(seen >= 0, shrunk, prev))
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Logits with -inf outside each row's top-k (0: all) and smallest top-p nucleus; both [B, 1]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None]
+    outside_k = rank >= torch.where(top_k > 0, top_k, logits.shape[-1])
+    probs = sorted_logits.masked_fill(outside_k, float("-inf")).softmax(-1)  # top-p within the top k, as in HF
+    drop = outside_k | (probs.cumsum(-1) - probs > top_p)  # keep the smallest prefix whose mass reaches top_p
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def sample_rows(
+    logits: torch.Tensor, seen: torch.Tensor, cfgs: list[SamplingConfig], gens: list[torch.Generator | None]
+) -> torch.Tensor:
+    """The next token of each row from last-position logits [B, V], row r under cfgs[r] and gens[r]."""
+    logits = logits.float()
+    col = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]  # noqa: E731
+    if any(c.repetition_penalty != 1.0 for c in cfgs):
+        logits = penalize_repeats(logits, seen, col([c.repetition_penalty for c in cfgs]))
+    greedy = logits.argmax(-1)
+    sampled = [r for r, c in enumerate(cfgs) if c.temperature > 0]
+    if not sampled:
+        return greedy
+    rows = logits[sampled] / col([cfgs[r].temperature for r in sampled])
+    if any(cfgs[r].top_k or cfgs[r].top_p < 1.0 for r in sampled):
+        rows = filter_top_k_top_p(rows, col([cfgs[r].top_k for r in sampled], torch.long),
+                                  col([cfgs[r].top_p for r in sampled]))
+    probs = rows.softmax(-1)
+    for i, r in enumerate(sampled):
+        greedy[r] = torch.multinomial(probs[i], 1, generator=gens[r])[0]
+    return greedy
