@@ -30,10 +30,12 @@ import torch
 
 from palm import PalmConfig, PalmForCausalLM
 from palm.corpora import parse_corpus_spec
-from palm.data import get_batch, prepare_data, token_byte_lengths, val_windows
+from palm.data import get_batch, val_windows
+from palm.shards import prepare_data, token_byte_lengths
 from palm.model import lm_loss
 from palm.optim import build_optimizer, lr_at
-from palm.train import TrainConfig
+from palm.heldout import summed_nll
+from palm.loop import LoopConfig
 
 MIXTURE = "zh-news:0.35,zh-reviews:0.2,python-docs:0.3,python-code:0.15"  # as examples/demo.py
 
@@ -79,7 +81,7 @@ class Trainee:
     def batch_size(self) -> int:
         if self.name != "palm" or self.total_steps is None:
             return self.s.batch if self.name != "palm" else max(1, self.s.batch // 4)
-        ramp = TrainConfig(corpus=[], out="", batch_size=self.s.batch, max_steps=self.total_steps)
+        ramp = LoopConfig(batch_size=self.s.batch, max_steps=self.total_steps)
         return ramp.batch_at(self.step + 1)
 
     def lr_now(self) -> float:
@@ -116,23 +118,15 @@ class Trainee:
         return self.elapsed >= self.budget
 
 
-@torch.no_grad()
 def bits_per_byte(model, data, max_tokens: int) -> dict[str, float]:
     table = torch.as_tensor(token_byte_lengths_cache["table"])
-    model.eval()
     out = {}
     for i, name in enumerate(data.names):
-        nats, n_bytes = 0.0, 0
-        for window in val_windows(data, i, max_tokens):
-            ce, _ = lm_loss(model(input_ids=window[:, :-1], use_cache=False).logits, window[:, 1:])
-            nats += ce.item() * (window.shape[1] - 1)
-            n_bytes += int(table[window[0, 1:]].sum())
-        out[name] = nats / math.log(2) / max(n_bytes, 1)
-    model.train()
+        windows = list(val_windows(data, i, max_tokens))
+        nats, _ = summed_nll(model, ((w[:, :-1], w[:, 1:]) for w in windows), device=torch.device("cpu"),
+                             dtype=torch.float32)
+        out[name] = nats / math.log(2) / max(sum(int(table[w[0, 1:]].sum()) for w in windows), 1)
     return out
-
-
-token_byte_lengths_cache: dict = {}
 
 
 def run(args) -> dict:

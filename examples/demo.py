@@ -17,9 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palm.corpora import parse_corpus_spec
-from palm.data import prepare_data, token_byte_lengths, unigram_bits_per_byte
+from palm.data import unigram_bits_per_byte
 from palm.errors import PalmError
 from palm.plot import plot_run
+from palm.shards import prepare_data, token_byte_lengths
 from palm.tokenizer import PalmTokenizer
 from palm.train import TrainConfig, train
 
@@ -42,12 +43,12 @@ def main() -> None:
     # A narrow, shallow PaLM learns fastest per second on a CPU: in 8 minutes it sees ~2M tokens, and
     # a wider one would see fewer (measured: d=128 x 2 layers beat d=192 x 3 and d=256 x 6 at equal time).
     # The peak lr is raised from the paper's 1e-2, which was tuned for ~250k steps, not ~1400.
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_settings(dict(
         corpus=[MIXTURE], out=str(out), preset="tiny", vocab_size=8192, max_steps=args.steps, seq_len=128,
         model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, head_dim=64),
         batch_size=16, lr=args.lr, optimizer=args.optimizer, checkpoint_every=200, eval_every=200,
         eval_tokens=16384, threads=args.threads,
-    )
+    ))
     start = time.time()
     train(cfg)
     minutes = (time.time() - start) / 60

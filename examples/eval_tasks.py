@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from palm.corpora import named_documents
-from palm.data import _in_val  # the held-out rule of `palm train`: a hash of the document's position
+from palm.shards import in_validation  # the held-out rule of `palm train`: a hash of the document's position
 
 CORPORA = ["zh-news", "zh-reviews", "python-docs", "python-code"]
 VAL_FRACTION = 0.05  # palm train's default
@@ -48,7 +48,7 @@ def held_out(name: str, count: int) -> list[tuple[str, str]]:
     (a newline) ends only the answer.
     """
     size = PROMPT_CHARS + NEXT_CHARS
-    docs = (" ".join(doc.split()) for i, doc in enumerate(named_documents(name)) if _in_val(i, VAL_FRACTION))
+    docs = (" ".join(doc.split()) for i, doc in enumerate(named_documents(name)) if in_validation(i, VAL_FRACTION))
     stretches = (d[k : k + size] for d in docs for k in range(0, min(len(d) - size + 1, 16 * size), size))
     found = list(itertools.islice(filter(None, map(cut, stretches)), count))
     if len(found) < count:

@@ -12,16 +12,8 @@ import torch
 
 from palm import corpora
 from palm.corpora import CorpusPart
-from palm.data import (
-    TokenData,
-    get_batch,
-    prepare_data,
-    token_byte_lengths,
-    token_dtype,
-    unigram_bits_per_byte,
-    val_bytes_for,
-    val_windows,
-)
+from palm.data import TokenData, get_batch, unigram_bits_per_byte, val_bytes_for, val_windows
+from palm.shards import prepare_data, token_byte_lengths, token_dtype
 from palm.errors import CorpusError
 
 SEQ = 16

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import FinetuneConfig, collate, encode_row, finetune, format_prompt
+from palm.finetune import FinetuneConfig, collate, encode_row, finetune
+from palm.templates import format_prompt
 from palm.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
 ROWS = [
@@ -69,8 +70,8 @@ def test_training_step_loss_is_the_completion_loss(tokenizer, model_dir, tmp_pat
     """End to end: the loss the loop logs at step 1 (one batch of every row) is the by-hand completion NLL."""
     data = write_rows(tmp_path / "train.jsonl", ROWS)
     seen = {}
-    cfg = FinetuneConfig(base_model=model_dir, data=str(data), val=str(data), out=str(tmp_path / "run"), task="qa",
-                         max_steps=1, batch_size=len(ROWS), dropout=0.0, progress=False, threads=1, dtype="fp32")
+    cfg = FinetuneConfig.from_settings(dict(base_model=model_dir, data=str(data), val=str(data), out=str(tmp_path / "run"), task="qa",
+                         max_steps=1, batch_size=len(ROWS), dropout=0.0, progress=False, threads=1, dtype="fp32"))
     finetune(cfg, on_step=lambda run, record: seen.update(record))
     total, count = completion_nll(PalmForCausalLM.from_pretrained(model_dir).eval(), tokenizer, ROWS, "qa")
     assert seen["lm_loss"] == pytest.approx(total / count, rel=1e-5)
@@ -90,7 +91,7 @@ def settings(tmp_path, model_dir, name, **kw):
     base = dict(base_model=model_dir, data=str(data), out=str(tmp_path / name), task="qa", max_steps=12,
                 batch_size=4, checkpoint_every=4, eval_every=3, patience=None, lr=1e-2, progress=False, threads=1,
                 dtype="fp32")
-    return FinetuneConfig(**{**base, **kw})
+    return FinetuneConfig.from_settings({**base, **kw})
 
 
 def test_resume_after_a_kill_is_bitwise_identical(model_dir, tmp_path):
@@ -193,4 +194,4 @@ def test_bad_flags_get_one_line(capsys, model_dir, tmp_path, argv, words):
 def test_not_a_model_directory(capsys, tmp_path):
     data = write_rows(tmp_path / "rows.jsonl", ROWS)
     code, _, err = run_cli(capsys, "finetune", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "r"))
-    assert_one_line_error(code, err, "config.json")
+    assert_one_line_error(code, err, "no model directory")

@@ -177,8 +177,8 @@ def test_cached_forward_matches_full_forward(model, tokenizer):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        first = model(ids[:, :5], cache=cache, past_key_values=cache).logits
-        rest = model(ids[:, 5:], cache=cache, past_key_values=cache).logits  # chunked prefill on top of a cache
+        first = model(ids[:, :5], cache=cache).logits
+        rest = model(ids[:, 5:], cache=cache).logits  # chunked prefill on top of a cache
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
 
 

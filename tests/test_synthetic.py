@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from palm.finetune import TEMPLATES, read_rows
+from palm.finetune import read_rows
+from palm.templates import TEMPLATES
 from palm.synthetic import arithmetic_task, chinese, english, number_task, write_task
 
 KNOWN = {

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from palm import PalmTokenizer, TokenizerError, train_tokenizer
-from palm.data import iter_documents
+from palm.documents import iter_documents
 from palm.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS
 
 from conftest import corpus_texts

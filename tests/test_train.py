@@ -18,7 +18,7 @@ def config(corpus_dir, tokenizer_dir, tmp_path, name="run", **kw) -> TrainConfig
         seq_len=32, batch_size=8, checkpoint_every=4, eval_every=6, eval_tokens=512, cache_dir=str(tmp_path / "cache"),
         progress=False, threads=1,
     )
-    return TrainConfig(**{**settings, **kw})
+    return TrainConfig.from_settings({**settings, **kw})
 
 
 def losses(run_dir) -> dict[int, float]:

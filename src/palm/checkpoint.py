@@ -1,83 +1,20 @@
-"""Writing and reading model directories without ever leaving a half-written one behind."""
+"""Training checkpoints: the whole state of a run at a step, written atomically and read without pickle."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .config import PalmConfig
+from .atomic import atomic_directory
 from .errors import CheckpointError
-from .model import PalmForCausalLM
-from .tokenizer import PalmTokenizer
-
-
-@contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it is renamed to `out`.
-
-    If the body raises, `out` is untouched. An existing non-empty `out` is an error unless
-    `overwrite`, and then it is swapped out only once the new contents are complete.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} already exists and is not empty (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed: int = 0, **overrides) -> int:
-    """Write a randomly initialised `preset` model sized to the tokenizer into `out`; returns its parameter count."""
-    tok = PalmTokenizer.load(tokenizer_dir)
-    config = PalmConfig.from_preset(
-        preset,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_id,
-        bos_token_id=tok.bos_id,
-        eos_token_id=[tok.eos_id, tok.eod_id],  # generation stops at end of sequence or of document
-        **overrides,
-    )
-    with torch.device("meta"):
-        n_params = PalmForCausalLM(config).num_parameters()
-    if 4 * n_params > 0.8 * _physical_memory():
-        raise CheckpointError(
-            f"{preset} has {n_params / 1e9:.2f}B parameters: too large to initialise in this machine's memory"
-        )
-    torch.manual_seed(seed)
-    model = PalmForCausalLM(config)
-    model.save_pretrained(str(out))
-    tok.save(out)
-    return n_params
+from .rundir import RunLayout, checkpoint_step
 
 
 # Training checkpoints: RUN/checkpoints/step-NNNNNNN/ holds model.safetensors (fp32 master weights,
@@ -88,7 +25,6 @@ def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed
 # rank writes its own pieces of the model and optimizer state under their parameter names (FQNs),
 # beside the same state.json. Either kind loads into either kind of run, at any world size: DCP
 # reshards on load, and a safetensors checkpoint is cut into shards by set_state_dict.
-CHECKPOINTS = "checkpoints"
 SHARDS = "shards"
 
 
@@ -113,15 +49,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_training_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+def save_training_checkpoint(layout: RunLayout, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Atomically write the checkpoint for `step`, then delete all but the newest `keep`."""
-    out = Path(run) / CHECKPOINTS / f"step-{step:07d}"
+    out = layout.checkpoint(step)
     with atomic_directory(out, overwrite=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=1))
-    for old in list_checkpoints(run)[:-keep]:
+    for old in list_checkpoints(layout)[:-keep]:
         shutil.rmtree(old)
     return out
 
@@ -151,7 +87,7 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return model_sd, optim_sd
 
 
-def save_sharded_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+def save_sharded_checkpoint(layout: RunLayout, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Collective: every rank writes its shards of `step` into one temporary folder, which rank 0
     renames into place only when all of them (and state.json) are complete.
 
@@ -161,7 +97,7 @@ def save_sharded_checkpoint(run: Path, step: int, model, optimizer, state: dict,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    out = Path(run) / CHECKPOINTS / f"step-{step:07d}"
+    out = layout.checkpoint(step)
     main = dist.get_rank() == 0
     try:
         with ExitStack() as stack:
@@ -177,15 +113,19 @@ def save_sharded_checkpoint(run: Path, step: int, model, optimizer, state: dict,
     except (OSError, CheckpointException) as e:
         raise CheckpointError(f"could not write checkpoint {out} (the last complete one is kept): {e}") from None
     if main:
-        for old in list_checkpoints(run)[:-keep]:
+        for old in list_checkpoints(layout)[:-keep]:
             shutil.rmtree(old)
     return out
 
 
-def list_checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are skipped)."""
-    folder = Path(run) / CHECKPOINTS
-    return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+def list_checkpoints(layout: RunLayout | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first by step number (temporary folders of an interrupted
+    save are skipped)."""
+    layout = layout if isinstance(layout, RunLayout) else RunLayout(layout)
+    if not layout.checkpoints.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in layout.checkpoints.iterdir() if (p / "state.json").is_file()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
 def _is_sharded(model) -> bool:

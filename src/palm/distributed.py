@@ -112,15 +112,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def broadcast(value, src: int = 0):
-    """Rank `src`'s picklable `value` on every rank (itself in one process)."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def share_failure(error: Exception | None) -> Exception | None:
     """Rank 0's error (or None), raised on every rank alike, so that no rank waits for one that quit."""
     if not dist.is_initialized():

@@ -7,14 +7,20 @@ raised before any weight is read, and nothing here ever unpickles a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
+from .atomic import atomic_directory
 from .config import PalmConfig
 from .errors import CheckpointError
 from .runtime import pick_device, pick_dtype
+from .tokenizer import PalmTokenizer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -75,22 +81,88 @@ def load_model(path: str | Path, device: str | None = None, dtype: str = "auto")
     Weights load in bf16 where bf16 is native (or asked for), else fp32.
     """
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from .model import PalmForCausalLM
-    from .tokenizer import PalmTokenizer
 
     path = check_model_dir(path)
     dev = pick_device(device)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a weight-loading bar would garble streamed output
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=pick_dtype(dtype, dev)).to(dev)
+        with quiet_transformers():  # a weight-loading bar would garble streamed output
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=pick_dtype(dtype, dev)).to(dev)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"cannot load the model in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     if not isinstance(model, PalmForCausalLM):
         raise CheckpointError(f"{path} holds a {type(model).__name__}, not a palm model")
     return model.eval(), PalmTokenizer.load(path)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Transformers' progress bars off for the body, and back as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def model_config(tokenizer: PalmTokenizer, preset: str, **overrides) -> PalmConfig:
+    """A preset's shape sized to `tokenizer`, with its special ids; generation stops at the end of a
+    sequence or of a document."""
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+               eos_token_id=[tokenizer.eos_id, tokenizer.eod_id])
+    return PalmConfig.from_preset(preset, **{**ids, **overrides})
+
+
+def generation_defaults(config: PalmConfig):
+    """What `generate()` does when the caller says nothing: sample, as a small PaLM needs to, with a
+    repetition penalty (greedy decoding of a small model loops); `do_sample=False` stays available."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.2, max_new_tokens=64,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+
+
+def save_model_dir(model, tokenizer: PalmTokenizer, out: str | Path, overwrite: bool = True) -> Path:
+    """`out` as a complete Transformers directory (weights, config with auto_map, code, tokenizer,
+    generation defaults), written atomically; the model keeps its own config flags."""
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # what inference wants by default
+    model.generation_config = generation_defaults(model.config)
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp, quiet_transformers():
+            model.save_pretrained(str(tmp))
+            tokenizer.save(tmp)
+    finally:
+        model.config.use_cache = use_cache
+    return Path(out)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False,
+                   **overrides) -> int:
+    """Write a randomly initialised `preset` model sized to the tokenizer into `out`; returns its parameter count."""
+    from .model import PalmForCausalLM
+
+    tokenizer = PalmTokenizer.load(tokenizer_dir)
+    config = model_config(tokenizer, preset, **overrides)
+    with torch.device("meta"):
+        n_params = PalmForCausalLM(config).num_parameters()
+    if 4 * n_params > 0.8 * _physical_memory():
+        raise CheckpointError(
+            f"{preset} has {n_params / 1e9:.2f}B parameters: too large to initialise in this machine's memory"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PalmForCausalLM(config)
+    save_model_dir(model, tokenizer, out, overwrite=overwrite)
+    return n_params

@@ -168,7 +168,7 @@ class PalmAdafactor(torch.optim.Optimizer):
                 param = p.to(dtype)
 
                 # The schedule replaces Adam's bias correction: at t=1, beta2=0 so v is exactly g^2.
-                beta2 = 1.0 - t ** (-group["decay_rate"])
+                beta2 = palm_beta2(t, group["decay_rate"])
                 v = state["exp_avg_sq"]
                 v.mul_(beta2).add_(g.square().add_(group["eps1"]), alpha=1.0 - beta2)
 

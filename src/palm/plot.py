@@ -1,34 +1,32 @@
-"""Training curves of a run, drawn from RUN/metrics.jsonl."""
+"""Training curves of a run, drawn from RUN/metrics.jsonl.
+
+matplotlib's object API (a Figure and its Agg canvas), not pyplot: pyplot keeps global state and a
+process-wide backend, which a library must not choose for its caller.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import CheckpointError
+from .rundir import RunLayout
+from .runlog import read_metrics
 
 
-def read_metrics(run: str | Path) -> list[dict]:
-    log = Path(run) / "metrics.jsonl"
-    if not log.is_file():
-        raise CheckpointError(f"{run} is not a palm run (it has no metrics.jsonl)")
-    try:
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{log} is corrupt: {e}") from None
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    from matplotlib.figure import Figure
 
-
-def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a training machine
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_metrics(run) if "loss" in r and "event" not in r]
+    layout = RunLayout(run_dir)
+    if not layout.metrics.is_file():
+        raise CheckpointError(f"{run_dir} is not a palm run (it has no {layout.metrics.name})")
+    everything = read_metrics(layout.metrics)
+    records = [r for r in everything if "loss" in r and "event" not in r]
     if not records:
-        raise CheckpointError(f"{run} has no training steps logged yet")
-    out = Path(out) if out else Path(run) / "curves.png"
-    fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
+        raise CheckpointError(f"{run_dir} has no training steps logged yet")
+    out = Path(out) if out else layout.curves
+    fig = Figure(figsize=(15, 4.2))
+    ax_loss, ax_bpb, ax_lr = fig.subplots(1, 3)
     steps = [r["step"] for r in records]
     ax_loss.plot(steps, [r["lm_loss"] for r in records], lw=0.8, label="train (cross-entropy)")
     val_names = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("val_loss/")})
@@ -37,17 +35,19 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         ax_loss.plot(*zip(*pts), marker="o", ms=3, label=f"val {name}")
         pts = [(r["step"], r[f"val_bpb/{name}"]) for r in records if f"val_bpb/{name}" in r]
         ax_bpb.plot(*zip(*pts), marker="o", ms=3, label=name)
-    for event in (r for r in read_metrics(run) if r.get("event") == "loss_spike"):
+    fine_tuning = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if fine_tuning:
+        ax_loss.plot(*zip(*fine_tuning), marker="o", ms=3, label="val (completions)")
+    for event in (r for r in everything if r.get("event") == "loss_spike"):
         ax_loss.axvline(event["spike_step"], color="red", ls=":", lw=1)
     ax_lr.plot(steps, [r["lr"] for r in records])
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate", yscale="log")
     for ax in (ax_loss, ax_bpb):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return out

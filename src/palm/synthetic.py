@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .finetune import TEMPLATES
+from .atomic import write_text
+from .templates import TEMPLATES
 
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -131,7 +132,7 @@ def arithmetic_task(seed: int = 0, low: int = 10, high: int = 99, n_test: int = 
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_task(split: Split, out: str | Path, name: str, task: str, max_new_tokens: int = 24) -> dict[str, Path]:
@@ -157,5 +158,5 @@ def write_task(split: Split, out: str | Path, name: str, task: str, max_new_toke
         "stop": ["\n"],
     }
     paths["yaml"] = out / f"{name}.yaml"
-    paths["yaml"].write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_text(paths["yaml"], yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
     return paths

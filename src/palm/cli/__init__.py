@@ -1,0 +1,35 @@
+"""The `palm` command line: the only place that prints errors, chooses exit codes and sets process-wide
+state (threads). Commands turn flags into the library's config dataclasses and call the library.
+
+    training.py   palm tokenizer train, init, train, finetune, plot, plan
+    inference.py  palm generate, eval, serve
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..config import ConfigError
+from ..errors import PalmError
+from .app import app
+from . import inference, training  # noqa: F401  (their commands register themselves on `app`)
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("palm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
+        print(f"palm: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (PalmError, ConfigError) as e:
+        print(f"palm: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,110 @@
+"""Commands that use models: palm generate, eval, serve."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+
+
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or nothing reads stdin.")] = None,
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")] = Path("demo/run/final"),
+    file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 turns it off.")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string; repeatable.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+) -> None:
+    """Stream a model's continuation of a prompt to the terminal; a summary goes to stderr."""
+    from ..errors import GenerationInputError
+    from ..generate import Generator, SamplingConfig
+
+    if file is not None:
+        if not file.is_file():
+            raise GenerationInputError(f"prompt file {file} does not exist")
+        prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif prompt is None or prompt == "-":
+        prompts = [sys.stdin.read()]
+    else:
+        prompts = [prompt]
+    if not any(p.strip() for p in prompts):
+        raise GenerationInputError("the prompt is empty")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    cfg.validate()
+    generator = Generator.load(model, compile=compile)
+    for p in prompts:
+        stats: dict = {}
+        sys.stdout.write(p)
+        for piece in generator.stream(p, cfg, stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+        print(f"[{stats['tokens']} tokens, {rate:.1f} tokens/s, {stats['finish_reason']}]", file=sys.stderr)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
+    corpus: Annotated[
+        Optional[list[str]],
+        typer.Option("--corpus", help="Perplexity and bits/byte on the held-out split of these corpora (a mixture spec)."),
+    ] = None,
+    tasks: Annotated[
+        Optional[list[str]], typer.Option("--tasks", help="Task files (.jsonl or .yaml); comma-separated or repeated.")
+    ] = None,
+    harness: Annotated[
+        Optional[list[str]], typer.Option("--harness", help="lm-evaluation-harness task names; comma-separated or repeated.")
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]], typer.Option("--include-path", help="Folder of lm-eval task YAMLs; repeatable.")
+    ] = None,
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Examples shown before each question (tasks: 0 by default; harness: each task's own).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Chooses the few-shot examples.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N examples of each task.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Window length (default: the run's training length, else the context).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --seq-len).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Held-out tokens scored per corpus, at most.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Held-out share (default: the run's, else 0.05).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Token shards (default: the run's cache).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the results as JSON here.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+) -> None:
+    """Measure a model: bits/byte on held-out text, few-shot tasks, lm-evaluation-harness tasks."""
+    from ..evaluate import EvalRequest, eval_report, write_json
+    from ..runtime import torch_threads
+
+    request = EvalRequest(corpus=corpus, tasks=tasks, harness=harness, include_path=include_path or [], shots=shots,
+                          seed=seed, limit=limit, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                          val_fraction=val_fraction, cache_dir=cache_dir, batch_size=batch_size)
+    with torch_threads(threads):
+        report, _ = eval_report(model, request, progress=sys.stderr.isatty(), echo=typer.echo)
+    if out is not None:
+        write_json(out, report)
+        typer.echo(f"wrote {out}")
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")] = 512,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients use (default: the folder name).")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from ..serve import serve
+
+    serve(model, host=host, port=port, max_tokens_limit=max_tokens_limit, model_name=model_name)

@@ -1,0 +1,194 @@
+"""Commands that make models: palm tokenizer train, init, train, finetune, plot, plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import ConfigError
+from ..runtime import torch_threads
+from .app import Force, app, given, tokenizer_app
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    corpus: Annotated[
+        list[Path], typer.Option("--corpus", help="Text file, .jsonl file (text field) or folder; repeatable.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the tokenizer to.")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size, specials and bytes included.")] = 8192,
+    force: Force = False,
+) -> None:
+    """Train a lossless PaLM vocabulary (digits split, UTF-8 byte fallback) on a corpus."""
+    from ..atomic import atomic_directory
+    from ..documents import iter_documents
+    from ..tokenizer import train_tokenizer
+
+    tok = train_tokenizer(lambda: iter_documents(corpus), vocab_size)
+    with atomic_directory(out, overwrite=force) as tmp:
+        tok.save(tmp)
+    typer.echo(f"wrote a {len(tok)}-token vocabulary to {out}")
+
+
+@app.command("init")
+def init_model(
+    preset: Annotated[str, typer.Option("--preset", help="tiny, small, base, 1b, palm-8b, palm-62b or palm-540b.")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Folder of a palm tokenizer.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    force: Force = False,
+) -> None:
+    """Write a randomly initialised model with its tokenizer, loadable by AutoModelForCausalLM."""
+    from ..modeldir import init_model_dir
+
+    n_params = init_model_dir(preset, tokenizer, out, seed=seed, overwrite=force)
+    typer.echo(f"wrote a {n_params / 1e6:.1f}M-parameter {preset} model to {out}")
+
+
+@app.command("train")
+def train_command(
+    corpus: Annotated[
+        Optional[list[str]],
+        typer.Option("--corpus", help="Named corpus, file or folder, optionally :weight; comma-separated or repeated."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Else one is trained on the corpus.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch, in sequences.")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="palm (Adafactor recipe) or adamw.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile")] = None,
+    parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp / fsdp under torchrun.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file with the same keys.")] = None,
+) -> None:
+    """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
+    flags = given(locals(), "resume", "config")  # first, while locals() holds only the options
+    from .. import distributed, settings
+    from ..train import TrainConfig, TrainingError, load_run_config, train
+
+    if resume is not None:
+        cfg = load_run_config(resume).resumed(flags)
+        cfg.out = str(resume)
+    else:
+        values = {**(settings.read_file(config) if config else {}), **flags}
+        if not values.get("corpus") or not values.get("out"):
+            raise TrainingError("--corpus and --out are required (or --resume RUN)")
+        if isinstance(values["corpus"], str):
+            values["corpus"] = [values["corpus"]]
+        cfg = TrainConfig.from_settings(values)
+    with torch_threads(cfg.loop.threads):
+        run = train(cfg, resume=resume is not None)
+    steps, where, main = run.step, run.layout, run.world.is_main
+    del run  # the model and optimizer hold the process group; drop them before leaving it
+    distributed.teardown()
+    if main:
+        typer.echo(f"trained {steps} steps; model in {where.final}, metrics in {where.metrics}")
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Annotated[Optional[Path], typer.Option("--model", help="The model directory to start from.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}.')] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; the model lands in RUN/final.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Prompt template: summarize, qa or translate.")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default 500).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over --data instead of --steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="0.1 as in the paper.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Evaluations without a better validation loss before stopping.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Longest row in tokens.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="palm (Adafactor) or adamw.")] = None,
+    hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
+) -> None:
+    """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
+    flags = given(locals(), "resume", rename={"model": "base_model", "steps": "max_steps"})
+    from ..finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
+
+    if resume is not None:
+        cfg = load_finetune_config(resume).resumed(flags)
+        cfg.out = str(resume)
+    else:
+        if not {"base_model", "data", "out"} <= set(flags):
+            raise TrainingError("--model, --data and --out are required (or --resume RUN)")
+        if "max_steps" in flags and "epochs" in flags:
+            raise TrainingError("give --steps or --epochs, not both")
+        cfg = FinetuneConfig.from_settings(flags)
+    with torch_threads(cfg.loop.threads):
+        run = finetune(cfg, resume=resume is not None)
+    best = run.extra.get("best_val_loss")
+    note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""
+    stopped = " (stopped early)" if run.stop else ""
+    typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.layout.final}")
+
+
+@app.command("plot")
+def plot_command(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default RUN/curves.png).")] = None,
+) -> None:
+    """Draw a run's loss, validation and learning-rate curves to a PNG."""
+    from ..plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run, out)}")
+
+
+@app.command("plan")
+def plan_command(
+    preset: Annotated[Optional[str], typer.Option("--preset", help="tiny, small, base, palm-8b, palm-62b or palm-540b.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A model's config.json, or its folder, instead of --preset.")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 2048,
+    tokens: Annotated[float, typer.Option("--tokens", help="Training tokens, e.g. 780e9 (the paper's).")] = 780e9,
+    device: Annotated[str, typer.Option("--device", help="tpu-v4, a100, h100, h200, cpu, or any name with --peak-tflops.")] = "tpu-v4",
+    devices: Annotated[int, typer.Option("--devices", help="Number of chips.")] = 1,
+    dp: Annotated[Optional[int], typer.Option("--dp", help="Replicated data-parallel degree (default: what is left).")] = None,
+    fsdp: Annotated[Optional[int], typer.Option("--fsdp", help="Fully sharded data-parallel degree.")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor (model) parallel degree.")] = None,
+    mfu: Annotated[float, typer.Option("--mfu", help="MFU to reckon the time at (the paper's 0.462).")] = 0.462,
+    tokens_per_s: Annotated[Optional[float], typer.Option("--tokens-per-s", help="Observed throughput: report its MFU.")] = None,
+    batch_tokens: Annotated[Optional[float], typer.Option("--batch-tokens", help="Tokens per forward/backward, all devices (default: one sequence per dp x fsdp rank).")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak bf16 TFLOP/s per device, overriding the table.")] = None,
+    param_bytes: Annotated[int, typer.Option("--param-bytes", help="Bytes per stored weight (2: bf16, 4: fp32).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Parameters, FLOPs (PaLM Appendix B), per-device memory and training time for a model and a layout."""
+    import json
+
+    from ..plan import make_plan, render
+
+    overrides: dict = {}
+    if config is not None:
+        path = config / "config.json" if config.is_dir() else config
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}".splitlines()[0]) from None
+        from ..config import PalmConfig
+
+        fields = set(PalmConfig.__annotations__)
+        overrides = {k: v for k, v in raw.items() if k in fields} if isinstance(raw, dict) else {}
+    elif preset is None:
+        raise ConfigError("give --preset or --config")
+    plan = make_plan(preset if config is None else None, seq_len, tokens, device, devices, dp, fsdp, tp, mfu,
+                     tokens_per_s, batch_tokens, peak_tflops, overrides, param_bytes=param_bytes)
+    typer.echo(plan.to_json() if as_json else render(plan))
