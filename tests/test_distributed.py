@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def assert_same_losses(one, two, rel=1e-5):
 
 
 def is_sharded(checkpoint):
-    return (checkpoint / "shards" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+    return (checkpoint / "shards" / "metadata.json").is_file() and not (checkpoint / "model.safetensors").exists()
 
 
 def cut_at(run, out, step):
@@ -148,9 +149,9 @@ def test_a_failed_sharded_save_keeps_the_last_good_checkpoint(single, tmp_path, 
 
     real_save = dcp.save
 
-    def crash_after_writing(state, checkpoint_id):  # the shards are on disk, the metadata is not
-        real_save(state, checkpoint_id=checkpoint_id)
-        (checkpoint_id / ".metadata").unlink()
+    def crash_after_writing(state, storage_writer):  # the shards are on disk, the metadata is not
+        real_save(state, storage_writer=storage_writer)
+        (Path(storage_writer.path) / "metadata.json").unlink()
         raise OSError("disk full")
 
     run = cut_at(single, tmp_path / "run", 3)

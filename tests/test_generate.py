@@ -5,11 +5,14 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from conftest import lively_model, tiny_config
 from palm.cli import main
 from palm.generate import BYTE_IDS, GenerationError, Generator, KVCache, SamplingConfig
+from palm.sampling import sample_rows
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
 
@@ -141,3 +144,20 @@ def test_stream_never_shows_bytes_that_a_later_byte_rewrites(generator, monkeypa
     pieces = list(generator.stream("x", SamplingConfig(max_new_tokens=len(tokens))))
     final = generator.tokenizer.decode(tokens)
     assert "".join(pieces) == final and final.startswith("\ufffd" * 3) and final.endswith("the我")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(temperature=st.floats(allow_nan=True, allow_infinity=True), top_k=st.integers(-5, 2**70),
+       top_p=st.floats(allow_nan=True, allow_infinity=True), penalty=st.floats(allow_nan=True, allow_infinity=True),
+       seed=st.one_of(st.none(), st.integers(-5, 2**70)), new=st.integers(-5, 2**70))
+def test_any_sampling_values_are_refused_or_sample_a_token(temperature, top_k, top_p, penalty, seed, new):
+    cfg = SamplingConfig(max_new_tokens=new, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=penalty, seed=seed)
+    try:
+        cfg.validate()
+    except GenerationError:
+        return
+    logits = torch.randn(2, 50) * 30
+    seen = torch.tensor([[1, 2, -1], [3, -1, -1]])
+    tokens = sample_rows(logits, seen, [cfg, cfg], [cfg.generator(torch.device("cpu"))] * 2)
+    assert tokens.shape == (2,) and bool(((tokens >= 0) & (tokens < 50)).all())

@@ -6,7 +6,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -15,7 +17,7 @@ import uvicorn
 
 from palm.cli import main
 from palm.generate import Generator, SamplingConfig
-from palm.serve import create_app, listen
+from palm.serve import create_app, listen, uvicorn_config
 
 MODEL = "palm-test"
 LIMIT = 64  # max_tokens_limit of the test server
@@ -29,12 +31,13 @@ def generator(model_dir) -> Generator:
     return Generator.load(model_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(generator):
-    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_body_bytes=BODY_LIMIT, max_batch=8)
+@contextmanager
+def running(app) -> Iterator[str]:
+    """`app` served by a real uvicorn on a free loopback port, as palm serve runs it; yields its base URL."""
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn_config(app, port, app.state.settings.options.read_timeout, log_level="warning")
+    srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -47,10 +50,19 @@ def server(generator):
             pass
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    yield base, app
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(generator):
+    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_body_bytes=BODY_LIMIT, max_batch=8)
+    with running(app) as base:
+        yield base, app
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +77,11 @@ def complete(base: str, prompt: str, max_tokens: int, **extra) -> dict:
     return r.json()
 
 
-def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...], param: str | None = "any") -> dict:
+def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...], param: str | None = "any",
+                        kind: str = "invalid_request_error") -> dict:
     assert r.status_code in (status if isinstance(status, tuple) else (status,)), r.text
     error = r.json()["error"]
-    assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error"
+    assert set(error) == ERROR_KEYS and error["type"] == kind
     assert isinstance(error["message"], str) and error["message"]
     if param != "any":
         assert error["param"] == param, error
@@ -146,15 +159,15 @@ def test_concurrent_requests_are_batched_and_get_their_own_outputs(server, gener
     assert len(set(expected)) > 1
 
     # Hold the worker on its first batch so the other requests queue up and must be batched (at most 8).
-    worker, real, gate, calls = app.state.worker, generator.generate, threading.Event(), []
+    worker, real, gate, calls = app.state.worker, generator.token_stream, threading.Event(), []
 
     def gated(batch, cfg):
         calls.append(len(batch))
         if len(calls) == 1:
             assert gate.wait(30)
-        return real(batch, cfg)
+        yield from real(batch, cfg)
 
-    monkeypatch.setattr(generator, "generate", gated)
+    monkeypatch.setattr(generator, "token_stream", gated)
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(complete, base, p, 6) for p in prompts]
         deadline = time.monotonic() + 30

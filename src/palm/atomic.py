@@ -59,6 +59,11 @@ def make_parent(path: Path) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def make_dir(path: Path) -> None:
+    """Create the folder `path` (and its parents), or say in one line why it cannot be."""
+    make_parent(path / "x")
+
+
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is synced and renamed to `out`.

@@ -12,20 +12,25 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, write_json
+from .dcpjson import JsonReader, JsonWriter
 from .errors import CheckpointError
 from .rundir import RunLayout, checkpoint_step
 
 
 # Training checkpoints: RUN/checkpoints/step-NNNNNNN/ holds model.safetensors (fp32 master weights,
 # tied embedding once), optimizer.safetensors (every state tensor) and state.json (the rest: step,
-# data position, optimizer scalars and groups). No pickle anywhere, so a checkpoint can be opened safely.
+# data position, optimizer scalars and groups, and the checkpoint's format). No pickle anywhere, so a
+# checkpoint can be opened safely.
 #
 # A sharded (FSDP) run instead writes shards/, a torch.distributed.checkpoint folder in which every
-# rank writes its own pieces of the model and optimizer state under their parameter names (FQNs),
-# beside the same state.json. Either kind loads into either kind of run, at any world size: DCP
-# reshards on load, and a safetensors checkpoint is cut into shards by set_state_dict.
+# rank writes its own pieces of the model and optimizer tensors under their parameter names (FQNs),
+# with JSON metadata (palm.dcpjson), beside the same state.json. Either kind loads into either kind of
+# run, at any world size: DCP reshards on load, and a safetensors checkpoint is cut into shards by
+# set_state_dict. Only the format state.json names is ever read.
 SHARDS = "shards"
+SAFETENSORS, SHARDED = "safetensors", "sharded"
+PICKLED_DCP = "dcp"  # palm 0.1's sharded format: DCP's own pickled metadata, refused
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,7 +61,7 @@ def save_training_checkpoint(layout: RunLayout, step: int, model, optimizer, sta
         save_model(model, str(tmp / "model.safetensors"))
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=1))
+        write_json(tmp / "state.json", {**state, "step": step, "format": SAFETENSORS, "optimizer": meta})
     for old in list_checkpoints(layout)[:-keep]:
         shutil.rmtree(old)
     return out
@@ -87,6 +92,15 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return model_sd, optim_sd
 
 
+def _split_optimizer(optim_sd: dict) -> tuple[dict, dict]:
+    """({"state": tensors}, {"state": everything else, "param_groups": ...}): DCP takes the first, JSON the rest."""
+    tensors, scalars = {}, {}
+    for fqn, entries in optim_sd["state"].items():
+        for key, value in entries.items():
+            (tensors if torch.is_tensor(value) else scalars).setdefault(fqn, {})[key] = value
+    return {"state": tensors}, {"state": scalars, "param_groups": optim_sd["param_groups"]}
+
+
 def save_sharded_checkpoint(layout: RunLayout, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Collective: every rank writes its shards of `step` into one temporary folder, which rank 0
     renames into place only when all of them (and state.json) are complete.
@@ -105,11 +119,12 @@ def save_sharded_checkpoint(layout: RunLayout, step: int, model, optimizer, stat
             box = [str(tmp) if main else None]
             dist.broadcast_object_list(box, src=0)  # the others write into rank 0's temporary folder
             model_sd, optim_sd = _state_dicts(model, optimizer)
+            tensors, rest = _split_optimizer(optim_sd)
             # Returns on rank 0 once every rank has reported its writes done and the metadata is written;
             # a failure on any rank is raised on all of them.
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=Path(box[0]) / SHARDS)
+            dcp.save({"model": model_sd, "optimizer": tensors}, storage_writer=JsonWriter(Path(box[0]) / SHARDS))
             if main:
-                (tmp / "state.json").write_text(json.dumps({**state, "step": step, "format": "dcp"}, indent=1))
+                write_json(tmp / "state.json", {**state, "step": step, "format": SHARDED, "optimizer": rest})
     except (OSError, CheckpointException) as e:
         raise CheckpointError(f"could not write checkpoint {out} (the last complete one is kept): {e}") from None
     if main:
@@ -132,16 +147,20 @@ def _is_sharded(model) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
-def _load_sharded(path: Path, model, optimizer) -> None:
-    """DCP checkpoint into any model: the current (possibly sharded) state dicts are the templates
+def _load_sharded(path: Path, model, optimizer, rest: dict) -> None:
+    """Sharded checkpoint into any model: the current (possibly sharded) state dicts are the templates
     that dcp.load fills in place, resharding from however many ranks wrote it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     model_sd, optim_sd = _state_dicts(model, optimizer)
+    tensors, _ = _split_optimizer(optim_sd)
     with warnings.catch_warnings():  # loading without a process group is meant: resuming on one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path / SHARDS)
+        dcp.load({"model": model_sd, "optimizer": tensors}, storage_reader=JsonReader(path / SHARDS))
+    for fqn, entries in rest["state"].items():
+        optim_sd["state"].setdefault(fqn, {}).update(entries)
+    optim_sd["param_groups"] = rest["param_groups"]
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
@@ -177,10 +196,18 @@ def load_training_checkpoint(path: Path, model, optimizer) -> dict:
     from torch.distributed.checkpoint.api import CheckpointException  # DCP's failures are BaseExceptions
 
     try:
-        state = json.loads((path / "state.json").read_text())
-        if (path / SHARDS).is_dir():
-            _load_sharded(path, model, optimizer)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        kind = state.get("format", SAFETENSORS)  # palm 0.1 wrote no format for safetensors checkpoints
+        if kind == PICKLED_DCP:
+            raise CheckpointError(
+                f"checkpoint {path} is in palm 0.1's sharded format, whose pickled metadata can run code "
+                "when loaded; palm does not read it (resume from a checkpoint written by this version)"
+            )
+        if kind == SHARDED:
+            _load_sharded(path, model, optimizer, state.pop("optimizer"))
             return state
+        if kind != SAFETENSORS:
+            raise CheckpointError(f"checkpoint {path} has an unknown format {kind!r}")
         if _is_sharded(model):
             _load_full_into_sharded(path, model, optimizer, state.pop("optimizer"))
             return state
@@ -188,7 +215,9 @@ def load_training_checkpoint(path: Path, model, optimizer) -> dict:
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise CheckpointError(f"{path} does not match this model (missing {missing}, unexpected {unexpected})")
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError, json.JSONDecodeError, SafetensorError,
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, SafetensorError,
             CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or does not match: {e}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or does not match: {type(e).__name__}: {e}".splitlines()[0]) from None
     return state

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorpusError, PalmError
+from .tokenizer import not_unicode
 
 _SNIFF_BYTES = 8192
 
@@ -73,6 +74,9 @@ def jsonl_rows(path: Path, error: type[PalmError] = CorpusError, what: str = "fi
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise error(f"{where}: not valid JSON ({e.msg})") from None
+        problem = not_unicode(json.dumps(value, ensure_ascii=False))
+        if problem:
+            raise error(f"{where}: not valid Unicode text ({problem.removeprefix('it holds ')})")
         yield where, value
 
 

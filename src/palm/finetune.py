@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from . import settings
+from . import distributed, settings
 from .atomic import atomic_directory, write_json
 from .config import PalmConfig
 from .documents import jsonl_rows
 from .errors import PalmError
 from .heldout import summed_nll
-from .loop import LoopConfig, Run, TrainingError, read_settings, run_loop
+from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop
 from .loss import IGNORE_INDEX
 from .model import PalmForCausalLM
 from .modeldir import check_model_dir, quiet_transformers, save_model_dir
@@ -261,20 +261,36 @@ def _load_base(cfg: FinetuneConfig) -> tuple[PalmTokenizer, PalmForCausalLM]:
     return tok, model
 
 
-def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
+def open_finetune(cfg: FinetuneConfig, resume: bool, allow_data_change: bool = False) -> Run:
     """A Run for fine-tuning: the base model (or, resuming, the run's own copy of its config), data and hooks."""
     cfg.validate()
     layout = RunLayout(cfg.out)
     if resume:
         cfg.data_sha256 = load_finetune_config(layout.root).data_sha256
+    held = claim(layout, distributed.World(), resume)
+    try:
+        run = _open(cfg, layout, resume, allow_data_change)
+    except BaseException:
+        held.abandon()
+        raise
+    run.lock = held.lock
+    return run
+
+
+def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_change: bool) -> Run:
+    if resume:
         if _digest(cfg) != cfg.data_sha256:
-            raise TrainingError(f"{cfg.data} (or --val) changed since the run started; it cannot resume exactly")
+            if not allow_data_change:
+                raise TrainingError(f"{cfg.data} (or --val) changed since the run started, so resuming would not be "
+                                    "exact; pass --allow-data-change to continue on the new data anyway")
+            cfg.data_sha256 = _digest(cfg)
         tok = PalmTokenizer.load(layout.base)
         model = PalmForCausalLM(PalmConfig.from_pretrained(str(layout.base)))
     else:
-        if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
-            raise TrainingError(f"{layout.root} already exists and is not empty; resume it with --resume {layout.root}")
         tok, model = _load_base(cfg)
+    context = model.config.max_position_embeddings
+    if cfg.seq_len > context:
+        raise TrainingError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     data = load_examples(cfg, tok)
     if cfg.epochs is not None:
         cfg.loop.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.loop.batch_size))
@@ -282,7 +298,6 @@ def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
         cfg.loop.hold_steps = cfg.loop.max_steps  # hold the lr for the whole run
     if not resume:
         cfg.data_sha256 = _digest(cfg)
-        layout.root.mkdir(parents=True, exist_ok=True)
         with atomic_directory(layout.base, overwrite=True) as tmp:
             model.config.save_pretrained(str(tmp))
             tok.save(tmp)
@@ -297,9 +312,13 @@ def open_finetune(cfg: FinetuneConfig, resume: bool) -> Run:
     return run
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False, on_step=None) -> Run:
+def finetune(cfg: FinetuneConfig, resume: bool = False, on_step=None, allow_data_change: bool = False) -> Run:
     """Fine-tune to max_steps or until validation stops improving; RUN/final holds the best weights."""
-    run = run_loop(open_finetune(cfg, resume), on_step)
-    with atomic_directory(run.layout.final, overwrite=True) as tmp:
-        shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
+    run = open_finetune(cfg, resume, allow_data_change)
+    try:
+        run_loop(run, on_step)
+        with atomic_directory(run.layout.final, overwrite=True) as tmp:
+            shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
+    finally:
+        run.close()
     return run

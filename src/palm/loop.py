@@ -12,7 +12,9 @@ number of processes: to float rounding).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -24,13 +26,17 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import list_checkpoints, load_training_checkpoint, save_sharded_checkpoint, save_training_checkpoint
-from .errors import PalmError
+from .errors import CheckpointError, PalmError
 from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
 from .loss import IGNORE_INDEX
 from .optim import OPTIMIZERS, lr_at
 from .rundir import RunLayout
+from .runlock import RunLock
 from .runlog import MetricsLog
 from .runtime import DTYPES, autocast, torch_threads
+
+
+logger = logging.getLogger("palm")
 
 
 class TrainingError(PalmError):
@@ -142,15 +148,19 @@ class Run:
     tokens: int = 0
     extra: dict = field(default_factory=dict)  # the recipe's own state (e.g. early stopping)
     stop: bool = False  # set by `evaluate` to end the run early (saved too, so a resumed run stays stopped)
+    lock: RunLock | None = None  # rank 0 holds the run folder while it trains
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "recent": list(self.recent), "rewinds": self.rewinds,
                 "tokens": self.tokens, "extra": self.extra, "stop": self.stop}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.skipped, self.recent = state["step"], state["skipped"], list(state["recent"])
-        self.rewinds, self.tokens = state["rewinds"], state["tokens"]
-        self.extra, self.stop = state.get("extra", {}), state.get("stop", False)
+        try:
+            self.step, self.skipped, self.recent = int(state["step"]), int(state["skipped"]), list(state["recent"])
+            self.rewinds, self.tokens = int(state["rewinds"]), int(state["tokens"])
+            self.extra, self.stop = dict(state.get("extra", {})), bool(state.get("stop", False))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"a checkpoint's state.json is incomplete or corrupt ({type(e).__name__}: {e})") from None
 
     def save(self, step: int) -> None:
         """Checkpoint `step`: with FSDP every rank writes its shards; DDP replicas are identical, so rank 0
@@ -162,19 +172,30 @@ class Run:
             save_training_checkpoint(self.layout, step, self.model, self.optimizer, state, keep)
         self.world.barrier()
 
-    def restore(self, checkpoint=None) -> None:
-        """Back to `checkpoint` (default: the newest intact one)."""
-        checkpoint = checkpoint or list_checkpoints(self.layout)[-1]
-        self.load_state_dict(load_training_checkpoint(checkpoint, self.model, self.optimizer))
+    def restore(self) -> None:
+        """Back to the newest intact checkpoint: a corrupt one is reported and passed over."""
+        checkpoints = list_checkpoints(self.layout)
+        for checkpoint in reversed(checkpoints):
+            try:
+                self.load_state_dict(load_training_checkpoint(checkpoint, self.model, self.optimizer))
+                return
+            except CheckpointError as e:
+                logger.warning("%s; falling back to the checkpoint before it", e)
+        raise CheckpointError(f"{self.layout.checkpoints} holds no intact checkpoint to continue from")
 
     def start(self) -> None:
-        """Continue from the newest checkpoint, or write step 0's so that a rewind always has one."""
+        """Continue from the newest intact checkpoint, or write step 0's so that a rewind always has one."""
         checkpoints = list_checkpoints(self.layout)
         self.world.barrier()  # every rank has looked before rank 0 may write the first checkpoint
         if checkpoints:
-            self.restore(checkpoints[-1])
+            self.restore()
         else:
             self.save(0)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def show_progress(loop: LoopConfig) -> bool:
@@ -306,8 +327,51 @@ def rewind(run: Run, step: int, loss: float, log: MetricsLog | None) -> None:
                    "skipped_batches": run.loop.skip_batches})
 
 
+@dataclass
+class Claim:
+    """Rank 0's hold on a run folder while a run opens: the lock, and whether the folder is new (a new
+    run that fails to open leaves nothing behind, so that a retry starts clean)."""
+
+    layout: RunLayout
+    lock: RunLock | None
+    fresh: bool
+    created: bool = False  # the folder itself is ours (else it was there, empty, and stays)
+
+    def abandon(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        if not (self.fresh and self.layout.root.is_dir()):
+            return
+        if self.created:
+            shutil.rmtree(self.layout.root, ignore_errors=True)
+            return
+        for entry in self.layout.root.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def claim(layout: RunLayout, world: distributed.World, resume: bool) -> Claim:
+    """Lock the run folder (created if new) on rank 0, after clearing what a crash left half-written."""
+    from .atomic import make_dir, remove_stale_temporaries
+
+    if not world.is_main:
+        return Claim(layout, None, False)
+    exists = layout.root.exists()
+    if exists and not layout.root.is_dir():
+        raise TrainingError(f"{layout.root} is a file, not a run folder")
+    if not resume and exists and any(layout.root.iterdir()):
+        raise TrainingError(f"{layout.root} already exists and is not empty; resume it with --resume {layout.root}")
+    make_dir(layout.root)
+    lock = RunLock(layout.lock).acquire()
+    for folder in (layout.root, layout.checkpoints):
+        for gone in remove_stale_temporaries(folder):
+            logger.info("removed %s, left half-written by an interrupted run", gone)
+    return Claim(layout, lock, fresh=not resume, created=not exists)
+
+
 def read_settings(layout: RunLayout) -> dict:
-    """A run's run.json as a mapping; CheckpointError-free callers get TrainingError with one line."""
+    """A run's run.json as a mapping, or a TrainingError in one line."""
+    if layout.root.exists() and not layout.root.is_dir():
+        raise TrainingError(f"{layout.root} is a file, not a palm run folder")
     try:
         raw = json.loads(layout.settings.read_text(encoding="utf-8"))
     except FileNotFoundError:

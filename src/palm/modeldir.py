@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_directory
-from .config import PalmConfig
+from .config import ConfigError, PalmConfig
 from .errors import CheckpointError
 from .runtime import pick_device, pick_dtype
 from .tokenizer import PalmTokenizer
@@ -45,10 +45,25 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     if kind != PalmConfig.model_type:
         raise CheckpointError(f"{path} holds a {kind!r} model, not a palm model")
+    check_config(config_file, raw)
     _check_weights(path)
     if tokenizer and not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json is missing)")
     return path
+
+
+def check_config(config_file: Path, raw: dict) -> PalmConfig:
+    """The PalmConfig a config.json describes: each of palm's own fields of the right type, a consistent shape."""
+    from .settings import check_value, own_hints
+
+    hints = own_hints(PalmConfig)
+    try:
+        for name, value in raw.items():
+            if name in hints:
+                check_value(name, value, hints[name])
+        return PalmConfig.from_dict(raw)
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{config_file} does not describe a palm model: {e}") from None
 
 
 def _check_weights(path: Path) -> None:

@@ -2,6 +2,7 @@
 
     RUN/run.json            the run's settings (what `--resume` continues with)
     RUN/metrics.jsonl       one JSON object per step (and per event: loss spikes, rewinds)
+    RUN/data.json           what the batches depend on: each corpus's fingerprint, the tokenizer's hash
     RUN/tokenizer/          the tokenizer (pretraining)
     RUN/base/               the starting model's config and tokenizer (fine-tuning)
     RUN/checkpoints/step-N/ training checkpoints, newest last
@@ -31,6 +32,7 @@ class RunLayout:
     root: Path
     settings: Path = _entry("run.json")
     metrics: Path = _entry("metrics.jsonl")
+    data: Path = _entry("data.json")
     tokenizer: Path = _entry("tokenizer")
     base: Path = _entry("base")
     checkpoints: Path = _entry("checkpoints")

@@ -6,6 +6,7 @@ same tokens whichever rows share its batch (what continuous batching in `palm se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from .errors import GenerationInputError
 GenerationError = GenerationInputError
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_COUNT = 2**31 - 1  # token counts beyond any context; bigger numbers overflow tensor indices
 
 
 @dataclass
@@ -30,11 +32,12 @@ class SamplingConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
-            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
+            (1 <= self.max_new_tokens <= MAX_COUNT, f"max_new_tokens must be between 1 and {MAX_COUNT}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
+            (0 <= self.top_k <= MAX_COUNT, f"top_k must be 0 (off) or a count up to {MAX_COUNT}"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a positive number"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
         ]
@@ -76,11 +79,15 @@ def sample_rows(
     col = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]  # noqa: E731
     if any(c.repetition_penalty != 1.0 for c in cfgs):
         logits = penalize_repeats(logits, seen, col([c.repetition_penalty for c in cfgs]))
+        logits = logits.clamp(-3e38, 3e38)  # an extreme penalty overflows to inf; keep every logit finite
     greedy = logits.argmax(-1)
     sampled = [r for r, c in enumerate(cfgs) if c.temperature > 0]
     if not sampled:
         return greedy
-    rows = logits[sampled] / col([cfgs[r].temperature for r in sampled])
+    rows = logits[sampled]
+    # Shifted so the best logit is 0: a tiny temperature then sends the others to -inf, never to inf - inf.
+    # Temperatures below 1e-6 (which fp32 would round to 0) sample as 1e-6 does: the argmax, all but surely.
+    rows = (rows - rows.max(-1, keepdim=True).values) / col([max(cfgs[r].temperature, 1e-6) for r in sampled])
     if any(cfgs[r].top_k or cfgs[r].top_p < 1.0 for r in sampled):
         rows = filter_top_k_top_p(rows, col([cfgs[r].top_k for r in sampled], torch.long),
                                   col([cfgs[r].top_p for r in sampled]))

@@ -8,6 +8,7 @@ mapping such as the command line gives is routed to the right one of the two by 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -62,6 +63,12 @@ def check_value(name: str, value: Any, kind: Any) -> Any:
     else:
         return value
     raise ConfigError(f"setting {name!r} must be {_type_name(kind)}, not {value!r}")
+
+
+def own_hints(cls: type) -> dict[str, Any]:
+    """The field types `cls` itself declares (not its bases'), resolved in its own module."""
+    namespace = vars(sys.modules[cls.__module__])
+    return {k: eval(v, namespace) if isinstance(v, str) else v for k, v in vars(cls).get("__annotations__", {}).items()}
 
 
 def build(cls: type[T], values: dict[str, Any]) -> T:

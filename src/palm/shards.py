@@ -58,7 +58,7 @@ def token_byte_lengths(tokenizer: PalmTokenizer) -> np.ndarray:
     return table
 
 
-def _tokenizer_sha256(tokenizer: PalmTokenizer) -> str:
+def tokenizer_sha256(tokenizer: PalmTokenizer) -> str:
     return hashlib.sha256(tokenizer.hf.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
@@ -231,7 +231,7 @@ def prepare_data(
         raise CorpusError(f"sequence length must be positive, not {seq_len}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tok_sha = _tokenizer_sha256(tokenizer)
+    tok_sha = tokenizer_sha256(tokenizer)
     byte_table = token_byte_lengths(tokenizer)
     out = TokenData([], [], [], [], [], vocab_size=len(tokenizer), seq_len=seq_len, byte_table=byte_table)
     for part in parts:

@@ -108,6 +108,15 @@ def _wrap(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
+def not_unicode(text: str) -> str | None:
+    """Why `text` is not Unicode text (a lone surrogate, as JSON escapes and undecodable argv can make), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"it holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
+
+
 class PalmTokenizer:
     """palm's handle on a trained vocabulary: a Transformers fast tokenizer plus the ids palm needs."""
 
@@ -139,11 +148,18 @@ class PalmTokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of `text`, with BOS first by default (as `AutoTokenizer` gives them)."""
-        return self._backend.encode(text, add_special_tokens=bos).ids
+        try:
+            return self._backend.encode(text, add_special_tokens=bos).ids
+        except TypeError:  # what `tokenizers` says of a str it cannot pass to Rust: a lone surrogate
+            raise TokenizerError(f"the text is not valid Unicode: {not_unicode(text)}") from None
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         # encode_batch_fast skips character offsets, which palm never reads: 3x the MB/s (bench/tokenizer.py).
-        return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=bos)]
+        try:
+            return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=bos)]
+        except TypeError:
+            bad = next((t for t in texts if not_unicode(t)), "")
+            raise TokenizerError(f"a text is not valid Unicode: {not_unicode(bad)}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`, leaving out special tokens: `decode(encode(s)) == s`."""

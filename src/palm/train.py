@@ -9,8 +9,9 @@ its checkpoints, exact resume and spike rewinds are palm.loop's.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +20,21 @@ import torch
 
 from . import distributed, settings
 from .atomic import atomic_directory, write_json
-from .corpora import parse_corpus_spec, part_documents
+from .config import ConfigError, PalmConfig
+from .corpora import parse_corpus_spec, part_documents, part_fingerprint
 from .data import TokenData, get_batch, val_windows
 from .errors import PalmError
 from .heldout import summed_nll
-from .loop import LoopConfig, Run, TrainingError, read_settings, run_loop, show_progress
+from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop, show_progress
 from .modeldir import model_config, save_model_dir
 from .model import PalmForCausalLM
 from .optim import build_optimizer
 from .rundir import RunLayout
 from .runtime import pick_device, pick_dtype
-from .shards import prepare_data, token_byte_lengths
+from .shards import prepare_data, token_byte_lengths, tokenizer_sha256
 from .tokenizer import PalmTokenizer, train_tokenizer
+
+logger = logging.getLogger("palm")
 
 
 @dataclass
@@ -60,6 +64,20 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+        self.model_config_check()
+
+    def model_config_check(self) -> None:
+        """The preset and [model] overrides describe a PaLM: known keys, right types, a consistent shape."""
+        hints = settings.own_hints(PalmConfig)
+        unknown = sorted(set(self.model) - set(hints))
+        if unknown:
+            raise TrainingError(f"unknown model setting {', '.join(map(repr, unknown))}; "
+                                f"PalmConfig has {', '.join(sorted(hints))}")
+        try:
+            values = {k: settings.check_value(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
+            PalmConfig.from_preset(self.preset, **values)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise TrainingError(f"the model settings do not describe a PaLM: {e}") from None
 
     @classmethod
     def from_settings(cls, flat: dict) -> TrainConfig:
@@ -121,26 +139,46 @@ def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts) -> PalmTokenizer:
     return tok
 
 
-def _prepare(cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool) -> tuple[PalmTokenizer, TokenData]:
+def data_identity(parts, tokenizer: PalmTokenizer) -> dict:
+    """What the run's batches are a function of, besides the seed: each corpus's files and the vocabulary."""
+    return {"tokenizer_sha256": tokenizer_sha256(tokenizer),
+            "corpora": {part.name: part_fingerprint(part) for part in parts}}
+
+
+def _check_data(layout: RunLayout, identity: dict, allow_change: bool) -> None:
+    """A resumed run reads the same batches only if the corpora and vocabulary are those it started with."""
+    saved = json.loads(layout.data.read_text(encoding="utf-8")) if layout.data.is_file() else None
+    if saved is None or saved == identity:
+        return
+    changed = sorted(name for name in {**saved.get("corpora", {}), **identity["corpora"]}
+                     if saved.get("corpora", {}).get(name) != identity["corpora"].get(name))
+    what = f"corpus {', '.join(changed)}" if changed else "the tokenizer"
+    if not allow_change:
+        raise TrainingError(f"{what} changed since the run started, so resuming would not be exact; "
+                            "pass --allow-data-change to continue on the new data anyway")
+    logger.warning("%s changed since the run started: the resumed run will not be exact", what)
+
+
+def _prepare(cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False
+             ) -> tuple[PalmTokenizer, TokenData]:
     parts = parse_corpus_spec(cfg.corpus)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    try:
-        tok = _tokenizer_for(cfg, layout, parts)
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.default_cache()
-        data = prepare_data(parts, tok, cache, cfg.seq_len, cfg.val_fraction, progress=show)
-    except BaseException:
-        if not resume and not any(p for p in layout.root.iterdir() if p.name != layout.tokenizer.name):
-            shutil.rmtree(layout.root)  # a run that never started leaves nothing behind
-        raise
+    tok = _tokenizer_for(cfg, layout, parts)
+    identity = data_identity(parts, tok)
+    if resume:
+        _check_data(layout, identity, allow_change)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.default_cache()
+    data = prepare_data(parts, tok, cache, cfg.seq_len, cfg.val_fraction, progress=show)
+    write_json(layout.data, identity)
     return tok, data
 
 
-def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world) -> tuple[PalmTokenizer, TokenData]:
+def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world, allow_change: bool
+                      ) -> tuple[PalmTokenizer, TokenData]:
     """Rank 0 trains the tokenizer, builds the shards and writes run.json; the others then read the same files."""
     failure = result = None
     if world.is_main:
         try:
-            result = _prepare(cfg, layout, resume, show_progress(cfg.loop))
+            result = _prepare(cfg, layout, resume, show_progress(cfg.loop), allow_change)
             if not resume:
                 write_json(layout.settings, dataclasses.asdict(cfg))
         except PalmError as e:
@@ -149,40 +187,48 @@ def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world) 
         failure = distributed.share_failure(failure)
     if failure is not None:
         raise failure
-    return result if world.is_main else _prepare(cfg, layout, True, False)
+    return result if world.is_main else _prepare(cfg, layout, True, False, allow_change=True)
 
 
-def open_run(cfg: TrainConfig, resume: bool) -> Run:
+def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) -> Run:
     """Build (or, with resume, restore) a run: tokenizer, data shards, model, optimizer, state."""
     cfg.validate()
     world = distributed.setup(cfg.loop.parallel)
     layout = RunLayout(cfg.out)
-    if not resume and layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
-        raise TrainingError(f"{layout.root} already exists and is not empty; resume it with --resume {layout.root}")
     cfg.loop.check_world(world)
-    world.barrier()
-    tok, data = _prepare_on_rank0(cfg, layout, resume, world)
-    device = world.device() if world.active else pick_device()
-    config = model_config(tok, cfg.preset, max_position_embeddings=max(cfg.seq_len, 2048), z_loss_coef=cfg.loop.z_loss,
-                          use_cache=False, **cfg.model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.loop.seed)
-        model = PalmForCausalLM(config).to(device).train()
-    dtype = pick_dtype(cfg.loop.dtype, device)
-    model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
-    optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
-    recipe = Pretraining(cfg, tok, data)
-    run = Run(cfg.loop, layout, model, optimizer, device, dtype, recipe.batches, recipe.evaluate, world=world,
-              seq_len=cfg.seq_len)
-    run.start()
+    held = claim(layout, world, resume)
+    try:
+        world.barrier()
+        tok, data = _prepare_on_rank0(cfg, layout, resume, world, allow_data_change)
+        device = world.device() if world.active else pick_device()
+        config = model_config(tok, cfg.preset, max_position_embeddings=max(cfg.seq_len, 2048),
+                              z_loss_coef=cfg.loop.z_loss, use_cache=False, **cfg.model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.loop.seed)
+            model = PalmForCausalLM(config).to(device).train()
+        dtype = pick_dtype(cfg.loop.dtype, device)
+        model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
+        optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
+        recipe = Pretraining(cfg, tok, data)
+        run = Run(cfg.loop, layout, model, optimizer, device, dtype, recipe.batches, recipe.evaluate, world=world,
+                  seq_len=cfg.seq_len, lock=held.lock)
+        run.start()
+    except BaseException:
+        held.abandon()
+        raise
     return run
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None) -> Run:
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None,
+          allow_data_change: bool = False) -> Run:
     """Train to max_steps (continuing a run when `resume`) and export RUN/final."""
-    run = run_loop(open_run(cfg, resume), on_step)
-    export_final(run, PalmTokenizer.load(run.layout.tokenizer))  # collective under FSDP; rank 0 writes
-    run.world.barrier()
+    run = open_run(cfg, resume, allow_data_change)
+    try:
+        run_loop(run, on_step)
+        export_final(run, PalmTokenizer.load(run.layout.tokenizer))  # collective under FSDP; rank 0 writes
+        run.world.barrier()
+    finally:
+        run.close()
     return run
 
 

@@ -7,6 +7,7 @@ state (threads). Commands turn flags into the library's config dataclasses and c
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -19,7 +20,26 @@ from . import inference, training  # noqa: F401  (their commands register themse
 __all__ = ["app", "main"]
 
 
+class _StderrHandler(logging.Handler):
+    """One line per warning, to whatever sys.stderr is when it is written (tests swap it)."""
+
+    palm_cli = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"palm: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _report_warnings() -> None:
+    """palm's library logs what the user should know (a corrupt checkpoint passed over); show it as one line."""
+    logger = logging.getLogger("palm")
+    if not any(getattr(h, "palm_cli", False) for h in logger.handlers):
+        handler = _StderrHandler(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False  # no second copy through the root logger's last-resort handler
+
+
 def main(argv: list[str] | None = None) -> None:
+    _report_warnings()
     try:
         app(args=argv, standalone_mode=False)
     except typer.Exit as e:

@@ -30,11 +30,20 @@ def generate_command(
     from ..generate import Generator, SamplingConfig
 
     if file is not None:
+        from ..documents import BinaryFileError, read_text
+
         if not file.is_file():
             raise GenerationInputError(f"prompt file {file} does not exist")
-        prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line for line in read_text(file).splitlines() if line.strip()]
+        except BinaryFileError as e:
+            raise GenerationInputError(f"prompt file {e}") from None
     elif prompt is None or prompt == "-":
-        prompts = [sys.stdin.read()]
+        try:
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogatepass")
+            prompts = [raw.decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise GenerationInputError(f"standard input is not UTF-8 text (invalid byte at offset {e.start})") from None
     else:
         prompts = [prompt]
     if not any(p.strip() for p in prompts):
@@ -100,11 +109,22 @@ def eval_command(
 def serve_command(
     model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
-    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")] = 512,
+    port: Annotated[int, typer.Option("--port", help="0 to 65535; 0 picks a free port.")] = 8000,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients use (default: the folder name).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")] = 512,
+    max_total_tokens: Annotated[Optional[int], typer.Option("--max-total-tokens", help="Largest prompt + max_tokens (default: the model's context).")] = None,
+    max_stop: Annotated[int, typer.Option("--max-stop", help="Stop strings a request may give.")] = 4,
+    max_stop_length: Annotated[int, typer.Option("--max-stop-length", help="Characters per stop string.")] = 64,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for the model; more get 429.")] = 64,
+    read_timeout: Annotated[float, typer.Option("--read-timeout", help="Seconds a client has to send its headers, and then its body (408).")] = 30.0,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="PALM_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every request but /health (the environment variable keeps it out of `ps`).")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
     from ..serve import serve
 
-    serve(model, host=host, port=port, max_tokens_limit=max_tokens_limit, model_name=model_name)
+    serve(model, host=host, port=port, model_name=model_name, max_tokens_limit=max_tokens_limit,
+          max_total_tokens=max_total_tokens, max_stop=max_stop, max_stop_length=max_stop_length, max_batch=max_batch,
+          max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)

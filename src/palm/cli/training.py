@@ -72,10 +72,11 @@ def train_command(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
+    allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though the corpus changed (not exact).")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file with the same keys.")] = None,
 ) -> None:
     """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
-    flags = given(locals(), "resume", "config")  # first, while locals() holds only the options
+    flags = given(locals(), "resume", "config", "allow_data_change")  # first, while locals() holds only the options
     from .. import distributed, settings
     from ..train import TrainConfig, TrainingError, load_run_config, train
 
@@ -89,8 +90,9 @@ def train_command(
         if isinstance(values["corpus"], str):
             values["corpus"] = [values["corpus"]]
         cfg = TrainConfig.from_settings(values)
+    cfg.validate()  # before anything runs, threads included
     with torch_threads(cfg.loop.threads):
-        run = train(cfg, resume=resume is not None)
+        run = train(cfg, resume=resume is not None, allow_data_change=allow_data_change)
     steps, where, main = run.step, run.layout, run.world.is_main
     del run  # the model and optimizer hold the process group; drop them before leaving it
     distributed.teardown()
@@ -120,9 +122,10 @@ def finetune_command(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
+    allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though --data changed (not exact).")] = False,
 ) -> None:
     """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
-    flags = given(locals(), "resume", rename={"model": "base_model", "steps": "max_steps"})
+    flags = given(locals(), "resume", "allow_data_change", rename={"model": "base_model", "steps": "max_steps"})
     from ..finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
 
     if resume is not None:
@@ -134,8 +137,9 @@ def finetune_command(
         if "max_steps" in flags and "epochs" in flags:
             raise TrainingError("give --steps or --epochs, not both")
         cfg = FinetuneConfig.from_settings(flags)
+    cfg.validate()
     with torch_threads(cfg.loop.threads):
-        run = finetune(cfg, resume=resume is not None)
+        run = finetune(cfg, resume=resume is not None, allow_data_change=allow_data_change)
     best = run.extra.get("best_val_loss")
     note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""
     stopped = " (stopped early)" if run.stop else ""

@@ -2,30 +2,39 @@
 
 The model is not thread-safe, so every generation runs on ONE worker thread (`worker`). A
 dispatcher task feeds it: non-streaming requests that arrive while the model is busy and share the
-same sampling settings are decoded together in one left-padded `Generator.generate` batch (at most
-`max_batch` rows); a streaming request runs `Generator.stream` alone on that thread and its text
-deltas travel to the response through an asyncio queue, one server-sent event per delta, as soon
-as they are produced.
+same sampling settings are decoded together in one left-padded `Generator.token_stream` batch (at
+most `max_batch` rows); a streaming request is decoded alone on that thread and its text deltas
+travel to the response through an asyncio queue, one server-sent event per delta, as soon as they
+are produced.
 
-The modules: `schemas` (request bodies, the error shape), `worker`, `middleware` (the body-size
-guard), `handling` (what the routes share: settings, limits, replies and streams), the routes
-`models`, `completions` and `chat`, `app` (`create_app`) and `server` (`listen`, `serve`).
+Every limit is checked before a request reaches the worker: a 400 at once for a request that asks
+too much (max_tokens, prompt + max_tokens, stop strings, n, seed), a 429 when `max_queue` requests
+already wait, a 401 without the API key (when one is set), a 408 for a body slower than
+`read_timeout`. A request whose client leaves is cancelled: it stops at its next token, or never starts.
+
+The modules: `options` (ServeOptions, every limit and its default), `schemas` (request bodies, the
+error shape), `decoding` (one row's text as its tokens arrive), `worker`, `middleware` (the request
+guard: key, size, read deadline), `handling` (what the routes share: settings, checks, jobs, replies
+and streams), the routes `models`, `completions` and `chat`, `app` (`create_app`) and `server`
+(`listen`, `serve`).
 """
 
 from .app import create_app
 from .chat import PLAIN_CHAT_STOPS, render_chat
 from .handling import ServeSettings
-from .middleware import BodySizeLimit
+from .middleware import RequestGuard
+from .options import ServeError, ServeOptions
 from .schemas import (
     ROLES, APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingRequest, StreamOptions, error_body,
     error_response,
 )
-from .server import ServeError, listen, serve
-from .worker import GenerationJob, GenerationWorker, WorkerNotRunning
+from .server import listen, serve, uvicorn_config
+from .worker import GenerationJob, GenerationWorker, QueueFull, WorkerNotRunning
 
 __all__ = [
     "PLAIN_CHAT_STOPS", "ROLES",
-    "APIError", "BodySizeLimit", "ChatMessage", "ChatRequest", "CompletionRequest", "GenerationJob",
-    "GenerationWorker", "SamplingRequest", "ServeError", "ServeSettings", "StreamOptions", "WorkerNotRunning",
-    "create_app", "error_body", "error_response", "listen", "render_chat", "serve",
+    "APIError", "ChatMessage", "ChatRequest", "CompletionRequest", "GenerationJob", "GenerationWorker",
+    "QueueFull", "RequestGuard", "SamplingRequest", "ServeError", "ServeOptions", "ServeSettings", "StreamOptions",
+    "WorkerNotRunning", "create_app", "error_body", "error_response", "listen", "render_chat", "serve",
+    "uvicorn_config",
 ]

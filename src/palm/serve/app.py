@@ -1,8 +1,9 @@
-"""The FastAPI application: routes, the body-size guard, the worker's lifespan and OpenAI-shaped errors."""
+"""The FastAPI application: routes, the request guard, the worker's lifespan and OpenAI-shaped errors."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..generate import Generator
 from . import chat, completions, models
 from .handling import ServeSettings
-from .middleware import BodySizeLimit
+from .middleware import RequestGuard
+from .options import ServeOptions
 from .schemas import APIError, error_response
 from .worker import GenerationWorker
 
@@ -58,13 +60,19 @@ async def _crash(request: Request, exc: Exception) -> JSONResponse:  # uvicorn l
     return error_response(500, "the server failed to handle the request", kind="server_error")
 
 
-def create_app(generator: Generator, model_name: str, max_tokens_limit: int = 512,
-               max_body_bytes: int = 1_000_000, max_batch: int = 8) -> FastAPI:
-    """An OpenAI-compatible app over `generator`; its routes read `app.state.settings` and `app.state.worker`."""
+def create_app(generator: Generator, model_name: str, options: ServeOptions | None = None, **overrides) -> FastAPI:
+    """An OpenAI-compatible app over `generator`; its routes read `app.state.settings` and `app.state.worker`.
+
+    `overrides` are ServeOptions fields (max_tokens_limit=64, api_key="..."); a bad value is a ServeError.
+    """
+    options = replace(options or ServeOptions(), **overrides)
     app = FastAPI(title="palm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.settings = ServeSettings(generator, model_name, max_tokens_limit)
-    app.state.worker = GenerationWorker(generator, max_batch)
-    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.state.settings = ServeSettings(generator, model_name, options)
+    app.state.worker = GenerationWorker(generator, options.max_batch, options.max_queue)
+    # Around the routes and FastAPI's body parsing: neither sees a request that is unauthorised, too
+    # large or too slow.
+    app.add_middleware(RequestGuard, max_body_bytes=options.max_body_bytes, read_timeout=options.read_timeout,
+                       api_key=options.api_key)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..generate import Generator
-from .handling import Reply, complete, count_prompt, settings_of, stream_events, stream_response, usage, worker_of
-from .schemas import ChatMessage, ChatRequest
+from .handling import Reply, complete, prepare, settings_of, stream, usage, worker_of
+from .schemas import APIError, ChatMessage, ChatRequest
 
 router = APIRouter()
 
@@ -20,7 +20,12 @@ def render_chat(generator: Generator, messages: list[ChatMessage]) -> tuple[str,
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages]
     hf = generator.tokenizer.hf
     if getattr(hf, "chat_template", None):
-        text = hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError  # Transformers renders chat templates with it, so it is there
+
+        try:
+            text = hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # a template's raise_exception(): roles out of order, say
+            raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
         bos = getattr(hf, "bos_token", None)
         if bos and text.startswith(bos):
             text = text[len(bos):]  # Generator.encode adds BOS itself
@@ -39,23 +44,19 @@ def _streamed_choice(text: str | None, finish: str | None) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     settings, worker = settings_of(request), worker_of(request)
-    limit = settings.max_tokens_limit
     # max_completion_tokens is OpenAI's newer name for max_tokens: a client that sends both means it.
+    requested, param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
-        limit = settings.max_tokens(body.max_completion_tokens, limit, "max_completion_tokens")
-    else:
-        limit = settings.max_tokens(body.max_tokens, limit)
+        requested, param = body.max_completion_tokens, "max_completion_tokens"
     prompt, stops = render_chat(settings.generator, body.messages)
-    cfg = body.sampling(limit, stops)
-    prompt_tokens = await count_prompt(settings.generator, prompt, "messages")
-    if body.stream:
+    # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
+    job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit, stops)
+    if job.streamed:
         reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.model_name)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         lead = [_delta({"role": "assistant", "content": ""}, None)]
-        return stream_response(stream_events(worker, prompt, cfg, prompt_tokens, reply, _streamed_choice,
-                                             include_usage, lead))
-    done = await complete(worker, prompt, cfg, prompt_tokens)
+        return stream(request, worker, job, reply, _streamed_choice, body.include_usage, lead)
+    done = await complete(request, worker, job)
     message = {"role": "assistant", "content": done.text}
     reply = Reply.new("chatcmpl", "chat.completion", settings.model_name)
     return reply.body([{"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}],
-                      usage=usage(prompt_tokens, len(done.token_ids)))
+                      usage=usage(job.prompt_tokens, len(done.token_ids)))

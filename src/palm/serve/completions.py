@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .handling import Reply, complete, count_prompt, settings_of, stream_events, stream_response, usage, worker_of
+from .handling import Reply, complete, prepare, settings_of, stream, usage, worker_of
 from .schemas import CompletionRequest
 
 router = APIRouter()
@@ -19,14 +19,11 @@ def _choice(text: str | None, finish: str | None) -> dict:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     settings, worker = settings_of(request), worker_of(request)
-    cfg = body.sampling(settings.max_tokens(body.max_tokens, DEFAULT_MAX_TOKENS))
-    prompt_tokens = await count_prompt(settings.generator, body.prompt, "prompt")
+    job = await prepare(settings, body, body.prompt, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
     reply = Reply.new("cmpl", "text_completion", settings.model_name)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if job.streamed:
         lead = [_choice(body.prompt, None)] if body.echo else []
-        events = stream_events(worker, body.prompt, cfg, prompt_tokens, reply, _choice, include_usage, lead)
-        return stream_response(events)
-    done = await complete(worker, body.prompt, cfg, prompt_tokens)
+        return stream(request, worker, job, reply, _choice, body.include_usage, lead)
+    done = await complete(request, worker, job)
     text = body.prompt + done.text if body.echo else done.text
-    return reply.body([_choice(text, done.finish_reason)], usage=usage(prompt_tokens, len(done.token_ids)))
+    return reply.body([_choice(text, done.finish_reason)], usage=usage(job.prompt_tokens, len(done.token_ids)))

@@ -1,8 +1,14 @@
-"""What every route shares: the server's settings, the limits on a request, and the shape of a
-reply, whole or streamed as server-sent events (one event per text delta, as soon as it is made)."""
+"""What every route shares: the server's settings, the checks of a request, running its job, and the
+shape of a reply, whole or streamed as server-sent events (one event per text delta, as soon as it is made).
+
+Every bound is checked before a job reaches the worker (a 400 costs the model nothing), the queue's
+bound when it is submitted (429), and a job is cancelled as soon as its client is gone, streaming or
+not, so that an abandoned request stops at its next token, or never starts.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -14,12 +20,16 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from ..generate import Completion, GenerationError, Generator, SamplingConfig
-from .schemas import APIError, error_body
-from .worker import GenerationWorker, logger
+from ..generate import Completion, GenerationError, Generator
+from .options import ServeOptions
+from .schemas import APIError, SamplingRequest, error_body
+from .worker import GenerationJob, GenerationWorker, QueueFull, logger
 
 # A streamed choice from (text delta, or None for the closing chunk; finish reason, or None).
 ChoiceOf = Callable[[str | None, str | None], dict]
+
+TOO_LONG = "context_length_exceeded"  # OpenAI's code for a prompt and completion that do not fit
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait: the queue moves a batch at a time
 
 
 @dataclass(frozen=True)
@@ -28,14 +38,14 @@ class ServeSettings:
 
     generator: Generator
     model_name: str
-    max_tokens_limit: int = 512
+    options: ServeOptions = field(default_factory=ServeOptions)
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's creation time
 
-    def max_tokens(self, value: int | None, default: int, param: str = "max_tokens") -> int:
-        n = default if value is None else value
-        if n > self.max_tokens_limit:
-            raise APIError(400, f"{param} is {n}; this server allows at most {self.max_tokens_limit}", param)
-        return n
+    @property
+    def total_tokens(self) -> int:
+        """Prompt and completion together, at most: the model's context, or less where the server says so."""
+        cap = self.options.max_total_tokens
+        return self.generator.context if cap is None else min(cap, self.generator.context)
 
 
 def settings_of(request: Request) -> ServeSettings:
@@ -69,18 +79,74 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def count_prompt(generator: Generator, prompt: str, param: str) -> int:
-    """The prompt's length in tokens; a 400 naming `param` when it leaves no room to generate."""
+async def encode_prompt(generator: Generator, prompt: str, param: str) -> list[int]:
+    """The prompt's tokens; a 400 naming `param` when it leaves no room to generate."""
     try:
         # Off the event loop: tokenizing a long prompt would stall every other connection.
-        return len(await run_in_threadpool(generator.encode, prompt))
+        return await run_in_threadpool(generator.encode, prompt)
     except GenerationError as e:
-        raise APIError(400, str(e), param, "context_length_exceeded") from None
+        raise APIError(400, str(e), param, TOO_LONG) from None
 
 
-async def complete(worker: GenerationWorker, prompt: str, cfg: SamplingConfig, prompt_tokens: int) -> Completion:
+async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str, prompt_param: str,
+                  requested: int | None, requested_param: str, default: int, extra_stops: Sequence[str] = ()
+                  ) -> GenerationJob:
+    """The job for a request, or a 400 before it costs the model anything.
+
+    An explicit max_tokens must fit with the prompt (OpenAI's rule); an unsaid one is `default`, cut
+    to what room the prompt leaves.
+    """
+    limit, total = settings.options.max_tokens_limit, settings.total_tokens
+    if requested is not None and requested > limit:
+        raise APIError(400, f"{requested_param} is {requested}; this server allows at most {limit}", requested_param)
+    body.check_stops(settings.options)
+    ids = await encode_prompt(settings.generator, prompt, prompt_param)
+    room = total - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this server allows {total} tokens for a prompt "
+                       "and its completion together", prompt_param, TOO_LONG)
+    if requested is not None and requested > room:
+        raise APIError(400, f"the prompt is {len(ids)} tokens and {requested_param} is {requested}, "
+                       f"{len(ids) + requested} in all; this server allows {total}", requested_param, TOO_LONG)
+    max_tokens = min(default, limit, room) if requested is None else requested
+    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops)), streamed=bool(body.stream))
+
+
+def submit(worker: GenerationWorker, job: GenerationJob) -> None:
     try:
-        return await worker.complete(prompt, cfg, prompt_tokens)
+        worker.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full", kind="rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has closed the connection. Once the body is read, the server answers
+    receive() only with http.disconnect: when the client leaves, or when the response is complete."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_when_gone(request: Request, job: GenerationJob) -> None:
+    await client_gone(request)
+    job.cancel()
+
+
+async def complete(request: Request, worker: GenerationWorker, job: GenerationJob) -> Completion:
+    """The job's completion; its client leaving cancels it (a 499 that nobody reads, but the log shows)."""
+    submit(worker, job)
+    assert job.future is not None
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([job.future, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.future.done():
+            job.cancel()  # the client left, or the server is stopping: the model moves on at its next token
+    if job.future.cancelled():
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    try:
+        return job.future.result()
     except GenerationError as e:
         raise APIError(400, str(e)) from None
 
@@ -96,36 +162,41 @@ def _error_event(error: BaseException) -> str:
     return sse(error_body("generation failed", "server_error"))  # the details stay in the server's log
 
 
-async def stream_events(
-    worker: GenerationWorker, prompt: str, cfg: SamplingConfig, prompt_tokens: int, reply: Reply,
-    choice: ChoiceOf, include_usage: bool, lead: Sequence[dict] = (),
-) -> AsyncIterator[str]:
-    """SSE events of one streamed generation, after a chunk for each `lead` choice.
+def stream(request: Request, worker: GenerationWorker, job: GenerationJob, reply: Reply, choice: ChoiceOf,
+           include_usage: bool, lead: Sequence[dict] = ()) -> StreamingResponse:
+    """The job's text as server-sent events, after a chunk for each `lead` choice."""
+    submit(worker, job)  # before the response starts, so that a full queue is still a 429
+    # Watched from now, not from the first event: a client may leave before the response has begun.
+    gone = asyncio.ensure_future(cancel_when_gone(request, job))
+    return stream_response(stream_events(job, gone, reply, choice, include_usage, lead))
 
-    Closing the response (the client is gone) cancels the generation, so the model moves on.
-    """
+
+async def stream_events(job: GenerationJob, gone: asyncio.Future, reply: Reply, choice: ChoiceOf,
+                        include_usage: bool, lead: Sequence[dict]) -> AsyncIterator[str]:
     # With stream_options.include_usage every chunk carries "usage": null, and a last one the counts.
     extra = {"usage": None} if include_usage else {}
-    for first in lead:
-        yield sse(reply.body([first], **extra))
-    job = worker.stream(prompt, cfg, prompt_tokens)
     assert job.events is not None
     try:
+        for first in lead:
+            yield sse(reply.body([first], **extra))
         while True:
             kind, value = await job.events.get()
             if kind == "delta":
                 yield sse(reply.body([choice(value, None)], **extra))
                 continue
+            if kind == "cancelled":
+                return  # the client is gone: there is no one to tell
             if kind == "done":
-                yield sse(reply.body([choice(None, value.get("finish_reason", "length"))], **extra))
+                yield sse(reply.body([choice(None, value.finish_reason)], **extra))
                 if include_usage:
-                    yield sse(reply.body([], usage=usage(prompt_tokens, value.get("tokens", 0))))
+                    yield sse(reply.body([], usage=usage(job.prompt_tokens, len(value.token_ids))))
             else:
                 yield _error_event(value)
             break
         yield sse("[DONE]")
     finally:
-        job.cancelled.set()
+        gone.cancel()
+        job.cancel()  # closing the response (the client is gone) stops the generation; after the end, a no-op
 
 
 def stream_response(events: AsyncIterator[str]) -> StreamingResponse:

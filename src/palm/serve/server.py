@@ -1,25 +1,24 @@
-"""Starting the server: the listening socket first (a taken port fails before a large model loads),
-then the model, then uvicorn."""
+"""Starting the server: the options and the listening socket first (a bad option or a taken port
+fails before a large model loads), then the model, then uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ..errors import PalmError
 from ..generate import Generator
 from .app import create_app
+from .options import ServeError, ServeOptions, check_port
 from .worker import logger
-
-
-class ServeError(PalmError):
-    """The server cannot start: the address is in use, a bad setting."""
 
 
 def listen(host: str, port: int) -> socket.socket:
     """A bound socket for the server (port 0 picks a free one); ServeError when the address is taken."""
+    check_port(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -36,19 +35,51 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 512,
-          max_body_bytes: int = 1_000_000, max_batch: int = 8, model_name: str | None = None,
-          compile: bool = False, log_level: str = "info") -> None:
-    """Load a model directory and serve it until interrupted."""
-    if max_tokens_limit < 1 or max_body_bytes < 1 or max_batch < 1:
-        raise ServeError("max_tokens_limit, max_body_bytes and max_batch must be positive")
-    sock = listen(host, port)  # fail fast, before loading a large model
+def header_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection whose next request's headers are not all in within
+    `seconds` of its opening or of the last response. uvicorn itself times out only a keep-alive wait
+    that sees no byte at all, and the app sees nothing before the headers are complete, so a client
+    sending a header byte now and then would hold its connection forever."""
+
+    class HeaderDeadline(AutoHTTPProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            self.arm_header_deadline()  # before uvicorn starts on a pipelined request, which is on time
+            super().on_response_complete()
+
+        def arm_header_deadline(self) -> None:
+            waited_on = self.cycle  # uvicorn replaces it once the next request's headers are in
+
+            def expire() -> None:
+                if self.cycle is waited_on and not self.transport.is_closing():
+                    self.transport.close()
+
+            if getattr(self, "header_timer", None) is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(seconds, expire)
+
+    return HeaderDeadline
+
+
+def uvicorn_config(app, port: int, read_timeout: float, host: str = "127.0.0.1",
+                   log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_deadline(read_timeout))
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          compile: bool = False, log_level: str = "info", **options) -> None:
+    """Load a model directory and serve it until interrupted; `options` are ServeOptions fields."""
+    settings = ServeOptions(**options)  # fail fast, before loading a large model
+    sock = listen(host, port)
     try:
         generator = Generator.load(model_dir, compile=compile)
         name = model_name or Path(model_dir).resolve().name
-        app = create_app(generator, name, max_tokens_limit, max_body_bytes, max_batch)
+        app = create_app(generator, name, settings)
         bound_port = sock.getsockname()[1]
-        config = uvicorn.Config(app, host=host, port=bound_port, log_level=log_level)  # configures logging
+        config = uvicorn_config(app, bound_port, settings.read_timeout, host, log_level)  # configures logging
         shown = f"[{host}]" if ":" in host else host
         logger.info("serving %s on http://%s:%d/v1 (Press CTRL+C to quit)", name, shown, bound_port)
         uvicorn.Server(config).run(sockets=[sock])
