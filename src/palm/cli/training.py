@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,24 +15,69 @@ from ..runtime import torch_threads
 from .app import Force, app, given, tokenizer_app
 
 
+TextColumn = Annotated[Optional[str], typer.Option("--text-column", help="The field or column of JSONL, Parquet and Arrow rows that holds the text (default text).")]
+SampleBytes = Annotated[Optional[str], typer.Option("--sample-bytes", help="Train the tokenizer on this much text, documents chosen by a hash of their position (default 200MB).")]
+
+
+def use_persistent_compile_cache() -> None:
+    """Keep torch.compile's caches where /tmp cleaning does not reach, so a resumed or repeated run
+    reuses the compiled block instead of compiling it again (minutes on a small CPU)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "palm" / "torch-compile"))
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     corpus: Annotated[
-        list[Path], typer.Option("--corpus", help="Text file, .jsonl file (text field) or folder; repeatable.")
+        list[Path], typer.Option("--corpus", help="Text, JSONL, Parquet or Arrow file (.gz/.zst too), or a folder of them, or a save_to_disk folder; repeatable.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the tokenizer to.")],
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size, specials and bytes included.")] = 8192,
+    text_column: TextColumn = None,
+    sample_bytes: SampleBytes = None,
     force: Force = False,
 ) -> None:
-    """Train a lossless PaLM vocabulary (digits split, UTF-8 byte fallback) on a corpus."""
+    """Train a lossless PaLM vocabulary (digits split, UTF-8 byte fallback) on a sample of a corpus."""
     from ..atomic import atomic_directory
-    from ..documents import iter_documents
+    from ..corpora import CorpusPart
+    from ..documents import corpus_files
+    from ..subsample import DEFAULT_SAMPLE_BYTES, parse_size, sample_corpora
     from ..tokenizer import train_tokenizer
 
-    tok = train_tokenizer(lambda: iter_documents(corpus), vocab_size)
+    budget = parse_size(sample_bytes, "--sample-bytes") if sample_bytes is not None else DEFAULT_SAMPLE_BYTES
+    corpus_files(corpus)  # every path exists, before any is read
+    parts = [CorpusPart(str(path), 1.0, "path", text_column or "text") for path in corpus]
+    sample = sample_corpora(parts, budget)
+    tok = train_tokenizer(lambda: sample.texts, vocab_size)
     with atomic_directory(out, overwrite=force) as tmp:
         tok.save(tmp)
+    typer.echo(sample.line())
     typer.echo(f"wrote a {len(tok)}-token vocabulary to {out}")
+
+
+@contextmanager
+def _data_lines():
+    """palm.data's records (what sampling and tokenizing the corpora took), held and shown on stderr by
+    the `flush` this yields, which the train command calls at its first step: a run that fails before
+    it trains shows its one error line alone."""
+    held: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: held.append(record.getMessage())
+    log = logging.getLogger("palm.data")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+
+    def flush(*_) -> None:
+        for line in held:
+            typer.echo(f"palm: {line}", err=True)
+        held.clear()
+
+    try:
+        yield flush
+        flush()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @app.command("init")
@@ -66,11 +114,15 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")] = None,
+    activation_checkpointing: Annotated[Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")] = None,
     parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp / fsdp under torchrun.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    text_column: TextColumn = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that tokenize the corpora (per rank under torchrun; default: the processors available).")] = None,
+    sample_bytes: SampleBytes = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
     allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though the corpus changed (not exact).")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file with the same keys.")] = None,
@@ -78,8 +130,11 @@ def train_command(
     """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
     flags = given(locals(), "resume", "config", "allow_data_change")  # first, while locals() holds only the options
     from .. import distributed, settings
+    from ..subsample import parse_size
     from ..train import TrainConfig, TrainingError, load_run_config, train
 
+    if "sample_bytes" in flags:
+        flags["sample_bytes"] = parse_size(flags["sample_bytes"], "--sample-bytes")
     if resume is not None:
         cfg = load_run_config(resume).resumed(flags)
         cfg.out = str(resume)
@@ -91,8 +146,10 @@ def train_command(
             values["corpus"] = [values["corpus"]]
         cfg = TrainConfig.from_settings(values)
     cfg.validate()  # before anything runs, threads included
-    with torch_threads(cfg.loop.threads):
-        run = train(cfg, resume=resume is not None, allow_data_change=allow_data_change)
+    if cfg.loop.compile:
+        use_persistent_compile_cache()
+    with torch_threads(cfg.loop.threads), _data_lines() as flush:
+        run = train(cfg, resume=resume is not None, allow_data_change=allow_data_change, on_step=flush)
     steps, where, main = run.step, run.layout, run.world.is_main
     del run  # the model and optimizer hold the process group; drop them before leaving it
     distributed.teardown()
@@ -106,6 +163,11 @@ def finetune_command(
     data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}.')] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; the model lands in RUN/final.")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="Prompt template: summarize, qa or translate.")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help='completion (prompt/completion rows) or chat ({"messages": [...]} rows).')] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="Train rank-R LoRA adapters (peft) instead of every weight.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (default 16).")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="Dropout on the adapters' input (default 0.05).")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated: in_proj,attn_out,mlp_out (default all).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default 500).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over --data instead of --steps.")] = None,
@@ -120,6 +182,7 @@ def finetune_command(
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
+    activation_checkpointing: Annotated[Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
     allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though --data changed (not exact).")] = False,
@@ -127,6 +190,9 @@ def finetune_command(
     """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
     flags = given(locals(), "resume", "allow_data_change", rename={"model": "base_model", "steps": "max_steps"})
     from ..finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
+
+    if "lora_targets" in flags:
+        flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
 
     if resume is not None:
         cfg = load_finetune_config(resume).resumed(flags)
@@ -143,7 +209,8 @@ def finetune_command(
     best = run.extra.get("best_val_loss")
     note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""
     stopped = " (stopped early)" if run.stop else ""
-    typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.layout.final}")
+    adapter = f", LoRA adapter ({run.extra['trainable_params']:,} parameters) in {run.layout.adapter}" if cfg.lora_r else ""
+    typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.layout.final}{adapter}")
 
 
 @app.command("plot")
