@@ -34,6 +34,8 @@ from palm.data import get_batch, val_windows
 from palm.shards import prepare_data, token_byte_lengths
 from palm.model import lm_loss
 from palm.optim import build_optimizer, lr_at
+from palm.runtime import pick_dtype
+from palm.compute import ComputeCopies
 from palm.heldout import summed_nll
 from palm.loop import LoopConfig
 
@@ -56,8 +58,8 @@ class Setting:
 class Trainee:
     """One candidate: its model, optimizer, schedule and the time it has trained so far."""
 
-    def __init__(self, name: str, s: Setting, vocab: int, budget: float):
-        self.name, self.s, self.budget = name, s, budget
+    def __init__(self, name: str, s: Setting, vocab: int, budget: float, dtype: torch.dtype = torch.float32):
+        self.name, self.s, self.budget, self.dtype = name, s, budget, dtype
         torch.manual_seed(0)
         if name == "palm":
             self.model = PalmForCausalLM(PalmConfig(
@@ -75,6 +77,8 @@ class Trainee:
             self.optimizer = build_optimizer("adamw", self.model.named_parameters(), lr=s.adamw_lr)
             self.lr, self.opt_name = s.adamw_lr, "adamw"
         self.model.train()
+        # In bf16, palm trains as `palm train` does (bf16 compute copies of fp32 weights), Llama under autocast.
+        self.copies = ComputeCopies(self.model) if name == "palm" and dtype == torch.bfloat16 else None
         self.step, self.elapsed, self.total_steps, self.tokens = 0, 0.0, None, 0
         self.losses: list[float] = []
 
@@ -96,14 +100,19 @@ class Trainee:
         batch = get_batch(data, self.step + 1, seed, b)
         x, y = batch[:, :-1], batch[:, 1:]
         self.optimizer.zero_grad(set_to_none=True)
-        if self.name == "palm":
-            loss = self.model(input_ids=x, shift_labels=y, skip_logits=True).loss
-        else:
-            ce, _ = lm_loss(self.model(input_ids=x).logits, y)
-            loss = ce
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16 and self.copies is None):
+            if self.name == "palm":
+                loss = (self.copies or self.model)(input_ids=x, shift_labels=y, skip_logits=True).loss
+            else:
+                ce, _ = lm_loss(self.model(input_ids=x).logits, y)
+                loss = ce
         loss.backward()
+        if self.copies is not None:
+            self.copies.accumulate_grads()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+        if self.copies is not None:
+            self.copies.refresh()
         self.step += 1
         self.tokens += x.numel()
         self.elapsed += time.perf_counter() - start
@@ -118,13 +127,12 @@ class Trainee:
         return self.elapsed >= self.budget
 
 
-def bits_per_byte(model, data, max_tokens: int) -> dict[str, float]:
-    table = torch.as_tensor(token_byte_lengths_cache["table"])
+def bits_per_byte(model, data, max_tokens: int, table: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Validation bits per byte per corpus; `table` holds the UTF-8 bytes each token stands for."""
     out = {}
     for i, name in enumerate(data.names):
         windows = list(val_windows(data, i, max_tokens))
-        nats, _ = summed_nll(model, ((w[:, :-1], w[:, 1:]) for w in windows), device=torch.device("cpu"),
-                             dtype=torch.float32)
+        nats, _ = summed_nll(model, ((w[:, :-1], w[:, 1:]) for w in windows), device=torch.device("cpu"), dtype=dtype)
         out[name] = nats / math.log(2) / max(sum(int(table[w[0, 1:]].sum()) for w in windows), 1)
     return out
 
@@ -146,8 +154,9 @@ def run(args) -> dict:
         tok = train_tokenizer(lambda: (doc for part in parts for doc in part_documents(part)), s.vocab)
         tok.save(tok_dir)
     data = prepare_data(parts, tok, cache / "shards", s.seq, progress=False)
-    token_byte_lengths_cache["table"] = token_byte_lengths(tok)
-    trainees = [Trainee("palm", s, len(tok), budget), Trainee("llama", s, len(tok), budget)]
+    byte_table = torch.as_tensor(token_byte_lengths(tok))
+    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    trainees = [Trainee("palm", s, len(tok), budget, dtype), Trainee("llama", s, len(tok), budget, dtype)]
     print(f"quality: {budget:.0f} s of training each, d={s.d} layers={s.layers} heads={s.heads} "
           f"seq={s.seq} batch={s.batch}, torch threads: {torch.get_num_threads()}", flush=True)
     while not all(t.done for t in trainees):
@@ -156,7 +165,7 @@ def run(args) -> dict:
                 t.train_step(data, args.seed)
     results = []
     for t in trainees:
-        bpb = bits_per_byte(t.model, data, args.eval_tokens)
+        bpb = bits_per_byte(t.model, data, args.eval_tokens, byte_table, dtype)
         results.append({
             "name": t.name, "block": "parallel" if t.name == "palm" else "serial",
             "recipe": "PaLM Adafactor, lr hold + 1/sqrt(k), z-loss, batch ramp" if t.name == "palm"
@@ -167,6 +176,7 @@ def run(args) -> dict:
         })
         print(f"{t.name}: {t.step} steps, {t.tokens:,} tokens in {t.elapsed:.0f} s", flush=True)
     return {"budget_s": budget, "setting": vars(s), "mixture": MIXTURE, "eval_tokens": args.eval_tokens,
+            "dtype": str(dtype).removeprefix("torch."),
             "quality": results}
 
 
@@ -190,6 +200,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per corpus")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 where bf16 matmuls are native, else fp32")
     ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / ".palm-cache" / "bench"),
                     help="tokenizer and token shards, reused between runs")
     ap.add_argument("--json")

@@ -127,13 +127,14 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     threads = ["--threads", str(args.threads)] if args.threads else []
     quick = ["--quick"] if args.quick else []
+    dtype = ["--dtype", args.dtype]
     result: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
                     "threads": torch.get_num_threads(), "machine": {"cpu": cpu_name()}}
     start = time.perf_counter()
     if "train" in args.only:
         train_bench = load("train")
         print("== training step", flush=True)
-        t = train_bench.run(train_bench.parse_args(quick + threads + ["--profile"]))
+        t = train_bench.run(train_bench.parse_args(quick + threads + dtype + ["--profile"]))
         result.update({k: v for k, v in t.items() if k != "machine"})
         result["machine"].update(t["machine"])
     if "tokenizer" in args.only:
@@ -143,7 +144,7 @@ def run(args) -> dict:
     if "quality" in args.only:
         quality_bench = load("quality")
         print("== quality per second", flush=True)
-        result["quality"] = quality_bench.run(quality_bench.parse_args(quick + threads))
+        result["quality"] = quality_bench.run(quality_bench.parse_args(quick + threads + dtype))
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -180,6 +181,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated: train, tokenizer, quality")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="training-step dtype (auto: bf16 where it is native)")
     ap.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     args = ap.parse_args(argv)
     args.only = [p for p in args.only.split(",") if p]

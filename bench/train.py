@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from palm import PalmConfig, PalmForCausalLM
+from palm.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
 from palm.flops import measure_matmul_peak
 from palm.runtime import fast_bf16
 
@@ -92,17 +93,21 @@ class Unavailable(Exception):
     """A candidate that cannot run here; the message says why."""
 
 
+def palm_loss(forward):
+    """palm's training loss, from `forward` (the model, or its bf16 compute copies): fused from hidden states."""
+
+    def loss(x, y):
+        return forward(input_ids=x, shift_labels=y, skip_logits=True).loss
+
+    return loss
+
+
 def build_palm(s: Shape):
     model = PalmForCausalLM(
         PalmConfig(vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                    head_dim=s.head_dim, max_position_embeddings=max(s.seq, 2048), use_cache=False)
     )
-    n = None  # the loss is over every token: counted by the model, as palm.train passes it
-
-    def loss(x, y):
-        return model(input_ids=x, shift_labels=y, skip_logits=True, num_items_in_batch=n).loss
-
-    return model, loss
+    return model, palm_loss(model)
 
 
 def _hf_loss(model):
@@ -196,23 +201,47 @@ class Candidate:
     step_fn: Callable
 
 
+def parse_name(name: str) -> tuple[str, set[str]]:
+    """("palm", {"compile", "selective"}) from "palm+compile+selective": a builder and its options
+    (compile; and for palm, activation checkpointing: full or selective)."""
+    base, *options = name.split("+")
+    unknown = set(options) - {"compile", "full", "selective"}
+    if base not in BUILDERS or unknown or (base != "palm" and set(options) - {"compile"}):
+        raise ValueError(f"unknown candidate {name!r}")
+    return base, set(options)
+
+
 def make_candidate(name: str, shape: Shape, device: torch.device, dtype: torch.dtype, compile_: bool = False):
+    """A candidate as its users train it: peers under autocast in bf16; palm as `palm train` does, with bf16
+    compute copies of its fp32 weights (refreshed once per step) and, when compiled, one compiled block."""
     torch.manual_seed(0)
-    base = name.removesuffix("+compile")
+    base, options = parse_name(name)
+    compile_ = compile_ or "compile" in options
     model, loss = BUILDERS[base](shape)
     model = model.to(device).train()
-    if compile_:
+    for mode in options & {"full", "selective"}:
+        apply_activation_checkpointing(model, mode=mode)
+    copies = ComputeCopies(model) if base == "palm" and dtype == torch.bfloat16 else None
+    if compile_ and base == "palm":
+        compile_blocks(model)
+    elif compile_:
         loss = torch.compile(loss)
+    if copies is not None:
+        loss = palm_loss(copies)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params = list(model.parameters())
 
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and copies is None):
             value = loss(x, y)
         value.backward()
+        if copies is not None:
+            copies.accumulate_grads()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if copies is not None:
+            copies.refresh()
 
     return Candidate(name, model, loss, optimizer, step)
 
@@ -267,7 +296,7 @@ def _reset_peak_rss() -> bool:
 def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype) -> dict:
     """Peak memory of one candidate's training step on each shape (smallest first), in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    BUILDERS[name.removesuffix("+compile")]  # fail early on a typo
+    parse_name(name)  # fail early on a typo
     out = {}
     for shape in shapes:
         gc.collect()
@@ -279,7 +308,7 @@ def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype
             _reset_peak_rss()
             base = _rss_bytes()
         try:
-            c = make_candidate(name, shape, device, dtype, name.endswith("+compile"))
+            c = make_candidate(name, shape, device, dtype)
         except Unavailable:
             continue
         x, y = batch_for(shape, batch, device)
@@ -368,7 +397,7 @@ def run(args) -> dict:
         live: list[Candidate] = []
         for name in names:
             try:
-                live.append(make_candidate(name, shape, device, dtype, name.endswith("+compile")))
+                live.append(make_candidate(name, shape, device, dtype))
             except Unavailable as e:
                 rows.append({"name": name, "shape": shape.name, "status": "unavailable", "reason": str(e),
                              "tokens_per_s": None, "mfu": None})
@@ -498,8 +527,11 @@ def parse_args(argv=None):
     args.shapes = (args.shapes or ("tiny,small" if args.quick else ",".join(SHAPE_NAMES))).split(",")
     args.candidates = [c for c in args.candidates.split(",") if c]
     for c in args.candidates:
-        if c not in BUILDERS:
-            ap.error(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}")
+        try:
+            parse_name(c)
+        except ValueError:
+            ap.error(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)} (palm also as palm+compile, "
+                     "palm+selective, palm+full)")
     args.batch = args.batch or (2 if args.quick else 8)
     args.rounds = args.rounds or (3 if args.quick else 4)
     return args

@@ -218,3 +218,21 @@ def test_build_optimizer_palm_and_unknown_name():
     assert sum(len(g["params"]) for g in opt.param_groups) == 2
     with pytest.raises(ConfigError, match="unknown optimizer 'sgd'; choose palm or adamw"):
         build_optimizer("sgd", model.named_parameters(), lr=1e-2)
+
+
+def test_the_multi_tensor_step_equals_the_per_tensor_step():
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (32, 16), (5, 3)]
+    params = {mode: [torch.nn.Parameter(torch.randn(s)) for s in shapes] for mode in ("one", "foreach")}
+    for a, b in zip(*params.values()):
+        b.data.copy_(a.data)
+    opts = {mode: PalmAdafactor(ps, lr=1e-2, foreach=mode == "foreach") for mode, ps in params.items()}
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for mode, ps in params.items():
+            for p, g in zip(ps, grads):
+                p.grad = None if (step == 2 and p.dim() == 1) else g.clone()  # a tensor that skips a step
+            opts[mode].step()
+    for a, b in zip(*params.values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert opts["foreach"].state[params["foreach"][1]]["step"] == 4  # the skipped step was not counted

@@ -128,3 +128,9 @@ def test_json_holds_the_same_numbers(capsys):
     assert f"{100 * data['mfu_observed_no_attention']:.1f}" == "45.7"
     assert data["memory"]["weights"] == math.ceil(plan.params_total * 2 / 3072)
     assert "540.35B" in render(plan)
+
+
+def test_selective_checkpointing_memory_lies_between_none_and_full():
+    m = make_plan("small", 512, 1e9, "cpu", 1, None, None, None, 0.5, None, 4096, None, {}).memory
+    assert m["activations_remat"] < m["activations_selective"] < m["activations_no_remat"]
+    assert m["total_selective"] - m["activations_selective"] == m["total_no_remat"] - m["activations_no_remat"]

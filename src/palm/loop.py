@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .compute import ACTIVATION_CHECKPOINTING, ComputeCopies, compile_blocks
 from .checkpoint import list_checkpoints, load_training_checkpoint, save_sharded_checkpoint, save_training_checkpoint
 from .errors import CheckpointError, PalmError
 from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
@@ -71,10 +72,11 @@ class LoopConfig:
     threads: int | None = None
     progress: bool = True
     parallel: str = "none"  # ddp or fsdp under torchrun (fsdp also runs as a group of one without it)
+    activation_checkpointing: str = "none"  # full or selective: recompute a block's activations in backward
 
     # What a resumed run may change: how long it runs, how often it reports, how it is laid out.
     CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "compile", "parallel",
-                                      "threads", "progress"})
+                                      "threads", "progress", "activation_checkpointing"})
 
     def validate(self) -> None:
         checks = [
@@ -96,6 +98,8 @@ class LoopConfig:
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2^63 - 1"),
             (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
             (self.parallel in distributed.PARALLEL_MODES, f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}"),
+            (self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+             f"--activation-checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -149,6 +153,7 @@ class Run:
     extra: dict = field(default_factory=dict)  # the recipe's own state (e.g. early stopping)
     stop: bool = False  # set by `evaluate` to end the run early (saved too, so a resumed run stays stopped)
     lock: RunLock | None = None  # rank 0 holds the run folder while it trains
+    copies: ComputeCopies | None = None  # bf16 weights the steps compute with, when training in bf16 on one process
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "recent": list(self.recent), "rewinds": self.rewinds,
@@ -178,6 +183,8 @@ class Run:
         for checkpoint in reversed(checkpoints):
             try:
                 self.load_state_dict(load_training_checkpoint(checkpoint, self.model, self.optimizer))
+                if self.copies is not None:
+                    self.copies.refresh()
                 return
             except CheckpointError as e:
                 logger.warning("%s; falling back to the checkpoint before it", e)
@@ -211,8 +218,11 @@ def run_loop(run: Run, on_step: Callable[[Run, dict], None] | None = None) -> Ru
 
 def _steps(run: Run, on_step) -> Run:
     loop, main = run.loop, run.world.is_main
-    step_model = distributed.wrap(run.model, run.world)
-    step_model = torch.compile(step_model) if loop.compile else step_model
+    if loop.compile:
+        compile_blocks(run.model)
+    if run.dtype == torch.bfloat16 and run.world.mode == "none":
+        run.copies = ComputeCopies(run.model)  # DDP and FSDP cast through their own wrappers instead
+    step_model = run.copies or distributed.wrap(run.model, run.world)
     fpt = flops_per_token(run.model.config, run.seq_len)
     peak = measure_matmul_peak(run.dtype, run.device) * run.world.size
     sheet = datasheet_peak(run.device, run.dtype)
@@ -239,6 +249,8 @@ def _steps(run: Run, on_step) -> Run:
                 bar.n = run.step
                 continue
             run.optimizer.step()
+            if run.copies is not None:
+                run.copies.refresh()
             run.step, run.tokens = step, run.tokens + n_tokens
             run.recent = (run.recent + [loss])[-loop.spike_window :]
             rate = n_tokens / (time.perf_counter() - start)
@@ -290,13 +302,15 @@ def forward_backward(run: Run, model, step: int) -> tuple[torch.Tensor, int]:
     with torch.random.fork_rng(devices=[run.device.index or 0] if run.device.type == "cuda" else []):
         torch.manual_seed((loop.seed * 1_000_003 + batch_index) * 1024 + run.world.rank)
         for i in range(0, x.shape[0], micro):
-            with autocast(run.device, run.dtype):
+            with autocast(run.device, run.dtype if run.copies is None else torch.float32):
                 # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
                 out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
                             logits_to_keep=keep, num_items_in_batch=n_items, use_cache=False)
             loss = out.loss * scale
             loss.backward()
-            sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss])
+            if run.copies is not None:
+                run.copies.accumulate_grads()
+            sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss]).float()
     # Each rank's loss is the mean over its own rows and DDP averages gradients over ranks, so with
     # equal rows per rank the mean over ranks equals the single-process values on the whole batch.
     return sums, x.numel() * run.world.size

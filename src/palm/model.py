@@ -45,21 +45,24 @@ __all__ = ["CACHE_FIELD", "IGNORE_INDEX", "PalmForCausalLM", "PalmModel", "PalmP
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, 1, T, head_dim] in fp32 for absolute positions [B, T].
+    """cos/sin tables [B, 1, T, head_dim / 2] in fp32 for absolute positions [B, T].
 
     Computed from the config on every call rather than kept in a buffer: Transformers 5 refills
     non-persistent buffers with garbage after a meta-device load, and `.to(bf16)` would round them.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    freqs = position_ids.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    freqs = (position_ids.float()[..., None] * inv_freq)[:, None]
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate dimension i with i + head_dim/2 (the GPT-NeoX / Llama layout)."""
+    """Rotate dimension i with i + head_dim/2 (the GPT-NeoX / Llama layout) by the angle of its pair.
+
+    Written on the two halves, so no rotated copy of x is built (the usual cat([-x2, x1]) * sin);
+    the result is the same to the bit.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def _causal_when_unmasked(module, query, key, value, attention_mask, is_causal):
@@ -129,8 +132,8 @@ class PalmAttention(nn.Module):
         self.is_causal = True
 
     def forward(self, query, key, value, attention_mask, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+        if cache is not None:  # kwargs as Transformers passes them: continuous batching's paged cache reads and writes them
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
         if implementation == "sdpa":
             attend = sdpa_attention

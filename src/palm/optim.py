@@ -116,6 +116,7 @@ class PalmAdafactor(torch.optim.Optimizer):
         eps2: float = 1e-3,
         clip_threshold: float = 1.0,
         weight_decay_lr_exponent: float | None = 2.0,
+        foreach: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -135,6 +136,7 @@ class PalmAdafactor(torch.optim.Optimizer):
             weight_decay_lr_exponent=weight_decay_lr_exponent,
         )
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -144,56 +146,85 @@ class PalmAdafactor(torch.optim.Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            lr: float = group["lr"]
-            beta1: float | None = group["beta1"]
-            use_momentum = bool(beta1)  # None and 0 both mean "no momentum"
-            wd_exp: float | None = group["weight_decay_lr_exponent"]
-
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("PalmAdafactor does not support sparse gradients")
-
-                dtype = _state_dtype(p)
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    if use_momentum:
-                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] = t = int(state["step"]) + 1
-
-                g = p.grad.to(dtype)
-                param = p.to(dtype)
-
-                # The schedule replaces Adam's bias correction: at t=1, beta2=0 so v is exactly g^2.
-                beta2 = palm_beta2(t, group["decay_rate"])
-                v = state["exp_avg_sq"]
-                v.mul_(beta2).add_(g.square().add_(group["eps1"]), alpha=1.0 - beta2)
-
-                u = g / v.sqrt()
-                # Update clipping bounds the step when v lags a sudden gradient spike (Adafactor section 6).
-                u.div_(torch.clamp(_rms(u) / group["clip_threshold"], min=1.0))
-
-                # Parameter scaling: the step is relative to the tensor's own scale, floored at eps2 so
-                # zero-initialised tensors can still move.
-                scaled_lr = lr * torch.clamp(_rms(param), min=group["eps2"])
-                s = u.mul_(scaled_lr)
-
-                if use_momentum:
-                    # T5X averages the already scaled and clipped update, not the raw gradient.
-                    m = state["exp_avg"]
-                    m.mul_(beta1).add_(s, alpha=1.0 - beta1)
-                    s = m
-
-                new_param = param - s
-                if wd_exp is not None:
-                    # Decay tied to lr^2 so it fades with the schedule; taken from the parameter before this update.
-                    new_param.sub_(param, alpha=lr**wd_exp)
-                p.copy_(new_param)
+            live = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in live):
+                raise RuntimeError("PalmAdafactor does not support sparse gradients")
+            for p in live:
+                self._init_state(p, use_momentum=bool(group["beta1"]))
+            # The multi-tensor path runs each operation over all tensors at once (one kernel launch per
+            # operation on a GPU rather than one per tensor); sharded (DTensor) parameters take the
+            # per-tensor path, where DTensor reduces each RMS over the shards itself.
+            plain = [p for p in live if self.foreach and not hasattr(p, "full_tensor") and p.dtype == _state_dtype(p)]
+            if plain:
+                self._step_foreach(group, plain)
+            for p in live:
+                if id(p) not in {id(q) for q in plain}:
+                    self._step_one(group, p)
 
         return loss
+
+    def _init_state(self, p: torch.Tensor, use_momentum: bool) -> None:
+        state = self.state[p]
+        if len(state) == 0:
+            dtype = _state_dtype(p)
+            state["step"] = 0
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if use_momentum:
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["step"] = int(state["step"]) + 1
+
+    def _step_one(self, group: dict, p: torch.Tensor) -> None:
+        lr, beta1, wd_exp = group["lr"], group["beta1"], group["weight_decay_lr_exponent"]
+        state, dtype = self.state[p], _state_dtype(p)
+        g, param = p.grad.to(dtype), p.to(dtype)
+        # The schedule replaces Adam's bias correction: at t=1, beta2=0 so v is exactly g^2.
+        beta2 = palm_beta2(state["step"], group["decay_rate"])
+        v = state["exp_avg_sq"]
+        v.mul_(beta2).add_(g.square().add_(group["eps1"]), alpha=1.0 - beta2)
+        u = g / v.sqrt()
+        # Update clipping bounds the step when v lags a sudden gradient spike (Adafactor section 6).
+        u.div_(torch.clamp(_rms(u) / group["clip_threshold"], min=1.0))
+        # Parameter scaling: the step is relative to the tensor's own scale, floored at eps2 so
+        # zero-initialised tensors can still move.
+        s = u.mul_(lr * torch.clamp(_rms(param), min=group["eps2"]))
+        if beta1:
+            # T5X averages the already scaled and clipped update, not the raw gradient.
+            m = state["exp_avg"]
+            m.mul_(beta1).add_(s, alpha=1.0 - beta1)
+            s = m
+        new_param = param - s
+        if wd_exp is not None:
+            # Decay tied to lr^2 so it fades with the schedule; taken from the parameter before this update.
+            new_param.sub_(param, alpha=lr**wd_exp)
+        p.copy_(new_param)
+
+    def _step_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        """`_step_one` for many fp32 tensors at once; tensors at different step counts go separately."""
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p]["step"], []).append(p)
+        lr, beta1, wd_exp = group["lr"], group["beta1"], group["weight_decay_lr_exponent"]
+        for t, ps in by_step.items():
+            beta2 = palm_beta2(t, group["decay_rate"])
+            grads, vs = [p.grad for p in ps], [self.state[p]["exp_avg_sq"] for p in ps]
+            g2 = torch._foreach_mul(grads, grads)
+            torch._foreach_add_(g2, group["eps1"])
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_add_(vs, g2, alpha=1.0 - beta2)
+            u = torch._foreach_div(grads, torch._foreach_sqrt(vs))
+            roots = [p.numel() ** 0.5 for p in ps]
+            torch._foreach_div_(u, [torch.clamp(n / r / group["clip_threshold"], min=1.0)
+                                    for n, r in zip(torch._foreach_norm(u), roots)])
+            torch._foreach_mul_(u, [lr * torch.clamp(n / r, min=group["eps2"]) for n, r in zip(torch._foreach_norm(ps), roots)])
+            s = u
+            if beta1:
+                s = [self.state[p]["exp_avg"] for p in ps]
+                torch._foreach_mul_(s, beta1)
+                torch._foreach_add_(s, u, alpha=1.0 - beta1)
+            new = torch._foreach_sub(ps, s)
+            if wd_exp is not None:
+                torch._foreach_add_(new, ps, alpha=-(lr**wd_exp))
+            torch._foreach_copy_(ps, new)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to each parameter's dtype on load, which would round the fp32
@@ -238,7 +269,8 @@ def build_optimizer(
         unique.append(p)
 
     if name == "palm":
-        return PalmAdafactor(unique, lr=lr)
+        # One kernel per operation for all tensors pays on a GPU; on a CPU the per-tensor loop is as fast.
+        return PalmAdafactor(unique, lr=lr, foreach=bool(unique) and unique[0].device.type == "cuda")
 
     # Decaying LayerNorm scales pulls them toward 0 rather than toward their natural value 1: only matrices decay.
     decay = [p for p in unique if p.dim() >= 2]

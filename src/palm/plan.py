@@ -23,7 +23,8 @@ Memory per device, in bytes. Assumptions (all estimates; nothing here builds a m
   projection input; gate, up, silu(gate) and their product), with K the key/value heads and f = d_ff.
   Attention is assumed flash-style (no T x T probabilities saved). With full rematerialisation only
   each layer's input is kept, L * tokens * d * 2 bytes, plus one layer's full set while it is
-  recomputed during the backward pass.
+  recomputed during the backward pass. Selective checkpointing (palm's `selective`) keeps the outputs
+  of the matmuls and of attention, 3d + 2HQ + 2KQ + 2f per token and layer, and recomputes the rest.
 * The output logits are counted apart, in fp32 (4 bytes per vocabulary entry per token), and are in
   both totals. Temporary buffers (an all-gathered layer of weights, communication buffers,
   allocator fragmentation) are not counted.
@@ -183,11 +184,15 @@ def make_plan(
         "optimizer": _ceil_div(n_total * OPTIMIZER_BYTES, shards),
         "activations_no_remat": math.ceil(L * t * per_layer_elements * ACT_BYTES),
         "activations_remat": math.ceil(L * t * d * ACT_BYTES + t * per_layer_elements * ACT_BYTES),
+        # selective (`--activation-checkpointing selective`): the matmul and attention outputs stay, the
+        # norms, RoPE and SwiGLU are recomputed, so no matmul runs twice
+        "activations_selective": math.ceil(L * t * (3 * d + 2 * H * Q + 2 * K * Q + 2 * f) * ACT_BYTES),
         "logits": math.ceil(t * config.vocab_size * LOGIT_BYTES),
     }
     states = memory["weights"] + memory["gradients"] + memory["master_weights"] + memory["optimizer"]
     memory["total_no_remat"] = states + memory["activations_no_remat"] + memory["logits"]
     memory["total_remat"] = states + memory["activations_remat"] + memory["logits"]
+    memory["total_selective"] = states + memory["activations_selective"] + memory["logits"]
 
     plan = Plan(
         model=preset or "config", layers=L, d_model=d, heads=H, kv_heads=K, head_dim=Q, d_ff=f,
@@ -267,8 +272,10 @@ def render(plan: Plan) -> str:
         ("", f"fp32 master weights {format_bytes(m['master_weights'])}, "
              f"optimizer (fp32 m, v) {format_bytes(m['optimizer'])}"),
         ("", f"activations {format_bytes(m['activations_no_remat'])} without remat, "
+             f"{format_bytes(m['activations_selective'])} with selective, "
              f"{format_bytes(m['activations_remat'])} with full remat; logits {format_bytes(m['logits'])}"),
         ("", f"total {format_bytes(m['total_no_remat'])} without remat, "
+             f"{format_bytes(m['total_selective'])} selective, "
              f"{format_bytes(m['total_remat'])} with full remat{capacity}"),
         None,
     ]

@@ -1,0 +1,101 @@
+"""How training computes: activation checkpointing changes nothing but memory, bf16 compute copies follow
+their fp32 weights after every step, and a bf16 run resumes bitwise."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import lively_model, tiny_config
+from palm import PalmForCausalLM
+from palm.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
+from palm.train import train
+from test_train import Killed, config, losses
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids[:, :-1], shift_labels=ids[:, 1:], skip_logits=True)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, mode):
+    ids = torch.tensor([tokenizer.encode("activation checkpointing recomputes, 12 times over " * 3)] * 2)
+    plain = lively_model(tiny_config(tokenizer, dropout=0.0)).train()
+    checkpointed = lively_model(tiny_config(tokenizer, dropout=0.0)).train()
+    apply_activation_checkpointing(checkpointed, mode=mode)
+    assert all(block.gradient_checkpointing for block in checkpointed.model.layers)
+    loss_a, grads_a = loss_and_grads(plain, ids)
+    loss_b, grads_b = loss_and_grads(checkpointed, ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-6)
+
+
+def test_compute_copies_are_bf16_and_their_gradients_reach_the_fp32_weights(tokenizer):
+    ids = torch.tensor([tokenizer.encode("bf16 copies of fp32 weights") * 2] * 2)
+    torch.manual_seed(0)
+    model = PalmForCausalLM(tiny_config(tokenizer)).train()  # the paper's init, as training starts
+    copies = ComputeCopies(model)
+    assert all(c.dtype == torch.bfloat16 for c in copies.copies.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = {n: g for n, g in loss_and_grads(model, ids)[1].items()}
+    model.zero_grad(set_to_none=True)
+    for half in (ids[:1], ids[1:]):  # two micro-batches, summed into the fp32 gradients
+        out = copies(input_ids=half[:, :-1], shift_labels=half[:, 1:], skip_logits=True, num_items_in_batch=(ids.shape[1] - 1) * 2)
+        out.loss.backward()
+        copies.accumulate_grads()
+    assert all(c.grad is None for c in copies.copies.values())
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == torch.float32
+        # bf16 rounding only: a few percent at most, the most at the embedding, whose gradient comes back
+        # through every block's bf16 backward
+        error = (param.grad - reference[name]).norm() / reference[name].norm()
+        assert error < 5e-2, (name, float(error))
+
+
+def test_compute_copies_are_refreshed_after_every_optimizer_step(corpus_dir, tokenizer_dir, tmp_path):
+    seen = []
+
+    def check(run, record):
+        for name, copy in run.copies.copies.items():
+            seen.append(torch.equal(copy, run.copies.masters[name].detach().to(torch.bfloat16)))
+
+    run = train(config(corpus_dir, tokenizer_dir, tmp_path, "bf16", dtype="bf16", max_steps=3), on_step=check)
+    assert run.copies is not None and len(seen) == 3 * len(run.copies.copies) and all(seen)
+
+
+def test_a_bf16_run_resumes_bitwise_and_tracks_fp32(corpus_dir, tokenizer_dir, tmp_path):
+    straight = train(config(corpus_dir, tokenizer_dir, tmp_path, "straight", dtype="bf16"))
+
+    def kill_at_10(run, record):
+        if record["step"] == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config(corpus_dir, tokenizer_dir, tmp_path, "killed", dtype="bf16"), on_step=kill_at_10)
+    train(config(corpus_dir, tokenizer_dir, tmp_path, "killed", dtype="bf16"), resume=True)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["model.norm.weight"].dtype == torch.float32
+    fp32 = train(config(corpus_dir, tokenizer_dir, tmp_path, "fp32", dtype="fp32"))
+    assert straight.step == fp32.step == 12
+    for step, loss in losses(tmp_path / "fp32").items():
+        assert abs(losses(tmp_path / "straight")[step] - loss) <= 2e-2 * loss  # bf16 tracks fp32
+    assert json.loads((tmp_path / "straight" / "run.json").read_text())["loop"]["dtype"] == "bf16"
+
+
+def test_regional_compilation_gives_the_same_loss(tokenizer):
+    ids = torch.tensor([tokenizer.encode("compile one block, reuse it for all") * 2])
+    eager = lively_model(tiny_config(tokenizer)).train()
+    compiled = lively_model(tiny_config(tokenizer)).train()
+    compile_blocks(compiled)
+    loss_a, grads_a = loss_and_grads(eager, ids)
+    loss_b, grads_b = loss_and_grads(compiled, ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
