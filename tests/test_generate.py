@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from conftest import lively_model, tiny_config
+from conftest import lively_model, run_cli, tiny_config
 from palm.cli import main
 from palm.generate import BYTE_IDS, GenerationError, Generator, KVCache, SamplingConfig
 from palm.sampling import sample_rows
@@ -123,8 +123,26 @@ def test_palm_generate_streams_and_summarises(capsys, model_dir):
     assert re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s, (stop|length)\]", err.strip())
 
 
+@pytest.mark.parametrize("flags", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_palm_generate_greedy_output_is_transformers_generate(capsys, model_dir, tokenizer_dir, flags):
+    # The output `palm generate` had before the compiled, transposed step: Transformers' own greedy tokens.
+    generator = Generator.load(model_dir)  # the dtype the command picks
+    [expected] = hf_greedy(generator, tokenizer_dir, ["def f(a, b):"], 10)
+    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "10",
+                           *flags, "def f(a, b):")
+    assert code == 0 and out == "def f(a, b):" + generator.tokenizer.decode(expected) + "\n"
+
+
+def test_palm_generate_with_int8_weights_is_what_the_generator_gives(capsys, model_dir):
+    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--temperature", "0", "--quantize", "int8",
+                           "--max-new-tokens", "6", "x = 12")
+    expected = Generator.load(model_dir, quantize="int8").generate(["x = 12"], SamplingConfig(max_new_tokens=6))[0]
+    assert code == 0 and out == "x = 12" + expected.text + "\n"
+
+
 @pytest.mark.parametrize("argv, words", [(["--model", "/nonexistent", "hi"], "no model directory at /nonexistent"),
-                                         (["--top-p", "2", "hi"], "top_p"), (["--file", "/nonexistent"], "does not exist")])
+                                         (["--top-p", "2", "hi"], "top_p"), (["--file", "/nonexistent"], "does not exist"),
+                                         (["--quantize", "int4", "hi"], "--quantize")])
 def test_palm_generate_errors(capsys, model_dir, argv, words):
     if "--model" not in argv:
         argv = ["--model", model_dir, *argv]
@@ -161,3 +179,30 @@ def test_any_sampling_values_are_refused_or_sample_a_token(temperature, top_k, t
     seen = torch.tensor([[1, 2, -1], [3, -1, -1]])
     tokens = sample_rows(logits, seen, [cfg, cfg], [cfg.generator(torch.device("cpu"))] * 2)
     assert tokens.shape == (2,) and bool(((tokens >= 0) & (tokens < 50)).all())
+
+
+def test_the_compiled_step_decodes_what_the_eager_one_does(generator, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8)
+    compiled = Generator(generator.model, tokenizer, compile=True)
+    assert compiled.step.decoder is not generator.model  # the transposed copy, compiled whole
+    assert [c.token_ids for c in compiled.generate(PROMPTS, cfg)] == [c.token_ids for c in generator.generate(PROMPTS, cfg)]
+
+
+def test_palm_generate_uses_the_saved_defaults_unless_told_otherwise(capsys, model_dir, tmp_path):
+    """generation_config.json decides what unsaid flags are (here: greedy, 5 tokens); flags override it."""
+    import json
+    import shutil
+
+    saved = tmp_path / "model"
+    shutil.copytree(model_dir, saved)
+    config = json.loads((saved / "generation_config.json").read_text()) if (saved / "generation_config.json").is_file() else {}
+    config.update(do_sample=False, max_new_tokens=5, repetition_penalty=1.0, eos_token_id=[])
+    (saved / "generation_config.json").write_text(json.dumps(config))
+    generator = Generator.load(saved)
+    assert generator.sampling() == SamplingConfig(max_new_tokens=5, temperature=0.0, repetition_penalty=1.0)
+    assert generator.sampling(temperature=0.5, top_k=3).temperature == 0.5
+    greedy = generator.generate(["x = 12"], SamplingConfig(max_new_tokens=5))[0]
+    code, out, err = run_cli(capsys, "generate", "--model", str(saved), "x = 12")
+    assert code == 0 and out == "x = 12" + greedy.text + "\n" and err.startswith("[5 tokens")
+    code, _, err = run_cli(capsys, "generate", "--model", str(saved), "--max-new-tokens", "3", "x = 12")
+    assert code == 0 and err.startswith("[3 tokens")

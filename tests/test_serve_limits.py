@@ -79,25 +79,22 @@ def tokens_of(generator: Generator, n: int) -> str:
 
 
 class Gate:
-    """generator.token_stream with its second token held until `release()`; `steps` holds, per model
-    step, the index of the token_stream call (one call per batch) that made it."""
+    """The worker's engine with its step number `hold` held until `release()`; `steps` holds, per engine
+    step, the requests that got a token in it."""
 
-    def __init__(self, monkeypatch, generator: Generator, hold_call: int = 0):
-        self.calls: list[int] = []
-        self.steps: list[int] = []
+    def __init__(self, monkeypatch, worker, hold: int = 1):
+        self.steps: list[list] = []
         self.released = threading.Event()
-        real = generator.token_stream
+        real = worker.engine.step
 
-        def gated(prompts, cfg):
-            call = len(self.calls)
-            self.calls.append(len(prompts))
-            for i, token in enumerate(real(prompts, cfg)):
-                if call == hold_call and i == 1:
-                    assert self.released.wait(30)
-                self.steps.append(call)
-                yield token
+        def gated():
+            if len(self.steps) == hold:
+                assert self.released.wait(30)
+            events = real()
+            self.steps.append([request for request, _ in events])
+            return events
 
-        monkeypatch.setattr(generator, "token_stream", gated)
+        monkeypatch.setattr(worker.engine, "step", gated)
 
     def release(self) -> None:
         self.released.set()
@@ -212,42 +209,64 @@ def test_the_bounds_are_configurable(generator):
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def test_abandoned_requests_stop_at_the_next_token_and_free_the_worker(generator, monkeypatch, streamed):
-    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_batch=8)
+    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_batch=4)
     worker = app.state.worker
     with running(app) as base:
-        gate = Gate(monkeypatch, generator)
+        gate = Gate(monkeypatch, worker)
         jobs = record_jobs(monkeypatch, worker)
         body = {"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": streamed}
         clients = [raw_request(base, "/v1/completions", body) for _ in range(8)]
-        # The first batch has made its first token and waits for its second; the others wait in the queue.
+        # The first step has run and the second waits; four rows at most are taken, the rest queue.
         wait_for(lambda: len(jobs) == 8 and len(gate.steps) == 1, "the requests did not queue")
         for sock in clients:
             sock.close()
         wait_for(lambda: all(j.cancelled.is_set() for j in jobs), "the server did not notice its clients leave")
         gate.release()
+        wait_for(lambda: not worker.running and not worker.engine.requests, "the abandoned rows were not freed")
+        abandoned_steps = len(gate.steps)
         r = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    abandoned = gate.steps[:gate.steps.index(len(gate.calls) - 1)]
-    # One step before the clients left, at most one more after: the queued ones never started.
-    assert len(abandoned) <= 2 and len(gate.calls) == 2, (gate.calls, gate.steps)
-    left = jobs[:8]  # the last job is the request served after them
-    assert all(j.tokens <= 1 for j in left) and sum(j.tokens for j in left) == gate.calls[0], [j.tokens for j in left]
+    # One step before the clients left, at most one more (the one in flight) after; the queued never started.
+    assert abandoned_steps <= 2, gate.steps
+    assert all(j.tokens <= 1 for j in jobs[:8]) and sum(j.tokens for j in jobs[:8]) == len(gate.steps[0])
+    assert sorted(worker.engine.free) == list(range(4))
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_for_a_waiting_request(generator, monkeypatch):
+    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_batch=1)  # one row: the waiter needs the leaver's
+    worker = app.state.worker
+    with running(app) as base, ThreadPoolExecutor(1) as pool:
+        gate = Gate(monkeypatch, worker, hold=3)
+        jobs = record_jobs(monkeypatch, worker)
+        leaver = raw_request(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0,
+                                                       "stream": True})
+        wait_for(lambda: len(gate.steps) == 3, "the stream did not start")
+        waiter = pool.submit(post, base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
+        wait_for(lambda: worker.waiting == 1, "the second request did not queue")
+        leaver.close()
+        wait_for(lambda: jobs[0].cancelled.is_set(), "the server did not notice its client leave")
+        gate.release()
+        r = waiter.result()
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert jobs[0].tokens <= 3
+    first_of_waiter = next(i for i, step in enumerate(gate.steps) if step and step[0] is not gate.steps[0][0])
+    assert first_of_waiter == 4  # the step after the one in flight when the client left
 
 
 # 4. A bounded queue.
 
-def test_a_full_queue_answers_429_at_once_and_abandoned_requests_give_way(generator, monkeypatch):
-    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_queue=2)
+def test_a_full_pool_and_queue_answer_429_at_once_and_abandoned_requests_give_way(generator, monkeypatch):
+    app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_batch=1, max_queue=2)
     worker = app.state.worker
     body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0}
-    with running(app) as base, ThreadPoolExecutor(3) as pool:
-        gate = Gate(monkeypatch, generator)
-        first = pool.submit(post, base, "/v1/completions", body)
-        wait_for(lambda: len(gate.steps) == 1, "the first request did not start")
-        # Different settings (max_tokens) keep the waiting ones out of one batch: two waiting requests.
-        waiting = [pool.submit(post, base, "/v1/completions", {**body, "max_tokens": 2})]
-        leaver = raw_request(base, "/v1/completions", {**body, "max_tokens": 2})
+    with running(app) as base, ThreadPoolExecutor(4) as pool:
+        gate = Gate(monkeypatch, worker)
+        first = [pool.submit(post, base, "/v1/completions", body)]
+        wait_for(lambda: len(gate.steps) == 1, "the first request did not start")  # the pool's one row is taken
+        waiting = [pool.submit(post, base, "/v1/completions", body)]
+        leaver = raw_request(base, "/v1/completions", body)
         wait_for(lambda: worker.waiting == 2, "the queue did not fill")
+        assert worker.engine.full  # the pool's rows are all taken and the queue is full: admission says 429
         full = post(base, "/v1/completions", body, timeout=10)
         error = assert_openai_error(full, 429, None, kind="rate_limit_error")
         assert error["code"] == "queue_full" and int(full.headers["retry-after"]) >= 1
@@ -259,7 +278,7 @@ def test_a_full_queue_answers_429_at_once_and_abandoned_requests_give_way(genera
         waiting.append(pool.submit(post, base, "/v1/completions", body))
         wait_for(lambda: worker.waiting == 2, "the freed place was not taken")
         gate.release()
-        assert [f.result().status_code for f in (first, *waiting)] == [200, 200, 200]
+        assert [f.result().status_code for f in (*first, *waiting)] == [200, 200, 200]
 
 
 # 5. Read deadlines.
@@ -419,6 +438,9 @@ def test_the_fuzzed_server_still_serves(fuzzed):
     (["--max-stop-length", "0"], ["--max-stop-length"]),
     (["--max-batch", "0"], ["--max-batch"]),
     (["--max-queue", "0"], ["--max-queue"]),
+    (["--max-model-len", "0"], ["--max-model-len"]),
+    (["--prefill-chunk", "0"], ["--prefill-chunk"]),
+    (["--quantize", "int4"], ["--quantize", "int8"]),
     (["--read-timeout", "0"], ["--read-timeout"]),
     (["--read-timeout", "nan"], ["--read-timeout"]),
     (["--api-key", ""], ["API key"]),

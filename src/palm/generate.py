@@ -1,6 +1,8 @@
 """palm's own decoding path (gpt-fast style): a static KV cache holding only the shared K/V head(s),
 one prefill pass, then one fixed-shape decode step per token, optionally compiled whole
 (`torch.compile(fullgraph=True)`, with CUDA graphs on a GPU), without Transformers' generate() machinery.
+The step (palm.step) runs on a decoding copy of the weights (palm.quant: transposed for the CPU's
+matrix-vector product, or int8 / fp16), the one `palm serve`'s continuous batching runs too.
 
 Greedy decoding gives the same tokens as `model.generate(do_sample=False)`; sampling (temperature,
 top-k, top-p, repetition penalty) is reproducible from a seed; batches are left-padded.
@@ -17,10 +19,11 @@ import torch
 
 from .kvcache import KVCache, attention_mask, decode_mask
 from .model import PalmForCausalLM
-from .sampling import GenerationError, SamplingConfig, sample_rows
+from .sampling import GenerationError, SamplingConfig, sample_rows, saved_defaults
+from .step import Stepper, forward_step
 from .tokenizer import BYTE_TOKENS, SPECIAL_TOKENS, PalmTokenizer
 
-__all__ = ["BYTE_IDS", "Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig"]
+__all__ = ["BYTE_IDS", "Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig", "forward_step"]
 
 BYTE_IDS = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(BYTE_TOKENS))  # the <0xXX> pieces
 
@@ -31,20 +34,6 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (eos or a stop string) or "length"
-
-
-def forward_step(model: PalmForCausalLM, cache: KVCache, ids, positions, slots, mask) -> torch.Tensor:
-    """Last-position logits [B, V] for `ids` [B, T] written into the cache at `slots` [B, T]."""
-    cache.slots = slots
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[:, -1]
-
-
-def compile_step(device: torch.device):
-    """`forward_step` compiled whole for fixed shapes; CUDA graphs on a GPU remove the launch overhead."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(forward_step, fullgraph=True, dynamic=False, mode=mode)
 
 
 def cache_length(needed: int, context: int, compiled: bool) -> int:
@@ -58,26 +47,39 @@ def cache_length(needed: int, context: int, compiled: bool) -> int:
 class Generator:
     """Loads a palm model directory once and decodes prompts with palm's fast path."""
 
-    def __init__(self, model: PalmForCausalLM, tokenizer: PalmTokenizer, compile: bool = False):
-        self.model = model.eval()
+    def __init__(self, model: PalmForCausalLM, tokenizer: PalmTokenizer, compile: bool = False, quantize: str = "none"):
+        self.model = model.eval()  # as given: Transformers' generate() and scoring keep using it
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else [tokenizer.eos_id, tokenizer.eod_id]
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.defaults = saved_defaults(model.generation_config)  # what a caller's unsaid settings become
         self.cache_dtype = next(model.parameters()).dtype
         self.compiled = compile
-        self._decode = compile_step(model.device) if compile else forward_step
+        self.step = Stepper(model, quantize, compile)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Generator:
-        from .modeldir import load_model
+    def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False,
+             quantize: str = "none", adapter: str | Path | None = None) -> Generator:
+        """The model in `model_dir`, with the LoRA adapter in `adapter` merged in when one is given."""
+        if adapter is not None:
+            from .lora import load_merged
 
-        model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
-        return cls(model, tokenizer, compile=compile)
+            model, tokenizer = load_merged(model_dir, adapter, device=device, dtype=dtype)
+        else:
+            from .modeldir import load_model
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
+            model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+        return cls(model, tokenizer, compile=compile, quantize=quantize)
+
+    def sampling(self, **given) -> SamplingConfig:
+        """Settings for a request: those given (None means unsaid), else the model's saved defaults."""
+        return SamplingConfig(**{**self.defaults, **{k: v for k, v in given.items() if v is not None}})
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's ids (BOS first); ids are taken as they are (a chat prompt, say), checked the same way."""
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
         if len(ids) >= self.context:
             raise GenerationError(f"prompt is {len(ids)} tokens; the model's context is {self.context}")
         return ids
@@ -103,7 +105,7 @@ class Generator:
         seen[:, :longest] = torch.where(filled[:, :longest], ids, -1)
         positions = (filled[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
         slots = torch.arange(longest, device=device).expand(batch, -1)
-        logits = forward_step(self.model, cache, ids, positions, slots, attention_mask(filled, slots))
+        logits = self.step.prefill(cache, ids, positions, slots, attention_mask(filled, slots))
         cfgs, gens = [cfg] * batch, [cfg.generator(device)] * batch
         for step in range(new):
             token = sample_rows(logits, seen, cfgs, gens)
@@ -115,7 +117,7 @@ class Generator:
             seen[:, slot] = token
             positions = positions[:, -1:] + 1
             slots = torch.full((batch, 1), slot, dtype=torch.long, device=device)
-            logits = self._decode(self.model, cache, token[:, None], positions, slots, decode_mask(filled))
+            logits = self.step.decode(cache, token[:, None], positions, slots, decode_mask(filled))
 
     def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[Completion]:
         """Complete a batch of prompts together (left-padded)."""
@@ -140,7 +142,7 @@ class Generator:
                 break
         return [Completion(t, ids, len(e), why) for t, ids, e, why in zip(texts, rows, encoded, reasons)]
 
-    def stream(self, prompt: str, cfg: SamplingConfig, stats: dict | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], cfg: SamplingConfig, stats: dict | None = None) -> Iterator[str]:
         """Text of one completion as it is produced: whole characters only, never past a stop string."""
         ids: list[int] = []
         emitted, finish, start = 0, "length", time.perf_counter()

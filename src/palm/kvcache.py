@@ -4,8 +4,11 @@ Each row of the batch owns a line of `max_len` slots per layer, [batch, n_kv_hea
 allocated once and written in place. With multi-query attention n_kv_heads is 1: the cache is
 1/n_heads the size of a multi-head one. The caller says where each new token goes (`slots`, per row,
 so rows may be at different lengths) and which slots hold real tokens (`filled`); attention runs
-over the whole line under a mask built from those, so every decode step has the same shapes and
-compiles to one graph.
+under a mask built from those, so a decode step's shapes do not depend on the rows' contents.
+
+`bind` chooses the window a forward pass works on: rows `first`..`first + B` (B from `slots`) and
+the first `span` slots of each. A continuous-batching pool (palm.engine) decodes its lowest rows
+and attends over the slots its longest row has reached, rather than over every row and slot.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.rows = torch.arange(batch, device=device)[:, None]
         self.slots = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.first, self.span = 0, max_len
         if device.type == "cuda":  # CUDA graphs replay on fixed addresses
             for t in self.keys + self.values:
                 torch._dynamo.mark_static_address(t)
@@ -38,11 +42,18 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys[0].shape[2]
 
+    def bind(self, slots: torch.Tensor, first: int = 0, span: int | None = None) -> None:
+        """The next forward pass writes rows first..first+B at `slots` [B, T] and attends over `span` slots."""
+        self.slots, self.first, self.span = slots, first, self.max_len if span is None else span
+
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[: self.slots.shape[0]]
+        window = slice(self.first, self.first + self.slots.shape[0])
+        keys, values = self.keys[layer_idx][window], self.values[layer_idx][window]
         # Advanced indices around a slice put their dims first: [B, T, KV, D] on both sides.
-        self.keys[layer_idx][self.rows, :, self.slots] = k.transpose(1, 2).to(self.keys[layer_idx].dtype)
-        self.values[layer_idx][self.rows, :, self.slots] = v.transpose(1, 2).to(self.values[layer_idx].dtype)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys[rows, :, self.slots] = k.transpose(1, 2).to(keys.dtype)
+        values[rows, :, self.slots] = v.transpose(1, 2).to(values.dtype)
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.slots.max()) + 1

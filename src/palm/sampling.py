@@ -95,3 +95,18 @@ def sample_rows(
     for i, r in enumerate(sampled):
         greedy[r] = torch.multinomial(probs[i], 1, generator=gens[r])[0]
     return greedy
+
+
+def saved_defaults(generation_config) -> dict:
+    """The sampling settings a model was saved with (its generation_config.json) as SamplingConfig fields,
+    for callers that leave them unsaid, as Transformers' `generate()` uses them; {} without one."""
+    if generation_config is None:
+        return {}
+    gc = generation_config
+    if gc.do_sample:
+        out = {"temperature": gc.temperature, "top_k": gc.top_k, "top_p": gc.top_p}
+    else:
+        out = {"temperature": 0.0}
+    out.update(repetition_penalty=gc.repetition_penalty, max_new_tokens=gc.max_new_tokens)
+    return {k: v for k, v in out.items() if v is not None}
+

@@ -15,19 +15,49 @@ from .app import app
 def generate_command(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or nothing reads stdin.")] = None,
     model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")] = Path("demo/run/final"),
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A LoRA adapter directory (RUN/adapter) to apply to --model.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="The prompt is a user's turn: prompt with the chat template, print the reply.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="With --chat: a system turn before the user's.")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="0 turns it off.")] = 50,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the model's saved default.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 means greedy (default: the model's).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="0 turns it off (default: the model's).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Default: the model's.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="1 turns it off (default: the model's).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string; repeatable.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+    quantize: Annotated[str, typer.Option("--quantize", help="Decode weights: none, int8 or fp16 (x86 CPUs).")] = "none",
 ) -> None:
-    """Stream a model's continuation of a prompt to the terminal; a summary goes to stderr."""
+    """Stream a model's continuation of a prompt (or with --chat, its reply) to the terminal; a summary goes
+    to stderr. Sampling settings not given are the ones saved with the model (generation_config.json)."""
     from ..errors import GenerationInputError
     from ..generate import Generator, SamplingConfig
+
+    prompts = read_prompts(prompt, file)
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    SamplingConfig(**{k: v for k, v in given.items() if v is not None}).validate()  # before the model loads
+    if system is not None and not chat:
+        raise GenerationInputError("--system needs --chat")
+    check_quantize(quantize)
+    generator = Generator.load(model, adapter=adapter, compile=compile, quantize=quantize)
+    cfg = generator.sampling(**given)
+    for p in prompts:
+        stats: dict = {}
+        pieces = generator.stream(chat_prompt(generator, p, system) if chat else p, cfg, stats)
+        sys.stdout.write("" if chat else p)
+        for piece in reply_pieces(pieces) if chat else pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+        print(f"[{stats['tokens']} tokens, {rate:.1f} tokens/s, {stats['finish_reason']}]", file=sys.stderr)
+
+
+def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
+    """The prompts of `palm generate`: the argument, the lines of --file, or standard input."""
+    from ..errors import GenerationInputError
 
     if file is not None:
         from ..documents import BinaryFileError, read_text
@@ -48,19 +78,27 @@ def generate_command(
         prompts = [prompt]
     if not any(p.strip() for p in prompts):
         raise GenerationInputError("the prompt is empty")
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
-    cfg.validate()
-    generator = Generator.load(model, compile=compile)
-    for p in prompts:
-        stats: dict = {}
-        sys.stdout.write(p)
-        for piece in generator.stream(p, cfg, stats):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
-        print(f"[{stats['tokens']} tokens, {rate:.1f} tokens/s, {stats['finish_reason']}]", file=sys.stderr)
+    return prompts
+
+
+def chat_prompt(generator, text: str, system: str | None) -> list[int]:
+    """The ids that ask for the assistant's reply to `text` (after `system`), as chat fine-tuning trained."""
+    from ..chat import check_messages, encode_prompt
+
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
+    return encode_prompt(generator.tokenizer, check_messages(messages))
+
+
+def reply_pieces(pieces):
+    """A streamed reply without the space the chat template puts after `Assistant:` (templates.reply_text)."""
+    from ..templates import reply_text
+
+    first = True
+    for piece in pieces:
+        if first and piece:
+            piece, first = reply_text(piece), False
+        if piece:
+            yield piece
 
 
 @app.command("eval")
@@ -108,6 +146,7 @@ def eval_command(
 @app.command("serve")
 def serve_command(
     model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A LoRA adapter directory (RUN/adapter) to serve on --model.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="0 to 65535; 0 picks a free port.")] = 8000,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients use (default: the folder name).")] = None,
@@ -115,8 +154,12 @@ def serve_command(
     max_total_tokens: Annotated[Optional[int], typer.Option("--max-total-tokens", help="Largest prompt + max_tokens (default: the model's context).")] = None,
     max_stop: Annotated[int, typer.Option("--max-stop", help="Stop strings a request may give.")] = 4,
     max_stop_length: Annotated[int, typer.Option("--max-stop-length", help="Characters per stop string.")] = 64,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together.")] = 8,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for the model; more get 429.")] = 64,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="KV-cache rows: requests decoded together, joining and leaving at any step.")] = 16,
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Slots per cache row, prompt + completion (default: the model's context).")] = None,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per step, between decode steps.")] = 256,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a row; more get 429.")] = 64,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (a graph per batch and length window).")] = False,
+    quantize: Annotated[str, typer.Option("--quantize", help="Decode weights: none, int8 or fp16 (fp16: x86 CPUs; int8 is batch-exact only on AVX512/AMX CPUs with bf16).")] = "none",
     read_timeout: Annotated[float, typer.Option("--read-timeout", help="Seconds a client has to send its headers, and then its body (408).")] = 30.0,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="PALM_API_KEY", show_envvar=True,
@@ -125,6 +168,16 @@ def serve_command(
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
     from ..serve import serve
 
-    serve(model, host=host, port=port, model_name=model_name, max_tokens_limit=max_tokens_limit,
-          max_total_tokens=max_total_tokens, max_stop=max_stop, max_stop_length=max_stop_length, max_batch=max_batch,
-          max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)
+    check_quantize(quantize)
+    serve(model, host=host, port=port, model_name=model_name, compile=compile, quantize=quantize, adapter=adapter,
+          max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, max_stop=max_stop,
+          max_stop_length=max_stop_length, max_batch=max_batch, max_model_len=max_model_len,
+          prefill_chunk=prefill_chunk, max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)
+
+
+def check_quantize(quantize: str) -> None:
+    """Before a model loads: a misspelt format fails at once."""
+    from ..quant import QUANTIZE, QuantizeError
+
+    if quantize not in QUANTIZE:
+        raise QuantizeError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")

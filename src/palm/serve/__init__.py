@@ -1,11 +1,11 @@
 """`palm serve`: an OpenAI-compatible HTTP server (completions, chat completions, models) over a Generator.
 
-The model is not thread-safe, so every generation runs on ONE worker thread (`worker`). A
-dispatcher task feeds it: non-streaming requests that arrive while the model is busy and share the
-same sampling settings are decoded together in one left-padded `Generator.token_stream` batch (at
-most `max_batch` rows); a streaming request is decoded alone on that thread and its text deltas
-travel to the response through an asyncio queue, one server-sent event per delta, as soon as they
-are produced.
+The model is not thread-safe, so every generation runs on ONE worker thread (`worker`), which
+batches continuously (palm.engine): a request takes a free row of the KV-cache pool (`max_batch`
+rows of `max_model_len` slots) at whatever step one is free, has its prompt prefilled a chunk per
+step between decode steps, decodes next to every other row under its own sampling settings, and
+leaves at eos, a stop string, max_tokens or when its client goes. A stream's text deltas travel to
+its response through an asyncio queue, one server-sent event per delta, as soon as they are produced.
 
 Every limit is checked before a request reaches the worker: a 400 at once for a request that asks
 too much (max_tokens, prompt + max_tokens, stop strings, n, seed), a 429 when `max_queue` requests
@@ -13,14 +13,14 @@ already wait, a 401 without the API key (when one is set), a 408 for a body slow
 `read_timeout`. A request whose client leaves is cancelled: it stops at its next token, or never starts.
 
 The modules: `options` (ServeOptions, every limit and its default), `schemas` (request bodies, the
-error shape), `decoding` (one row's text as its tokens arrive), `worker`, `middleware` (the request
-guard: key, size, read deadline), `handling` (what the routes share: settings, checks, jobs, replies
-and streams), the routes `models`, `completions` and `chat`, `app` (`create_app`) and `server`
-(`listen`, `serve`).
+error shape), `decoding` (one row's text as its tokens arrive), `worker` (the thread that runs the
+engine), `middleware` (the request guard: key, size, read deadline), `handling` (what the routes
+share: settings, checks, jobs, replies and streams), the routes `models`, `completions` and `chat`,
+`app` (`create_app`) and `server` (`listen`, `serve`, the pool's memory check).
 """
 
 from .app import create_app
-from .chat import PLAIN_CHAT_STOPS, render_chat
+from .chat import render_chat
 from .handling import ServeSettings
 from .middleware import RequestGuard
 from .options import ServeError, ServeOptions
@@ -32,7 +32,7 @@ from .server import listen, serve, uvicorn_config
 from .worker import GenerationJob, GenerationWorker, QueueFull, WorkerNotRunning
 
 __all__ = [
-    "PLAIN_CHAT_STOPS", "ROLES",
+    "ROLES",
     "APIError", "ChatMessage", "ChatRequest", "CompletionRequest", "GenerationJob", "GenerationWorker",
     "QueueFull", "RequestGuard", "SamplingRequest", "ServeError", "ServeOptions", "ServeSettings", "StreamOptions",
     "WorkerNotRunning", "create_app", "error_body", "error_response", "listen", "render_chat", "serve",

@@ -29,7 +29,7 @@ from .worker import GenerationJob, GenerationWorker, QueueFull, logger
 ChoiceOf = Callable[[str | None, str | None], dict]
 
 TOO_LONG = "context_length_exceeded"  # OpenAI's code for a prompt and completion that do not fit
-RETRY_AFTER_S = 1  # what a 429 tells a client to wait: the queue moves a batch at a time
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait: rows free as requests finish, a step at a time
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,10 @@ class ServeSettings:
 
     @property
     def total_tokens(self) -> int:
-        """Prompt and completion together, at most: the model's context, or less where the server says so."""
-        cap = self.options.max_total_tokens
-        return self.generator.context if cap is None else min(cap, self.generator.context)
+        """Prompt and completion together, at most: the model's context, or less where the server says so
+        (--max-total-tokens, or --max-model-len, the slots of a cache row)."""
+        caps = [c for c in (self.options.max_total_tokens, self.options.max_model_len) if c is not None]
+        return min([self.generator.context, *caps])
 
 
 def settings_of(request: Request) -> ServeSettings:
@@ -79,8 +80,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def encode_prompt(generator: Generator, prompt: str, param: str) -> list[int]:
-    """The prompt's tokens; a 400 naming `param` when it leaves no room to generate."""
+async def encode_prompt(generator: Generator, prompt: str | list[int], param: str) -> list[int]:
+    """The prompt's tokens (a rendered chat comes as ids); a 400 naming `param` when it leaves no room to generate."""
     try:
         # Off the event loop: tokenizing a long prompt would stall every other connection.
         return await run_in_threadpool(generator.encode, prompt)
@@ -88,7 +89,7 @@ async def encode_prompt(generator: Generator, prompt: str, param: str) -> list[i
         raise APIError(400, str(e), param, TOO_LONG) from None
 
 
-async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str, prompt_param: str,
+async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | list[int], prompt_param: str,
                   requested: int | None, requested_param: str, default: int, extra_stops: Sequence[str] = ()
                   ) -> GenerationJob:
     """The job for a request, or a 400 before it costs the model anything.
@@ -109,7 +110,8 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str, p
         raise APIError(400, f"the prompt is {len(ids)} tokens and {requested_param} is {requested}, "
                        f"{len(ids) + requested} in all; this server allows {total}", requested_param, TOO_LONG)
     max_tokens = min(default, limit, room) if requested is None else requested
-    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops)), streamed=bool(body.stream))
+    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults),
+                         streamed=bool(body.stream))
 
 
 def submit(worker: GenerationWorker, job: GenerationJob) -> None:

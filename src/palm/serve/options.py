@@ -24,8 +24,10 @@ class ServeOptions:
     max_total_tokens: int | None = None  # prompt + max_tokens, at most; None: the model's context (always a bound)
     max_stop: int = 4  # stop strings per request (OpenAI's limit); each one is checked after every token
     max_stop_length: int = 64  # characters per stop string
-    max_batch: int = 8  # rows decoded together
-    max_queue: int = 64  # requests waiting for the model; one more is answered 429
+    max_batch: int = 16  # cache rows: requests decoded together, joining and leaving at any step
+    max_model_len: int | None = None  # slots per row, prompt + completion; None: the model's context
+    prefill_chunk: int = 256  # prompt tokens written per step, so new prompts and running streams share each step
+    max_queue: int = 64  # requests waiting for a row; one more is answered 429
     max_body_bytes: int = 1_000_000
     read_timeout: float = 30.0  # seconds a client has to send its headers, and then its body
     api_key: str | None = None  # when set, every request but /health needs `Authorization: Bearer KEY`
@@ -37,7 +39,7 @@ class ServeOptions:
             raise ServeError("the API key must be printable ASCII, not empty, without spaces at its ends")
         for name in COUNTS:
             value, low = getattr(self, name), 0 if name == "max_stop" else 1  # max_stop 0: no stop strings
-            if value is None and name == "max_total_tokens":
+            if value is None and name in ("max_total_tokens", "max_model_len"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ServeError(f"{flag(name)} must be an integer of at least {low}, not {value!r}")
@@ -46,8 +48,8 @@ class ServeOptions:
             raise ServeError(f"{flag('read_timeout')} must be a positive number of seconds, not {t!r}")
 
 
-COUNTS = ("max_tokens_limit", "max_total_tokens", "max_stop", "max_stop_length", "max_batch", "max_queue",
-          "max_body_bytes")
+COUNTS = ("max_tokens_limit", "max_total_tokens", "max_stop", "max_stop_length", "max_batch", "max_model_len",
+          "prefill_chunk", "max_queue", "max_body_bytes")
 
 
 def flag(name: str) -> str:

@@ -124,14 +124,22 @@ class SamplingRequest(BaseModel):
                 raise APIError(400, f"a stop string is {len(s)} characters; this server allows at most "
                                f"{options.max_stop_length}", "stop")
 
-    def sampling(self, max_tokens: int, extra_stops: list[str] = ()) -> SamplingConfig:
-        temperature = 1.0 if self.temperature is None else self.temperature
+    def sampling(self, max_tokens: int, extra_stops: list[str] = (), defaults: dict | None = None) -> SamplingConfig:
+        """The request's settings; those it leaves unsaid are the model's saved `defaults` (its
+        generation_config.json), else OpenAI's (temperature 1, no top-k or top-p, no penalty)."""
+        defaults = defaults or {}
+
+        def given(name: str, fallback):
+            value = getattr(self, name)
+            return defaults.get(name, fallback) if value is None else value
+
+        temperature = given("temperature", 1.0)
         cfg = SamplingConfig(
             max_new_tokens=max_tokens,
             temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            top_k=given("top_k", 0),
+            top_p=given("top_p", 1.0),
+            repetition_penalty=given("repetition_penalty", 1.0),
             stop=list(self.stop or []) + [s for s in extra_stops if s not in (self.stop or [])],
             seed=self.seed,
         )

@@ -4,12 +4,14 @@ fails before a large model loads), then the model, then uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from ..engine import pool_bytes
 from ..generate import Generator
 from .app import create_app
 from .options import ServeError, ServeOptions, check_port
@@ -33,6 +35,28 @@ def listen(host: str, port: int) -> socket.socket:
         raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device` now (None where it cannot be told)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_pool_fits(generator: Generator, settings: ServeOptions) -> None:
+    """The KV-cache pool is allocated whole at start: refuse, with the sizes, one that memory cannot hold."""
+    need = pool_bytes(generator, settings.max_batch, settings.max_model_len)
+    free = free_memory(generator.model.device)
+    if free is not None and need > 0.9 * free:
+        raise ServeError(f"the KV cache for --max-batch {settings.max_batch} rows of --max-model-len "
+                         f"{settings.max_model_len or generator.context} tokens needs {need / 2**20:.0f} MiB, and "
+                         f"{free / 2**20:.0f} MiB are free; lower either")
 
 
 def header_deadline(seconds: float) -> type[asyncio.Protocol]:
@@ -70,12 +94,15 @@ def uvicorn_config(app, port: int, read_timeout: float, host: str = "127.0.0.1",
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          compile: bool = False, log_level: str = "info", **options) -> None:
-    """Load a model directory and serve it until interrupted; `options` are ServeOptions fields."""
+          compile: bool = False, quantize: str = "none", log_level: str = "info", adapter: str | Path | None = None,
+          **options) -> None:
+    """Load a model directory (with a LoRA `adapter` merged in, when given) and serve it until interrupted;
+    `options` are ServeOptions fields."""
     settings = ServeOptions(**options)  # fail fast, before loading a large model
     sock = listen(host, port)
     try:
-        generator = Generator.load(model_dir, compile=compile)
+        generator = Generator.load(model_dir, compile=compile, quantize=quantize, adapter=adapter)
+        check_pool_fits(generator, settings)
         name = model_name or Path(model_dir).resolve().name
         app = create_app(generator, name, settings)
         bound_port = sock.getsockname()[1]

@@ -1,14 +1,16 @@
-"""The one thread that touches the model, and the dispatcher that feeds it.
+"""The one thread that touches the model, batching continuously (palm.engine).
 
-The model is not thread-safe, so every generation runs on ONE worker thread. A dispatcher task feeds
-it: non-streaming requests that wait while the model is busy and share the same sampling settings
-are decoded together in one left-padded batch (at most `max_batch` rows); a streaming request is
-decoded alone and its text deltas travel to the response through an asyncio queue as soon as they
-are produced.
+The model is not thread-safe, so every generation runs on ONE worker thread. It loops: admit waiting
+jobs while the engine has free cache rows, drop the jobs whose clients have gone, run one engine
+step (prefill of new prompts within a token budget, then one decode step for every running row),
+and hand each new token to its job. A job joins the running batch at whatever step a row frees for
+it and leaves at its end (eos, a stop string, max_tokens, its client gone), streaming or not, each
+under its own sampling settings. A stream's text deltas travel to its response through an asyncio
+queue as soon as they are decoded.
 
-What request handling relies on is the small `GenerationJob` interface, whatever the worker does
-inside (a later worker batches continuously): `submit` refuses a job once `max_queue` jobs wait
-(QueueFull), and `GenerationJob.cancel` stops a job at its next token, or before it starts.
+What request handling relies on is the small `GenerationJob` interface: `submit` refuses a job once
+`max_queue` jobs wait for a row (QueueFull), and `GenerationJob.cancel` stops a job at its next
+token, or before it starts; its row is free at the next step.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..engine import Engine, Request
 from ..generate import Completion, Generator, SamplingConfig
 from .decoding import Row
 
@@ -65,154 +67,155 @@ class GenerationJob:
             self.events.put_nowait(("cancelled", None))  # wakes a stream waiting for its next delta
 
 
-class GenerationWorker:
-    """Owns the one thread that touches the model, and batches what waits for it."""
+@dataclass(eq=False)
+class _Running:
+    job: GenerationJob
+    request: Request
+    row: Row
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
+
+class GenerationWorker:
+    """Owns the one thread that touches the model, and the engine whose rows the jobs share."""
+
+    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
+                 prefill_chunk: int = 256):
         self.generator = generator
-        self.max_batch = max(1, max_batch)
+        self.engine = Engine(generator, max(1, max_batch), max_model_len, prefill_chunk)
+        self.max_batch = self.engine.max_batch
         self.max_queue = max(1, max_queue)
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # the latest batches' sizes, for monitoring and tests
-        self.decode_steps = 0  # model steps run, one token per row each: the work done, for monitoring and tests
-        self.running: list[GenerationJob] = []  # the jobs on the model now
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # rows decoded per step, latest steps: for monitoring and tests
+        self.decode_steps = 0  # engine steps run: the work done, for monitoring and tests
+        self._running: list[_Running] = []
         self._pending: deque[GenerationJob] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task | None = None
+        self._wake = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> list[GenerationJob]:
+        """The jobs on the model now."""
+        return [r.job for r in self._running]
 
     @property
     def waiting(self) -> int:
         """Requests queued and not yet handed to the model (cancelled ones do not count)."""
-        return sum(not job.cancelled.is_set() for job in self._pending)
+        with self._wake:
+            return sum(not job.cancelled.is_set() for job in self._pending)
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palm-generate")
-        self._task = asyncio.get_running_loop().create_task(self._dispatch())
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="palm-generate", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        for job in [*self.running, *self._pending]:
-            job.cancel()  # a decode in flight ends at its next token, so the thread can exit
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._wakeup = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            jobs = [*self.running, *self._pending]
+        for job in jobs:
+            job.cancel()  # a step in flight ends, and nothing more starts
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        self._loop = None
 
     def submit(self, job: GenerationJob) -> None:
         """Queue `job`; QueueFull at once when `max_queue` jobs are waiting (checked here, not later, so that
         a flood of requests costs the server a list of bounded length, and each client learns at once)."""
-        if self._wakeup is None:
+        if self._loop is None or self._stopping:
             raise WorkerNotRunning("the generation worker is not running")
-        self._pending = deque(j for j in self._pending if not j.cancelled.is_set())  # the abandoned give way
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(f"{len(self._pending)} requests are waiting for the model")
-        if job.streamed:
-            job.events = asyncio.Queue()
-        else:
-            job.future = asyncio.get_running_loop().create_future()
-        self._pending.append(job)
-        self._wakeup.set()
-
-    def _batch_key(self, job: GenerationJob) -> tuple | None:
-        """Jobs with equal keys decode together and get exactly what each would get alone."""
-        c = job.cfg
-        if job.streamed:
-            return None
-        if c.temperature > 0 and c.seed is not None:
-            return None  # a seeded sample must not depend on which requests share its batch
-        if job.prompt_tokens + c.max_new_tokens > self.generator.context:
-            return None  # a long row would shorten every other row's budget
-        return (c.max_new_tokens, c.temperature, c.top_k, c.top_p, c.repetition_penalty, tuple(c.stop))
-
-    def _take_batch(self, job: GenerationJob) -> list[GenerationJob]:
-        """`job` and the waiting jobs that decode with it, taken out of the pending queue."""
-        batch = [job]
-        key = self._batch_key(job)
-        if key is None:
-            return batch
-        rest: deque[GenerationJob] = deque()
-        for other in self._pending:
-            if len(batch) < self.max_batch and not other.cancelled.is_set() and self._batch_key(other) == key:
-                batch.append(other)
+        with self._wake:
+            self._pending = deque(j for j in self._pending if not j.cancelled.is_set())  # the abandoned give way
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting for the model")
+            if job.streamed:
+                job.events = asyncio.Queue()
             else:
-                rest.append(other)
-        self._pending = rest
-        return batch
-
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._pending:
-                assert self._wakeup is not None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            # Everything that arrived while the model was busy is a candidate for the next batch.
-            job = self._pending.popleft()
-            if job.cancelled.is_set():
-                continue  # its client left while it waited: it never starts
-            batch = self._take_batch(job)
-            self.running = batch
-            try:
-                results = await loop.run_in_executor(self._executor, self._run, batch, loop)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - keep serving whatever one request did
-                logger.exception("generation worker failed")
-                results = [e] * len(batch)
-            finally:
-                self.running = []
-            for j, result in zip(batch, results):
-                _settle(j, result)
+                job.future = self._loop.create_future()
+            self._pending.append(job)
+            self._wake.notify()
 
     # The methods below run on the worker thread.
 
-    def _run(self, batch: list[GenerationJob], loop: asyncio.AbstractEventLoop) -> list[Completion | BaseException]:
-        self.batch_sizes.append(len(batch))
-        try:
-            return self._decode(batch, loop)
-        except Exception as e:  # noqa: BLE001
-            if len(batch) == 1:
-                return [e]
-        results: list[Completion | BaseException] = []
-        for j in batch:  # one bad row must not fail its neighbours
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._pending or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            self._drop_cancelled()
+            if not self._running:
+                continue
             try:
-                results.extend(self._decode([j], loop))
-            except Exception as e:  # noqa: BLE001
-                results.append(e)
-        return results
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - keep serving whatever one batch did
+                logger.exception("generation worker failed")
+                for r in list(self._running):
+                    self._finish(r, e)
+                continue
+            self.decode_steps += 1
+            self.batch_sizes.append(len(events))
+            self._deliver(events)
+        for r in list(self._running):
+            self.engine.remove(r.request)
+        self._running.clear()
 
-    def _decode(self, batch: list[GenerationJob], loop: asyncio.AbstractEventLoop) -> list[Completion]:
-        rows = [Row(self.generator, j.cfg.stop, j.streamed) for j in batch]
-        steps = self.generator.token_stream([j.prompt_ids for j in batch], batch[0].cfg)
+    def _admit(self) -> None:
+        """Waiting jobs into free rows, first come first served (under the lock)."""
+        while self._pending and not self.engine.full:
+            job = self._pending.popleft()
+            if job.cancelled.is_set():
+                continue  # its client left while it waited: it never starts
+            request = Request(job.prompt_ids, job.cfg)
+            try:
+                self.engine.add(request)
+            except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone
+                self._settle(job, e)
+                continue
+            self._running.append(_Running(job, request, Row(self.generator, job.cfg.stop, job.streamed)))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._running if r.job.cancelled.is_set()]:
+            self.engine.remove(r.request)  # the row is free for the next step
+            self._running.remove(r)
+
+    def _deliver(self, events: list[tuple[Request, int]]) -> None:
+        by_request = {id(r.request): r for r in self._running}
+        for request, token in events:
+            r = by_request.get(id(request))
+            if r is None or r.job.cancelled.is_set():
+                continue
+            r.job.tokens += 1
+            self._send(r.job, r.row.feed(token))
+            if r.row.finish is not None or request.finish is not None:
+                self._finish(r, None)
+
+    def _finish(self, r: _Running, error: BaseException | None) -> None:
+        self.engine.remove(r.request)  # a stop string ends it here; eos and length already did
+        if r in self._running:
+            self._running.remove(r)
+        if error is None:
+            self._send(r.job, r.row.close())
+        self._settle(r.job, error if error is not None else r.row.completion(r.job.prompt_tokens))
+
+    def _send(self, job: GenerationJob, piece: str) -> None:
+        """Hand a stream's new text to its response."""
+        if not (piece and job.streamed and not job.cancelled.is_set()):
+            return
+        self._call(job, job.events.put_nowait, ("delta", piece))
+
+    def _settle(self, job: GenerationJob, result: Completion | BaseException) -> None:
+        self._call(job, _settle, job, result)
+
+    def _call(self, job: GenerationJob, fn, *args) -> None:
         try:
-            for token in steps:
-                self.decode_steps += 1
-                for job, row, t in zip(batch, rows, token.tolist()):
-                    if row.finish is None and not job.cancelled.is_set():
-                        job.tokens += 1
-                        _send(job, loop, row.feed(t))
-                if all(row.finish is not None or job.cancelled.is_set() for job, row in zip(batch, rows)):
-                    break  # every row is done or abandoned: not one more step for anyone
-        finally:
-            steps.close()
-        for job, row in zip(batch, rows):
-            _send(job, loop, row.close())
-        return [row.completion(j.prompt_tokens) for j, row in zip(batch, rows)]
-
-
-def _send(job: GenerationJob, loop: asyncio.AbstractEventLoop, piece: str) -> None:
-    """Hand a stream's new text to its response (from the worker thread)."""
-    if not (piece and job.streamed and not job.cancelled.is_set()):
-        return
-    try:
-        loop.call_soon_threadsafe(job.events.put_nowait, ("delta", piece))
-    except RuntimeError:  # the event loop has closed: the server is going away
-        job.cancelled.set()
+            self._loop.call_soon_threadsafe(fn, *args)
+        except (RuntimeError, AttributeError):  # the event loop has closed: the server is going away
+            job.cancelled.set()
 
 
 def _settle(job: GenerationJob, result: Completion | BaseException) -> None:

@@ -1,0 +1,189 @@
+"""Continuous batching: requests join a running batch at any step and leave it when they are done.
+
+The engine owns a pool of KV-cache rows (`max_batch` rows of `max_len` slots, allocated once, so a
+full pool waits rather than runs out of memory). A request takes the lowest free row, has its prompt
+written into it a chunk at a time, then decodes one token per step next to every other decoding
+row, each under its own sampling settings and seeded generator (palm.sampling). Each `step` runs the
+prefill of waiting prompts, whole chunks of `prefill_chunk` tokens (cut at the same places whatever
+else is waiting), up to `prefill_chunk` tokens in all, then one decode step for every row that was
+decoding: a long prompt never stalls the streams already running, and it advances at every step.
+
+The decode step covers rows 0..B and slots 0..S, B and S the powers of two that hold the highest
+decoding row and the longest one: a few fixed shapes, so few compiled graphs. Rows inside the window
+that are not decoding (free, or still being prefilled) go along with a dummy token written at the
+last slot, which no mask shows until a real token is written there.
+
+Stop strings and clients that leave are the caller's (palm.serve.worker): it calls `remove`, and the
+row is free for the next request at the next step.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import Generator
+from .kvcache import KVCache, attention_mask
+from .sampling import GenerationError, SamplingConfig, sample_rows
+
+MIN_SPAN = 16  # the smallest attention window: shorter ones would only add compiled graphs
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation in the engine: its prompt, settings, and what it has produced."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    tokens: list[int] = field(default_factory=list)  # generated so far (an eos included, as the last)
+    finish: str | None = None  # "stop" at eos, "length" at max_new_tokens or the row's end; None while running
+    row: int | None = None
+    fed: int = 0  # prompt tokens already written to the cache
+    rng: torch.Generator | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.row is not None and self.fed == len(self.prompt) and self.finish is None
+
+
+def bucket(n: int, low: int, high: int) -> int:
+    """The power of two at or above n, within [low, high]."""
+    return min(high, max(low, 1 << (n - 1).bit_length()))
+
+
+def pool_bytes(generator: Generator, max_batch: int, max_len: int | None = None) -> int:
+    """Bytes an engine's pool takes: keys and values of every layer, plus a mask bit and a context id per slot."""
+    c, length = generator.model.config, min(max_len or generator.context, generator.context)
+    per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * generator.cache_dtype.itemsize + 1 + 8
+    return max_batch * length * per_slot
+
+
+class Engine:
+    """A pool of cache rows and the requests decoding in it; `step` advances every one of them."""
+
+    def __init__(self, generator: Generator, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be positive")
+        self.generator = generator
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_len = min(max_len or generator.context, generator.context)
+        device = generator.model.device
+        self.device = device
+        self.cache = KVCache(generator.model.config, max_batch, self.max_len, generator.cache_dtype, device)
+        self.filled = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=device)
+        self.seen = torch.full((max_batch, self.max_len), -1, dtype=torch.long, device=device)  # for the penalty
+        self.requests: list[Request] = []  # admission order
+        self.free = list(range(max_batch))  # a heap: the lowest free row is taken first
+        self.decode_steps = 0
+
+    @property
+    def full(self) -> bool:
+        return not self.free
+
+    def nbytes(self) -> int:
+        """Memory the pool holds: the cache, its masks and the context ids."""
+        return self.cache.nbytes() + self.filled.numel() + self.seen.numel() * self.seen.element_size()
+
+    def add(self, request: Request) -> bool:
+        """Give `request` a row; False when every row is taken (the caller keeps it waiting)."""
+        request.cfg.validate()
+        if not request.prompt:
+            raise GenerationError("every prompt must have at least one token")
+        if len(request.prompt) >= self.max_len:
+            raise GenerationError(f"prompt is {len(request.prompt)} tokens; this engine's rows hold {self.max_len}")
+        if not self.free:
+            return False
+        request.row = heapq.heappop(self.free)
+        request.fed, request.tokens, request.finish = 0, [], None
+        request.rng = request.cfg.generator(self.device)
+        self.filled[request.row] = False
+        self.seen[request.row] = -1
+        self.requests.append(request)
+        return True
+
+    def remove(self, request: Request) -> None:
+        """Take `request` off the engine (done, or its client gone); its row is free from the next step."""
+        if request.row is not None:
+            heapq.heappush(self.free, request.row)
+            request.row = None
+        if request in self.requests:
+            self.requests.remove(request)
+
+    @torch.inference_mode()  # without it, a one-row step ran 30x slower (oneDNN's bf16 matmul, autograd on)
+    def step(self) -> list[tuple[Request, int]]:
+        """Prefill what fits in the chunk budget, then decode one token for every decoding row.
+
+        Returns each new token with its request, in order; a request that ends (eos, its budget, its
+        row's end) is removed and has `finish` set.
+        """
+        decoding = [r for r in self.requests if r.decoding]
+        events = self._prefill_some()
+        if decoding:
+            events += zip(decoding, self._decode(decoding))
+        for request, token in events:
+            self._record(request, token)
+        return events
+
+    def _prefill_some(self) -> list[tuple[Request, int]]:
+        events, budget = [], self.prefill_chunk
+        for request in [r for r in self.requests if r.fed < len(r.prompt)]:
+            # Whole chunks at multiples of prefill_chunk: where a prompt is cut does not depend on which
+            # other prompts share the step, so neither do its numbers (bf16 rounds each chunk's own way).
+            n = min(self.prefill_chunk, len(request.prompt) - request.fed)
+            if n > budget:
+                break
+            logits = self._prefill(request, n)
+            budget -= n
+            if request.fed == len(request.prompt):  # the prompt is in: its first token
+                events.append((request, self._sample([request], logits)[0]))
+        return events
+
+    def _prefill(self, request: Request, n: int) -> torch.Tensor:
+        row, start, end = request.row, request.fed, request.fed + n
+        ids = torch.tensor([request.prompt[start:end]], device=self.device)
+        slots = torch.arange(start, end, device=self.device)[None]
+        self.filled[row, start:end] = True
+        self.seen[row, start:end] = ids[0]
+        mask = attention_mask(self.filled[row : row + 1, :end], slots)
+        logits = self.generator.step.prefill(self.cache, ids, slots, slots, mask, first=row)
+        request.fed = end
+        return logits
+
+    def _decode(self, decoding: list[Request]) -> list[int]:
+        rows = [r.row for r in decoding]
+        slots = [len(r.prompt) + len(r.tokens) - 1 for r in decoding]  # where each row's newest token goes
+        b = bucket(max(rows) + 1, 1, self.max_batch)
+        span = bucket(max(slots) + 1, MIN_SPAN, self.max_len)
+        ids = [self.generator.tokenizer.pad_id] * b
+        where = [self.max_len - 1] * b  # rows that are not decoding write a dummy at the last slot
+        for r, slot in zip(decoding, slots):
+            ids[r.row], where[r.row] = r.tokens[-1], slot
+        index = torch.tensor(rows, device=self.device)
+        self.filled[index, torch.tensor(slots, device=self.device)] = True
+        where_t = torch.tensor(where, device=self.device)[:, None]
+        idle = torch.ones(b, 1, dtype=torch.bool, device=self.device)
+        idle[index] = False
+        mask = (self.filled[:b, :span] | idle)[:, None, None, :]  # an idle row sees all: no empty softmax
+        logits = self.generator.step.decode(self.cache, torch.tensor(ids, device=self.device)[:, None],
+                                            where_t, where_t, mask)
+        self.decode_steps += 1
+        return self._sample(decoding, logits[index], span)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor, span: int | None = None) -> list[int]:
+        rows = torch.tensor([r.row for r in requests], device=self.device)
+        seen = self.seen[rows, :span]
+        return sample_rows(logits, seen, [r.cfg for r in requests], [r.rng for r in requests]).tolist()
+
+    def _record(self, request: Request, token: int) -> None:
+        request.tokens.append(token)
+        slot = len(request.prompt) + len(request.tokens) - 1
+        if slot < self.max_len:
+            self.seen[request.row, slot] = token
+        if token in self.generator.eos_ids:
+            request.finish = "stop"
+        elif len(request.tokens) >= request.cfg.max_new_tokens or slot >= self.max_len - 1:  # no slot for more
+            request.finish = "length"
+        if request.finish is not None:
+            self.remove(request)
