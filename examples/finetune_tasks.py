@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flags", default=None, help="palm finetune flags replacing the task's tuned ones (one task only)")
+    ap.add_argument("--data-only", action="store_true", help="write the task files and stop")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,9 @@ def main() -> None:
         flags = shlex.split(args.flags) if args.flags is not None else flags
         split = build(seed=args.seed)
         paths = write_task(split, out / "data", name, template_name)
+        if args.data_only:
+            print(f"{name}: wrote {paths['train']}, {paths['yaml']}")
+            continue
         before, _ = exact_match(args.model, paths["yaml"], args.shots, args.seed)
         print(f"{name}: {args.shots}-shot exact match before fine-tuning {before:.1%}", flush=True)
         run = out / name
@@ -89,6 +93,8 @@ def main() -> None:
         # merge into what is there when this one finishes.
         results = {**(json.loads(results_file.read_text()) if results_file.is_file() else {}), name: results[name]}
         results_file.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if args.data_only:
+        return
     print(f"\n| task | train rows | test rows | {args.shots}-shot before | exact match after | fine-tuning (CPU / wall) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():

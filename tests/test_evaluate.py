@@ -476,3 +476,25 @@ def test_lm_eval_loads_a_palm_directory_by_remote_code_alone(offline, model_dir,
     local = run_harness(model_dir, HarnessConfig(tasks=["palm_toy_mc"], include_path=[str(harness_tasks)], batch_size=2))
     assert remote["acc,none"] == local["results"]["palm_toy_mc"]["acc,none"]
     assert remote["acc_norm,none"] == local["results"]["palm_toy_mc"]["acc_norm,none"]
+
+
+def test_a_chat_task_scores_the_greedy_next_assistant_turn(model, tokenizer, tmp_path):
+    from palm.chat import encode_prompt
+    from palm.templates import reply_text
+
+    conversations = [[{"role": "user", "content": f"Say {w}."}] for w in ("yes", "no", "maybe")]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m, "answer": "yes"} for m in conversations])
+    task = load_task(path)
+    result = evaluate_task(model, tokenizer, task, batch_size=2)
+    generator = Generator(model, tokenizer)
+    for sample, messages in zip(result["samples"], conversations):
+        ids = encode_prompt(tokenizer, messages)
+        alone = []
+        for token in generator.token_stream([ids], SamplingConfig(max_new_tokens=task.max_new_tokens)):
+            if int(token[0]) in generator.eos_ids:
+                break
+            alone.append(int(token[0]))
+        assert sample["prediction"] == reply_text(tokenizer.decode(alone))  # batched equals alone
+    assert result["metrics"]["exact_match"] == sum(s["prediction"] == "yes" for s in result["samples"]) / 3
+    with pytest.raises(EvaluationError, match="zero-shot"):
+        evaluate_task(model, tokenizer, task, shots=1)

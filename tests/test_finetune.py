@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import FinetuneConfig, collate, encode_row, finetune
+from palm.finetune import FinetuneConfig, finetune
+from palm.finetune_data import collate, encode_row
 from palm.templates import format_prompt
 from palm.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
@@ -56,7 +57,8 @@ def test_only_completion_tokens_are_scored(tokenizer, model_dir):
     # prompt-position predictions (or what they would be scored against) leaves it unchanged.
     ce.backward()
     prompt_positions = torch.zeros_like(y, dtype=torch.bool)
-    for r, (ids, n_prompt) in enumerate(examples):
+    for r, (ids, scored) in enumerate(examples):
+        n_prompt = scored.index(True)
         prompt_positions[r, : n_prompt - 1] = True
         assert (y[r, : n_prompt - 1] == IGNORE_INDEX).all()
         assert y[r, len(ids) - 2] == tokenizer.eos_id

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from palm.finetune import read_rows
+from palm.finetune_data import read_rows
 from palm.templates import TEMPLATES
 from palm.synthetic import arithmetic_task, chinese, english, number_task, write_task
 
@@ -82,3 +82,21 @@ def test_same_seed_same_files_and_the_eval_format(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "a" / spec["file"]).read_text().splitlines()]
     assert all(set(r) == {"prompt", "answer"} and isinstance(r["answer"], str) for r in rows)
     assert len(read_rows(a["train"])) == len(arithmetic_task(seed=3).train)  # valid fine-tuning data
+
+
+def test_the_chat_task_holds_pairs_out_in_both_orders_and_scores_with_palm_eval(tmp_path):
+    from palm.evaluate import load_task
+    from palm.synthetic import RECALL_QUESTIONS, chat_recall_task, write_chat_task
+
+    split = chat_recall_task(seed=3, low=1, high=20, n_test=30)
+    assert split == chat_recall_task(seed=3, low=1, high=20, n_test=30)  # deterministic
+    trained = {tuple(sorted(map(int, c["messages"][1]["content"].rstrip(".").split(" and ")))) for c in split.train}
+    asked = {tuple(sorted(map(int, t["messages"][1]["content"].rstrip(".").split(" and ")))) for t in split.test}
+    assert not trained & asked and len(asked) == 30
+    assert {c["messages"][2]["content"] for c in split.train} == set(RECALL_QUESTIONS.values())  # both questions
+    for t in split.test:  # the answer is the number the second turn asks for, from the first turn
+        a, b = map(int, t["messages"][1]["content"].rstrip(".").split(" and "))
+        wanted = a if t["messages"][2]["content"] == RECALL_QUESTIONS["first"] else b
+        assert t["answer"] == chinese(wanted) and t["messages"][-1]["role"] == "user"
+    task = load_task(write_chat_task(split, tmp_path, "recall")["yaml"])
+    assert task.kind == "chat" and len(task.examples) == 30 and task.examples[0].target == split.test[0]["answer"]

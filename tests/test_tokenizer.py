@@ -121,3 +121,11 @@ def test_same_corpus_gives_the_same_tokenizer(tmp_path):
         train_tokenizer(corpus_texts, vocab_size=1024).save(tmp_path / name)
     files = {(tmp_path / name / "tokenizer.json").read_bytes() for name in ("a", "b", "c")}
     assert len(files) == 1
+
+
+def test_template_markup_has_special_tokens_and_leaves_plain_text_alone(tokenizer):
+    ids, offsets = tokenizer.encode_markup("<s>User: hi\nAssistant: yo</s>\n")
+    assert ids[0] == tokenizer.bos_id and tokenizer.eos_id in ids and len(offsets) == len(ids)
+    # Encoding markup must not change how the same tokenizer reads text afterwards (the server shares one).
+    assert tokenizer.bos_id not in tokenizer.encode("<s></s>", bos=False)
+    assert tokenizer.decode(tokenizer.encode("<s></s>")) == "<s></s>"

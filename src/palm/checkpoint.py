@@ -212,7 +212,8 @@ def load_training_checkpoint(path: Path, model, optimizer) -> dict:
             _load_full_into_sharded(path, model, optimizer, state.pop("optimizer"))
             return state
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        # The tied head is saved once, under the embedding's name (a LoRA model prefixes both names).
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
             raise CheckpointError(f"{path} does not match this model (missing {missing}, unexpected {unexpected})")
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
     except CheckpointError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -23,23 +24,21 @@ import torch
 
 from . import distributed, settings
 from .atomic import atomic_directory, write_json
+from .compute import apply_activation_checkpointing
 from .config import PalmConfig
-from .documents import jsonl_rows
-from .errors import PalmError
+from .finetune_data import FORMATS, DataError, Examples, collate, load_examples
 from .heldout import summed_nll
 from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop
-from .loss import IGNORE_INDEX
+from .lora import TARGETS, add_adapters, load_adapter_weights, parameter_counts, save_adapter
 from .model import PalmForCausalLM
 from .modeldir import check_model_dir, quiet_transformers, save_model_dir
 from .optim import build_optimizer
 from .rundir import RunLayout
 from .runtime import pick_device, pick_dtype
-from .templates import TEMPLATES, format_prompt
+from .templates import TEMPLATES
 from .tokenizer import PalmTokenizer
 
-
-class DataError(PalmError):
-    """A fine-tuning data file that cannot be used."""
+logger = logging.getLogger(__name__)
 
 
 def finetune_loop() -> LoopConfig:
@@ -54,19 +53,25 @@ class FinetuneConfig:
     """A fine-tuning run: the base model and data, and the loop's settings."""
 
     base_model: str = ""  # the model directory to start from
-    data: str = ""  # JSONL of {"prompt", "completion"}
+    data: str = ""  # JSONL of {"prompt", "completion"}, or with format "chat" of {"messages": [...]}
     out: str = ""
     val: str | None = None  # same format; None holds out val_fraction of `data`
-    task: str | None = None  # a TEMPLATES key, or None for the prompt as it is
+    format: str = "completion"  # or "chat": multi-turn conversations, loss on the assistant turns
+    task: str | None = None  # a TEMPLATES key, or None for the prompt as it is (completion rows only)
     epochs: float | None = None  # if set, max_steps = ceil(epochs * train rows / batch_size)
     dropout: float = 0.1  # the paper's fine-tuning dropout, on residual branches and attention probabilities
     patience: int | None = 3  # evaluations without a better validation loss before stopping; None: never
     seq_len: int = 256  # longest row in tokens; longer prompts lose their beginning
     val_fraction: float = 0.05
     data_sha256: str = ""  # of data and val, checked on resume
+    lora_r: int = 0  # > 0: train rank-r LoRA adapters (peft) and leave the base weights as they are
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(TARGETS))
     loop: LoopConfig = field(default_factory=finetune_loop)
 
-    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "threads", "progress"})
+    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "threads", "progress",
+                                      "activation_checkpointing"})
 
     def validate(self) -> None:
         self.loop.validate()
@@ -80,6 +85,13 @@ class FinetuneConfig:
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
             (self.seq_len >= 2, "--seq-len must be at least 2"),
             (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+            (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}"),
+            (self.format == "completion" or self.task is None, "--task templates apply to completion rows, not chat"),
+            (0 <= self.lora_r <= 4096, "--lora-r must be 0 (no LoRA) or a rank up to 4096"),
+            (math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "--lora-alpha must be a positive number"),
+            (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
+            (bool(self.lora_targets) and set(self.lora_targets) <= set(TARGETS),
+             f"--lora-targets must be some of {', '.join(TARGETS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,96 +108,6 @@ class FinetuneConfig:
         if "max_steps" in given:
             cfg.epochs = None  # an explicit step count replaces the epochs the run was started with
         return cfg
-
-
-# ---- data -----------------------------------------------------------------------------------------
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """`{"prompt": str, "completion": str}` rows of a JSONL file; DataError names the first bad line."""
-    rows = []
-    for where, row in jsonl_rows(Path(path), DataError, "data file"):
-        if not isinstance(row, dict):
-            raise DataError(f"{where} is not a JSON object with prompt and completion")
-        for key in ("prompt", "completion"):
-            if key not in row:
-                raise DataError(f"{where} has no {key!r} field")
-            if not isinstance(row[key], str):
-                raise DataError(f"{where}: {key!r} must be a string, not {type(row[key]).__name__}")
-        if not row["completion"]:
-            raise DataError(f"{where}: 'completion' is empty")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"data file {path} holds no examples")
-    return rows
-
-
-def encode_row(tok: PalmTokenizer, row: dict, task: str | None, max_len: int) -> tuple[list[int], int]:
-    """(ids, n_prompt): `<s> prompt completion </s>` in at most max_len + 1 ids; the first n_prompt are <s> + prompt.
-
-    A prompt too long for the window loses its beginning; the completion is never cut.
-    """
-    prompt = tok.encode(format_prompt(row["prompt"], task), bos=False)
-    completion = tok.encode(row["completion"], bos=False) + [tok.eos_id]
-    room = max_len + 1 - 1 - len(completion)
-    if room < 0:
-        raise DataError(f"a completion is {len(completion)} tokens, more than --seq-len {max_len} allows")
-    prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
-    return [tok.bos_id] + prompt + completion, 1 + len(prompt)
-
-
-def collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets [B, T], right-padded. Prompt and padding targets are IGNORE_INDEX.
-
-    Padding sits after each row's last token, so causal attention never lets a real token see it.
-    """
-    width = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (ids, n_prompt) in enumerate(examples):
-        t = torch.tensor(ids)
-        x[r, : len(ids) - 1] = t[:-1]
-        # Target j is ids[j + 1]: the first n_prompt - 1 targets are prompt tokens.
-        y[r, n_prompt - 1 : len(ids) - 1] = t[n_prompt:]
-    return x, y
-
-
-@dataclass
-class Examples:
-    """The encoded rows of a fine-tuning run (what Run.data holds for it)."""
-
-    train: list[tuple[list[int], int]]
-    val: list[tuple[list[int], int]]
-    pad_id: int
-    _orders: dict = field(default_factory=dict, repr=False)
-
-    def order(self, seed: int, epoch: int) -> list[int]:
-        """A shuffle of the training rows per epoch, keyed by (seed, epoch) alone."""
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.train), generator=gen).tolist()}
-        return self._orders[epoch]
-
-
-def load_examples(cfg: FinetuneConfig, tok: PalmTokenizer) -> Examples:
-    rows = read_rows(cfg.data)
-    if cfg.val is not None:
-        val_rows = read_rows(cfg.val)
-    else:
-        if len(rows) < 2:
-            raise DataError(f"{cfg.data} has one example: nothing to hold out for validation (pass --val FILE)")
-        gen = torch.Generator().manual_seed(cfg.loop.seed)
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        n_val = min(len(rows) - 1, max(1, round(len(rows) * cfg.val_fraction)))
-        held = set(order[:n_val])
-        val_rows = [r for i, r in enumerate(rows) if i in held]
-        rows = [r for i, r in enumerate(rows) if i not in held]
-
-    def encode(rs):
-        return [encode_row(tok, r, cfg.task, cfg.seq_len) for r in rs]
-
-    return Examples(encode(rows), encode(val_rows), tok.pad_id)
-
 
 
 @dataclass
@@ -214,12 +136,16 @@ class FineTuning:
         return nats / count
 
     def evaluate(self, run: Run) -> dict:
-        """Validation loss; keep the best weights in RUN/best; stop after `patience` evaluations without gain."""
+        """Validation loss; keep the best weights (or adapter) in RUN/best; stop after `patience` evaluations
+        without gain."""
         loss = self.validation_loss(run)
         best = run.extra.get("best_val_loss")
         if best is None or loss < best:
             run.extra.update(best_val_loss=loss, best_step=run.step, evals_since_best=0)
-            save_model_dir(run.model, self.tokenizer, run.layout.best)
+            if self.cfg.lora_r:
+                save_adapter(run.model, self.tokenizer, run.layout.best)
+            else:
+                save_model_dir(run.model, self.tokenizer, run.layout.best)
         else:
             run.extra["evals_since_best"] += 1
             if self.cfg.patience is not None and run.extra["evals_since_best"] >= self.cfg.patience:
@@ -291,7 +217,7 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:
         raise TrainingError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
-    data = load_examples(cfg, tok)
+    data = load_examples(cfg.data, cfg.val, cfg.format, cfg.task, cfg.seq_len, cfg.val_fraction, cfg.loop.seed, tok)
     if cfg.epochs is not None:
         cfg.loop.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.loop.batch_size))
     if cfg.loop.hold_steps is None:
@@ -304,11 +230,19 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
         write_json(layout.settings, dataclasses.asdict(cfg))
     device = pick_device()
     model = model.to(device).train()
+    apply_activation_checkpointing(model, mode=cfg.loop.activation_checkpointing)
+    if cfg.lora_r:
+        if cfg.loop.optimizer == "palm":
+            logger.warning("LoRA with palm's Adafactor: its step is relative to each tensor's scale and peft starts "
+                           "the adapters' B at zero, so B barely moves; --optimizer adamw suits adapters")
+        model = add_adapters(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             targets=cfg.lora_targets, seed=cfg.loop.seed)
     optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
     recipe = FineTuning(cfg, tok, data)
     run = Run(cfg.loop, layout, model, optimizer, device, pick_dtype(cfg.loop.dtype, device), recipe.batches,
               recipe.evaluate, seq_len=cfg.seq_len)
     run.start()
+    run.extra.setdefault("trainable_params", parameter_counts(model)[0])
     return run
 
 
@@ -317,8 +251,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step=None, allow_data
     run = open_finetune(cfg, resume, allow_data_change)
     try:
         run_loop(run, on_step)
-        with atomic_directory(run.layout.final, overwrite=True) as tmp:
-            shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
+        if cfg.lora_r:
+            export_lora(run, PalmTokenizer.load(run.layout.best))
+        else:
+            with atomic_directory(run.layout.final, overwrite=True) as tmp:
+                shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
     finally:
         run.close()
     return run
+
+
+def export_lora(run: Run, tokenizer: PalmTokenizer) -> None:
+    """RUN/adapter: the best adapter, in peft's format; RUN/final: the base with it merged in."""
+    with atomic_directory(run.layout.adapter, overwrite=True) as tmp:
+        shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
+    load_adapter_weights(run.model, run.layout.best)
+    save_model_dir(run.model.merge_and_unload(), tokenizer, run.layout.final)

@@ -2,11 +2,13 @@
 
 - **numbers**: English number words -> Chinese numerals for 1..9999 ("three hundred and twelve" ->
   "三百一十二"), and the reverse direction;
-- **arithmetic**: "What is 37 + 48?" -> "85".
+- **arithmetic**: "What is 37 + 48?" -> "85";
+- **chat sum**: a two-turn conversation: two numbers in words, then their sum in Chinese numerals.
 
 Each task is split into train, few-shot and test sets that share no question, from a fixed seed, and
 written both as fine-tuning data (`{"prompt", "completion"}` JSONL) and as an evaluation task
-(`{"prompt", "answer"}` JSONL plus a YAML naming the file, template, metric, few-shot file and stop).
+(`{"prompt", "answer"}` JSONL plus a YAML naming the file, template, metric, few-shot file and stop);
+the chat task as conversations to fine-tune on and a chat task for `palm eval`.
 """
 
 from __future__ import annotations
@@ -158,5 +160,54 @@ def write_task(split: Split, out: str | Path, name: str, task: str, max_new_toke
         "stop": ["\n"],
     }
     paths["yaml"] = out / f"{name}.yaml"
+    write_text(paths["yaml"], yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
+    return paths
+
+
+# ---- a two-turn conversation ---------------------------------------------------------------------
+
+RECALL_QUESTIONS = {"first": "Write the first one in Chinese numerals.", "second": "Write the second one in Chinese numerals."}
+
+
+def recall_conversation(a: int, b: int, which: str) -> list[dict[str, str]]:
+    """Two numbers in words in the first turn; one of them, in Chinese numerals, asked for in the second,
+    which can only be answered from the first."""
+    return [
+        {"role": "user", "content": f"Remember two numbers: {english(a)} and {english(b)}."},
+        {"role": "assistant", "content": f"{a} and {b}."},
+        {"role": "user", "content": RECALL_QUESTIONS[which]},
+        {"role": "assistant", "content": chinese(a if which == "first" else b)},
+    ]
+
+
+@dataclass
+class ChatSplit:
+    train: list[dict]  # {"messages": a whole conversation}
+    test: list[dict]  # {"messages": up to the last question, "answer": the last assistant turn}
+
+
+def chat_recall_task(seed: int = 0, low: int = 1, high: int = 99, n_test: int = 200) -> ChatSplit:
+    """`recall_conversation` over pairs of different numbers low..high, the question drawn per conversation;
+    a held-out pair {a, b} is trained on in neither order."""
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(a + 1, high + 1)]
+    test, _, train = _cut(pairs, seed, n_test, 0, None)
+    rng = random.Random(seed + 1)
+    conversations = [recall_conversation(*p, rng.choice(sorted(RECALL_QUESTIONS))) for a, b in train for p in ((a, b), (b, a))]
+    rng.shuffle(conversations)
+    held = [recall_conversation(*(p if rng.random() < 0.5 else p[::-1]), rng.choice(sorted(RECALL_QUESTIONS))) for p in test]
+    return ChatSplit(train=[{"messages": c} for c in conversations],
+                     test=[{"messages": c[:-1], "answer": c[-1]["content"]} for c in held])
+
+
+def write_chat_task(split: ChatSplit, out: str | Path, name: str, max_new_tokens: int = 16) -> dict[str, Path]:
+    """`out/NAME-train.jsonl` (fine-tuning conversations), `out/NAME-test.jsonl` and `out/NAME.yaml` (a chat
+    task for `palm eval --tasks`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / f"{name}-train.jsonl", "test": out / f"{name}-test.jsonl", "yaml": out / f"{name}.yaml"}
+    _write_jsonl(paths["train"], split.train)
+    _write_jsonl(paths["test"], split.test)
+    spec = {"name": name, "file": paths["test"].name, "kind": "chat", "metric": "exact_match",
+            "max_new_tokens": max_new_tokens}
     write_text(paths["yaml"], yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
     return paths

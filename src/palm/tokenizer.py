@@ -20,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from .errors import TokenizerError
+from .templates import CHAT_TEMPLATE
 
 PAD, BOS, EOS, UNK, EOD = "<pad>", "<s>", "</s>", "<unk>", "<eod>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, EOD)
@@ -61,10 +62,8 @@ def _with_byte_pieces(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def train_tokenizer(
-    documents: Callable[[], Iterable[str]], vocab_size: int, model_max_length: int = 2048
-) -> PalmTokenizer:
-    """Train on the texts that `documents()` yields (called twice: to count characters, then to train)."""
+def check_vocab_size(vocab_size: int) -> None:
+    """A size that leaves room for the reserved pieces and that token ids can index."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
@@ -72,6 +71,13 @@ def train_tokenizer(
         )
     if vocab_size > 1 << 20:
         raise TokenizerError(f"vocab size {vocab_size} is too large (at most {1 << 20})")
+
+
+def train_tokenizer(
+    documents: Callable[[], Iterable[str]], vocab_size: int, model_max_length: int = 2048
+) -> PalmTokenizer:
+    """Train on the texts that `documents()` yields (called twice: to count characters, then to train)."""
+    check_vocab_size(vocab_size)
     chars: Counter = Counter()
     for doc in documents():
         chars.update(doc)
@@ -105,6 +111,7 @@ def _wrap(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # lossless: never touch spaces around punctuation
         split_special_tokens=True,  # the text "<s>" is three characters, not BOS
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -122,8 +129,11 @@ class PalmTokenizer:
 
     def __init__(self, hf: PreTrainedTokenizerFast):
         self.hf = hf
+        if not hf.chat_template:  # saved before palm had a chat template: every palm tokenizer has one now
+            hf.chat_template = CHAT_TEMPLATE
         self._backend: Tokenizer = hf.backend_tokenizer
         self._backend.encode_special_tokens = True
+        self._markup: Tokenizer | None = None
         ids = {t: self._backend.token_to_id(t) for t in SPECIAL_TOKENS}
         if None in ids.values():
             missing = ", ".join(t for t, i in ids.items() if i is None)
@@ -152,6 +162,18 @@ class PalmTokenizer:
             return self._backend.encode(text, add_special_tokens=bos).ids
         except TypeError:  # what `tokenizers` says of a str it cannot pass to Rust: a lone surrogate
             raise TokenizerError(f"the text is not valid Unicode: {not_unicode(text)}") from None
+
+    def encode_markup(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of text written by a template, whose `<s>`, `</s>`, ... are the special
+        tokens (a rendered chat), with no BOS added. Every other encode reads that text as characters."""
+        if self._markup is None:  # a second backend, so that no thread ever sees the flag flipped
+            self._markup = Tokenizer.from_str(self._backend.to_str())
+            self._markup.encode_special_tokens = False
+        try:
+            enc = self._markup.encode(text, add_special_tokens=False)
+        except TypeError:
+            raise TokenizerError(f"the text is not valid Unicode: {not_unicode(text)}") from None
+        return enc.ids, list(enc.offsets)
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         # encode_batch_fast skips character offsets, which palm never reads: 3x the MB/s (bench/tokenizer.py).

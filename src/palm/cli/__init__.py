@@ -3,6 +3,8 @@ state (threads). Commands turn flags into the library's config dataclasses and c
 
     training.py   palm tokenizer train, init, train, finetune, plot, plan
     inference.py  palm generate, eval, serve
+    adapters.py   palm merge
+    export.py     palm export
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typer
 from ..config import ConfigError
 from ..errors import PalmError
 from .app import app
-from . import inference, training  # noqa: F401  (their commands register themselves on `app`)
+from . import adapters, export, inference, training  # noqa: F401  (their commands register themselves on `app`)
 
 __all__ = ["app", "main"]
 

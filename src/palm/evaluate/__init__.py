@@ -13,13 +13,15 @@ Three ways in, a module each, and `eval_report` (in `report`), which runs what `
 - `harness`: `run_harness`, lm-evaluation-harness's `hf` model on a palm directory, in this
   process, so palm's registration with the Auto classes is all it needs.
 
-Task files. A `.jsonl` file holds one example per line: `{"prompt": str, "answer": str}` for generation
-or `{"prompt": str, "choices": [str, ...], "answer": int}` for multiple choice (the kind follows from
-the first row). A `.yaml` file names such a file and says how to use it:
+Task files. A `.jsonl` file holds one example per line: `{"prompt": str, "answer": str}` for generation,
+`{"prompt": str, "choices": [str, ...], "answer": int}` for multiple choice, or `{"messages": [{"role",
+"content"}, ...], "answer": str}` for chat, where the model writes the next assistant turn, prompted by
+the chat template and stopped by its end-of-turn token (the kind follows from the first row). A `.yaml`
+file names such a file and says how to use it:
 
     name: arithmetic            # default: the YAML file's name
     file: test.jsonl            # relative to the YAML file
-    kind: generate              # or multiple_choice
+    kind: generate              # or multiple_choice, or chat
     template: "Q: {prompt}\\nA:" # the prompt as the model sees it (Python format string)
     target_delimiter: " "       # between the templated prompt and its answer (default: nothing)
     metric: exact_match         # or [rouge_l, chrf, bleu]; multiple_choice: accuracy (acc and acc_norm)

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..chat import encode_prompt
 from ..generate import Generator, SamplingConfig
+from ..templates import reply_text
 from .errors import EvaluationError
 from .metrics import GENERATION_METRICS
 from .tasks import Task, build_prompt, fewshot_examples
@@ -137,6 +139,38 @@ def _score_generations(
     return metrics, records
 
 
+def _score_chats(
+    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int,
+    batch_size: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(the task's metrics, one record per example) of the greedy next assistant turn of each conversation,
+    prompted by the chat template and ended by its end-of-turn token."""
+    generator = Generator(model, tokenizer)
+    prompts = [encode_prompt(tokenizer, list(task.examples[i].messages)) for i in indices]
+    context = model.config.max_position_embeddings - task.max_new_tokens
+    if any(len(p) > context for p in prompts):
+        raise EvaluationError(f"a conversation of task {task.name} does not fit the model's context with "
+                              f"max_new_tokens {task.max_new_tokens}")
+    cfg = SamplingConfig(max_new_tokens=task.max_new_tokens, temperature=0.0)
+    predictions: list[str] = []
+    for b in range(0, len(prompts), batch_size):
+        rows: list[list[int]] = [[] for _ in prompts[b : b + batch_size]]
+        ended = [False] * len(rows)
+        for token in generator.token_stream(prompts[b : b + batch_size], cfg):
+            for r, t in enumerate(token.tolist()):
+                ended[r] = ended[r] or t in generator.eos_ids
+                if not ended[r]:
+                    rows[r].append(t)
+            if all(ended):
+                break
+        predictions += [reply_text(tokenizer.decode(ids)) for ids in rows]
+    references = [task.examples[i].target for i in indices]
+    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
+    records = [{"messages": list(task.examples[i].messages), "target": r, "prediction": p}
+               for i, r, p in zip(indices, references, predictions)]
+    return metrics, records
+
+
 def evaluate_task(
     model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, shots: int = 0, seed: int = 0,
     limit: int | None = None, batch_size: int = 8, samples: bool = True,
@@ -148,7 +182,7 @@ def evaluate_task(
         raise EvaluationError(f"--batch-size must be positive, not {batch_size}")
     indices = range(min(len(task.examples), limit or len(task.examples)))
     fewshot_examples(task, 0, shots, seed)  # checks there are enough examples to draw from
-    score = _score_choices if task.kind == "multiple_choice" else _score_generations
+    score = {"multiple_choice": _score_choices, "chat": _score_chats}.get(task.kind, _score_generations)
     metrics, records = score(model, tokenizer, task, indices, shots, seed, batch_size)
     result: dict[str, Any] = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed,
                               "examples": len(indices), "metrics": metrics, "source": task.source}

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ..chat import ChatError, check_messages
 from ..documents import jsonl_rows
 from .errors import EvaluationError, TaskError
 from .metrics import GENERATION_METRICS
@@ -19,8 +20,9 @@ from .metrics import GENERATION_METRICS
 METRICS: dict[str, tuple[str, ...]] = {
     "generate": tuple(GENERATION_METRICS),
     "multiple_choice": ("accuracy",),
+    "chat": tuple(GENERATION_METRICS),  # the next assistant turn of a conversation, generated greedily
 }
-DEFAULT_METRIC = {"generate": "exact_match", "multiple_choice": "accuracy"}
+DEFAULT_METRIC = {"generate": "exact_match", "multiple_choice": "accuracy", "chat": "exact_match"}
 _YAML_KEYS = {
     "name", "file", "kind", "template", "metric", "fewshot_file", "max_new_tokens", "stop",
     "target_delimiter", "fewshot_delimiter",
@@ -34,6 +36,7 @@ class Example:
     prompt: str
     answer: str | int  # the text to generate, or the index of the right choice
     choices: tuple[str, ...] = ()
+    messages: tuple[dict[str, str], ...] = ()  # a chat task's conversation so far
 
     @property
     def target(self) -> str:
@@ -70,9 +73,21 @@ def _check_template(where: str, template: str) -> None:
         raise TaskError(f"{where}: template {template!r} does not use {{prompt}}")
 
 
+def _chat_example(where: str, row: dict) -> Example:
+    try:
+        messages = check_messages(row.get("messages"))
+    except ChatError as e:
+        raise TaskError(f"{where}: {e}") from None
+    if not isinstance(row.get("answer"), str):
+        raise TaskError(f'{where}: "answer" must be the text of the next assistant turn')
+    return Example(messages[-1]["content"], row["answer"], messages=tuple(messages))
+
+
 def _example(where: str, row: Any, kind: str) -> Example:
     if not isinstance(row, dict):
         raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if kind == "chat":
+        return _chat_example(where, row)
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise TaskError(f'{where}: "prompt" must be a string' if "prompt" in row else f'{where}: missing field "prompt"')
@@ -100,7 +115,8 @@ def read_examples(path: Path, kind: str | None = None) -> tuple[str, tuple[Examp
     examples = []
     for where, row in jsonl_rows(path, TaskError, "task file"):
         if kind is None:
-            kind = "multiple_choice" if isinstance(row, dict) and "choices" in row else "generate"
+            kind = ("chat" if isinstance(row, dict) and "messages" in row
+                    else "multiple_choice" if isinstance(row, dict) and "choices" in row else "generate")
         examples.append(_example(where, row, kind))
     if not examples:
         raise TaskError(f"task file {path} is empty: it holds no examples")
@@ -200,6 +216,8 @@ def fewshot_examples(task: Task, index: int, shots: int, seed: int) -> list[Exam
         raise EvaluationError(f"--shots must be 0 or more, not {shots}")
     if shots == 0:
         return []
+    if task.kind == "chat":
+        raise EvaluationError(f"task {task.name} is a chat task, scored zero-shot (--shots 0)")
     pool = task.fewshot if task.fewshot is not None else task.examples
     size = len(pool) if task.fewshot is not None else len(pool) - 1
     if shots > size:
