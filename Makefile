@@ -9,12 +9,18 @@ DEMO := demo
 
 setup: $(STAMP) hf-tests
 
+# llama-cpp-python (in the dev extra, for the GGUF export tests) is compiled from source by pip: ~9 minutes
+# on 2 cores, once (pip keeps the wheel). GGML_NATIVE=OFF builds for any x86-64 with AVX2 (x86-64-v3)
+# rather than for this processor's extensions; the multimodal library, tools, examples and tests are skipped.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 # torch first, pinned: it is the CPU wheel on local disk; letting pip choose pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 # Transformers' common model tests (ModelTesterMixin, ConfigTester) ship in its sdist, not its wheel:

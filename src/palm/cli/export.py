@@ -1,0 +1,29 @@
+"""Commands that take a palm model elsewhere: palm export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import Force, app
+
+
+@app.command("export")
+def export_command(
+    fmt: Annotated[str, typer.Option("--format", help="cohere (Transformers, vLLM) or gguf (llama.cpp).")],
+    model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
+    out: Annotated[Path, typer.Option("--out", help="cohere: a folder; gguf: a file (e.g. model.gguf).")],
+    dtype: Annotated[Optional[str], typer.Option(
+        "--type", help="gguf: f32, f16 (the default), bf16 or q8_0; cohere: f32, f16 or bf16 (default: as stored).")] = None,
+    force: Force = False,
+) -> None:
+    """Write a palm model as Cohere's Command-R layout (CohereForCausalLM, vLLM) or as a GGUF file (llama.cpp)."""
+    from ..export import export
+
+    result = export(fmt, model, out, dtype, overwrite=force)
+    if fmt.lower() == "cohere":
+        typer.echo(f"wrote {out}: CohereForCausalLM.from_pretrained({str(out)!r}) or `vllm serve {out}`")
+    else:
+        typer.echo(f"wrote {out}: `llama-cli -m {out}`" + (f" ({result.note})" if result.exact else ""))

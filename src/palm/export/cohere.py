@@ -1,0 +1,133 @@
+"""A palm model as Cohere's Command-R layout, which Transformers (`CohereForCausalLM`), vLLM and
+llama.cpp (`command-r`) run without palm.
+
+A Command-R block is a PaLM block: one weight-only, mean-centred LayerNorm feeding parallel attention
+and SwiGLU, no biases, tied embeddings, a logit scale. Three things differ and are carried over here:
+
+- palm's in_proj is one fused matrix [q | k | v | gate | up]; Cohere keeps five.
+- palm rotates dimension i with i + head_dim/2, Cohere rotates the pair (2i, 2i+1): the rows of q and
+  k are reordered inside each head so that both rotate the same values by the same angles (attention
+  scores are unchanged because q and k are reordered alike).
+- palm scales hidden states by 1/sqrt(d) before the tied head; Cohere's `logit_scale` does the same
+  to the logits, and its default (0.0625) and RoPE theta default (500,000) are not palm's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_directory
+from ..config import PalmConfig
+from ..errors import CheckpointError
+from ..modeldir import WEIGHTS, WEIGHTS_INDEX, check_config, check_model_dir, quiet_transformers
+from ..tokenizer import PalmTokenizer
+from .formats import check_type
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+GENERATION_CONFIG = "generation_config.json"  # palm's sampling defaults and its two end ids, kept as they are
+
+
+def read_config(path: str | Path) -> PalmConfig:
+    """The config of a checked palm directory."""
+    config_file = check_model_dir(path) / "config.json"
+    return check_config(config_file, json.loads(config_file.read_text(encoding="utf-8")))
+
+
+def read_palm(path: str | Path) -> tuple[PalmConfig, dict[str, torch.Tensor]]:
+    """(config, weights by palm's names) of a checked palm directory, read from safetensors only."""
+    from safetensors.torch import load_file
+
+    config, path = read_config(path), Path(path)
+    index = path / WEIGHTS_INDEX
+    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file() \
+        else [WEIGHTS]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(path / name)))
+    return config, weights
+
+
+def rope_pairs_permutation(head_dim: int) -> torch.Tensor:
+    """Row order that turns palm's rotate-halves layout into Cohere's interleaved pairs: row 2i takes
+    palm's row i and row 2i+1 takes palm's row i + head_dim/2."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+
+
+def cohere_config(config: PalmConfig, dtype: torch.dtype):
+    """The CohereConfig of the same network."""
+    from transformers import CohereConfig
+
+    c = CohereConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps, logit_scale=config.hidden_size**-0.5, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, attention_bias=False,
+        use_qk_norm=False, tie_word_embeddings=True, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    )
+    # Cohere reads head_dim from the config when it is there (palm-540b's 48 x 256 != 18432).
+    c.head_dim = config.head_dim
+    c.dtype = dtype
+    return c
+
+
+def cohere_weights(config: PalmConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """palm's weights under Cohere's names, the fused input matrix split and q/k reordered for its RoPE."""
+    heads, kv, dh, f = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
+    perm = rope_pairs_permutation(dh)
+    out = {"model.embed_tokens.weight": weights["model.embed_tokens.weight"],
+           "model.norm.weight": weights["model.norm.weight"]}
+    for i in range(config.num_hidden_layers):
+        palm, co = f"model.layers.{i}.", f"model.layers.{i}."
+        try:
+            q, k, v, gate, up = weights[palm + "in_proj.weight"].split((heads * dh, kv * dh, kv * dh, f, f), dim=0)
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"layer {i}'s weights do not match its config: {e}") from None
+        d = q.shape[1]
+        out[co + "input_layernorm.weight"] = weights[palm + "ln.weight"]
+        out[co + "self_attn.q_proj.weight"] = q.reshape(heads, dh, d)[:, perm].reshape(heads * dh, d)
+        out[co + "self_attn.k_proj.weight"] = k.reshape(kv, dh, d)[:, perm].reshape(kv * dh, d)
+        out[co + "self_attn.v_proj.weight"] = v
+        out[co + "self_attn.o_proj.weight"] = weights[palm + "attn_out.weight"]
+        out[co + "mlp.gate_proj.weight"] = gate
+        out[co + "mlp.up_proj.weight"] = up
+        out[co + "mlp.down_proj.weight"] = weights[palm + "mlp_out.weight"]
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def load_cohere(path: str | Path, dtype: str | None = None):
+    """(palm config, CohereConfig, Cohere state dict) for the palm directory at `path`, cast to `dtype`
+    (f32, f16, bf16; None keeps the stored dtype)."""
+    config, weights = read_palm(path)
+    stored = weights["model.embed_tokens.weight"].dtype
+    torch_dtype = DTYPES[check_type(dtype, DTYPES)] if dtype else stored
+    state = {name: t.to(torch_dtype) for name, t in cohere_weights(config, weights).items()}
+    return config, cohere_config(config, torch_dtype), state
+
+
+def export_cohere(model: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write `out`: a Transformers directory that `CohereForCausalLM` loads with palm's logits, and palm's
+    tokenizer, which `AutoTokenizer` loads with palm's ids. Written atomically."""
+    from transformers import CohereForCausalLM
+
+    model = Path(model)
+    _, config, state = load_cohere(model, dtype)
+    with torch.device("meta"):
+        cohere = CohereForCausalLM(config)
+    cohere.load_state_dict(state, strict=False, assign=True)
+    cohere.tie_weights()
+    missing = {n for n, p in cohere.named_parameters() if p.is_meta}
+    if missing:
+        raise CheckpointError(f"{model}: no weights for {', '.join(sorted(missing))}")
+    with atomic_directory(out, overwrite=overwrite) as tmp, quiet_transformers():
+        cohere.save_pretrained(str(tmp))
+        PalmTokenizer.load(model).save(tmp)
+        if (model / GENERATION_CONFIG).is_file():
+            shutil.copyfile(model / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+    return Path(out)
