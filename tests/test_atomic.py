@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from palm.atomic import OutputError, atomic_directory, atomic_file, remove_stale_temporaries, write_json
+from palm.atomic import OutputError, atomic_directory, atomic_file, remove_stale_temporaries, write_json, write_text
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):
@@ -49,3 +49,19 @@ def test_stale_temporaries_of_a_crash_are_cleared(tmp_path):
     (tmp_path / "step-0000003").mkdir()
     gone = remove_stale_temporaries(tmp_path)
     assert len(gone) == 2 and [p.name for p in tmp_path.iterdir()] == ["step-0000003"]
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's private 0600: a model written by palm is readable as any file the user makes."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "f.txt", "x")
+        with atomic_directory(tmp_path / "d") as tmp:
+            write_text(tmp / "inner.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "inner.json").stat().st_mode & 0o777 == 0o644

@@ -64,6 +64,18 @@ def make_dir(path: Path) -> None:
     make_parent(path / "x")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux allows (os.umask sets it, which would race
+    with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is synced and renamed to `out`.
@@ -81,9 +93,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}", dir=out.parent))
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other folder
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -110,6 +120,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
