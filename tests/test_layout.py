@@ -112,3 +112,13 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     planted = {"palm.a": ({"palm.b"}, []), "palm.b": ({"palm.a"}, ["palm.a._secret"])}
     monkeypatch.setattr(__import__(__name__), "GRAPH", planted)
     assert find_cycle() == ["palm.a", "palm.b", "palm.a"]
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split()[0] for line in section.splitlines() if line.startswith("src/palm/")}
+    present = {f"src/palm/{p.name}" for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    present |= {f"src/palm/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert sorted(present - listed) == [], "modules the README's layout does not describe"
+    assert sorted(listed - present) == [], "the README's layout describes modules that are gone"

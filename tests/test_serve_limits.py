@@ -124,6 +124,7 @@ BOUNDS = {
     "long-stop": bad({"prompt": PROMPT, "stop": "x" * 65}, "stop"),
     "n-two": bad({"prompt": PROMPT, "n": 2}, "n"),
     "seed-2**63": bad({"prompt": PROMPT, "seed": 2**63, "temperature": 1}, "seed"),
+    "seed-2**64": bad({"prompt": PROMPT, "seed": 2**64, "temperature": 1}, "seed"),
     "seed-negative": bad({"prompt": PROMPT, "seed": -1}, "seed"),
     "max_tokens-zero": bad({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     "max_tokens-over-limit": bad({"prompt": PROMPT, "max_tokens": LIMIT + 1}, "max_tokens"),

@@ -1,0 +1,19 @@
+import gc
+import os
+
+from palm.workers import frozen_heap
+
+
+def test_a_process_forked_in_a_frozen_heap_keeps_it_frozen_and_the_parent_gets_it_back():
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: what it inherited stays out of its collector's reach
+            gc.collect()
+            os.write(write, b"1" if gc.get_freeze_count() > 0 else b"0")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"1"
+    assert gc.get_freeze_count() == 0
