@@ -22,5 +22,5 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py tests/test_model_transformers.py tests/test_generate.py
 "$PYTHON" bench/train.py --shapes small --dtype bf16 --rounds 3 --json "${OUT:-/tmp}/gpu_train_small.json"
 "$PYTHON" bench/train.py --shapes 1b --seq 2048 --batch 8 --dtype bf16 --rounds 3 --json "${OUT:-/tmp}/gpu_train_1b.json"
-"$PYTHON" bench/decode.py --preset small --rounds 3
-"$PYTHON" bench/decode.py --preset small --rounds 3 --compile
+"$PYTHON" bench/decode.py --presets small --rounds 3
+"$PYTHON" bench/decode.py --presets small --rounds 3 --compile
