@@ -17,3 +17,14 @@ def test_a_process_forked_in_a_frozen_heap_keeps_it_frozen_and_the_parent_gets_i
         os.waitpid(pid, 0)
         assert os.read(read, 1) == b"1"
     assert gc.get_freeze_count() == 0
+
+
+def test_a_heap_the_caller_froze_stays_frozen():
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()

@@ -36,7 +36,11 @@ def frozen_heap() -> Iterator[None]:
 
     A collection in a forked child writes into the header of every object it visits, which copies every
     page of the parent's heap (torch and Transformers included) into the child: about 100 MiB a worker.
-    Frozen objects are never visited; the parent's collector gets them back afterwards."""
+    Frozen objects are never visited; the parent's collector gets them back afterwards. A caller that froze
+    its own heap already keeps it as it was: unfreezing would thaw that caller's objects too."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
