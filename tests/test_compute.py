@@ -57,6 +57,31 @@ def test_compute_copies_are_bf16_and_their_gradients_reach_the_fp32_weights(toke
         assert error < 5e-2, (name, float(error))
 
 
+def test_compute_copies_reuse_their_fp32_gradient_buffers_without_carrying_a_step_over(tokenizer):
+    # The fp32 gradients are written into buffers kept from step to step (no fresh allocation of the
+    # model's size per step); after the optimizer's zero_grad a step's gradient is that step's alone.
+    batches = [torch.tensor([tokenizer.encode(text) * 2]) for text in ("the first step", "a second, other step")]
+    torch.manual_seed(0)
+    model = PalmForCausalLM(tiny_config(tokenizer)).train()
+
+    def step(copies, ids):
+        model.zero_grad(set_to_none=True)
+        copies(input_ids=ids[:, :-1], shift_labels=ids[:, 1:], skip_logits=True).loss.backward()
+        copies.accumulate_grads()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    copies = ComputeCopies(model)
+    first = {n: g.clone() for n, g in step(copies, batches[0]).items()}
+    second = step(copies, batches[1])
+    reference = step(ComputeCopies(model), batches[1])  # its own, new buffers
+    for name, grad in second.items():
+        assert grad.data_ptr() == copies._grad_buffers[name].data_ptr()
+        assert reference[name].data_ptr() != grad.data_ptr()
+        assert torch.equal(grad, reference[name]), name
+    for name, grad in step(copies, batches[0]).items():
+        assert torch.equal(grad, first[name]), name
+
+
 def test_compute_copies_are_refreshed_after_every_optimizer_step(corpus_dir, tokenizer_dir, tmp_path):
     seen = []
 

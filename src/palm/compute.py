@@ -72,6 +72,10 @@ class ComputeCopies:
         self.model = model
         self.masters = dict(model.named_parameters())  # a tied tensor once, under its first name
         self.copies = {name: p.detach().to(dtype).requires_grad_(p.requires_grad) for name, p in self.masters.items()}
+        # fp32 gradient buffers kept from step to step: a fresh fp32 gradient per step is a fresh
+        # allocation of the model's size, paid in page faults on a CPU (the optimizer's zero_grad
+        # drops `.grad`, not these).
+        self._grad_buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.model, self.copies, args, kwargs, tie_weights=True, strict=False)
@@ -84,7 +88,10 @@ class ComputeCopies:
                 continue
             master = self.masters[name]
             if master.grad is None:
-                master.grad = copy.grad.to(master.dtype)
+                buffer = self._grad_buffers.get(name)
+                if buffer is None:
+                    buffer = self._grad_buffers[name] = torch.empty_like(master)
+                master.grad = buffer.copy_(copy.grad)
             else:
                 master.grad.add_(copy.grad)
             copy.grad = None
@@ -92,5 +99,4 @@ class ComputeCopies:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the fp32 weights into the bf16 copies: after every optimizer step, and after a restore."""
-        for name, copy in self.copies.items():
-            copy.copy_(self.masters[name])
+        torch._foreach_copy_(list(self.copies.values()), [self.masters[name] for name in self.copies])
