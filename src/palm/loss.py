@@ -20,21 +20,15 @@ def lm_loss(
     One log-softmax serves both terms (log Z = logit[target] - logp[target]), as T5X shares one
     logsumexp; log_softmax's fused kernel is several times faster on CPU than logsumexp's backward.
     """
-    logits = logits.float().flatten(0, -2)
     targets = targets.flatten()
-    valid = targets != IGNORE_INDEX
-    index = targets.clamp(min=0)[:, None]
-    logp_t = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
-    log_z = logits.gather(-1, index).squeeze(-1) - logp_t
-    n = valid.sum().clamp(min=1) if num_items is None else num_items
-    ce = -(logp_t * valid).sum() / n
-    z = (log_z.square() * valid).sum() / n
-    return ce, z
+    n = (targets != IGNORE_INDEX).sum().clamp(min=1) if num_items is None else num_items
+    ce_rows, z_rows = _loss_rows(logits.flatten(0, -2), targets, 0.0, n, None)
+    return -ce_rows.sum() / n, z_rows.sum() / n
 
 
-def _head_loss_rows(logits, targets, z_coef: float, n, grad_out):
-    """(-logp[target], log Z) per row of one block of logits, and, when `grad_out` is given, the rows'
-    gradient of (ce + z_coef z) / n written into it in its dtype.
+def _loss_rows(logits, targets, z_coef: float, n, grad_out):
+    """(logp[target], log(Z)^2) per row of a block of logits, 0 where the target is ignored, and, when
+    `grad_out` is given, the rows' gradient of (ce + z_coef z) / n written into it in its dtype.
 
     Rows are independent, so the caller hands over blocks small enough (about a megabyte in fp32) that
     the fp32 logits, their log-softmax and the gradient stay in the processor's cache between passes.
@@ -78,7 +72,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             ce_rows = logits.new_empty(len(t), dtype=torch.float32)
             z_rows = torch.empty_like(ce_rows)
             for j in range(0, len(t), rows):
-                ce_rows[j : j + rows], z_rows[j : j + rows] = _head_loss_rows(
+                ce_rows[j : j + rows], z_rows[j : j + rows] = _loss_rows(
                     logits[j : j + rows], t[j : j + rows], z_coef, n, None if g is None else g[j : j + rows]
                 )
             ce_sum -= ce_rows.sum()
