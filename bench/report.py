@@ -53,11 +53,12 @@ def markdown(result: dict) -> str:
     out = [f"Measured {result['when']} with `python bench/report.py{flags}` "
            f"({result.get('machine', {}).get('cpu', 'this machine')}, {threads})."]
     if "train" in result:
-        t = result
-        out += ["", f"**Training step** (forward, backward, clip, AdamW; batch {t['settings']['batch']} x "
-                f"{t['settings']['seq']}; {t['dtype_note']}; matmul peak measured in the run: "
+        t, s = result, result["settings"]
+        optimizer = s["optimizer"].split(",")[0]  # "fused AdamW, global-norm clip 1.0": clipping is named already
+        out += ["", f"**Training step** (forward, backward, clip, {optimizer}; batch {s['batch']} x "
+                f"{s['seq']}; {t['dtype_note']}; matmul peak measured in the run: "
                 f"fp32 {t['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, bf16 {t['peak_flops']['bf16'] / 1e9:.1f} GFLOP/s; "
-                f"{t['settings']['timing']}):", "", train_bench.table(t), ""]
+                f"{s['timing']}):", "", train_bench.table(t), ""]
         out += [f"- {line}" for line in train_bench.summary(t)]
         for shape, p in t.get("profile", {}).items():
             top = ", ".join(f"`{e['op']}` {e['share']:.0%}" for e in p["top"][:6])

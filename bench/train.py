@@ -3,8 +3,8 @@
     python bench/train.py [--quick] [--shapes tiny,small,base] [--dtype auto|bf16|fp32] [--batch N]
                           [--rounds N] [--threads N] [--compile] [--profile] [--json PATH]
 
-A step is forward, backward, global-norm clipping and an AdamW update (the same optimizer for every
-candidate, so the models are what differs), on random tokens at sequence 512. Candidates:
+A step is forward, backward, global-norm clipping and a fused AdamW update (the same optimizer for
+every candidate, so the models are what differs), on random tokens at sequence 512. Candidates:
 
     palm              palm.PalmForCausalLM, trained as `palm train` does (fused chunked loss + z-loss)
     falcon            Transformers FalconForCausalLM: parallel attention, multi-query, no bias, RoPE
@@ -228,7 +228,9 @@ def make_candidate(name: str, shape: Shape, device: torch.device, dtype: torch.d
         loss = torch.compile(loss)
     if copies is not None:
         loss = palm_loss(copies)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # The fused kernel, as Transformers' Trainer defaults to (optim="adamw_torch_fused"): on a 2-core Xeon
+    # the foreach one took 182 ms a step on small's 38M fp32 weights, the fused one 38 ms.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     params = list(model.parameters())
 
     def step(x, y):
@@ -458,7 +460,7 @@ def run(args) -> dict:
         "peak_flops": peaks,
         "threads": torch.get_num_threads(),
         "settings": {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
-                     "optimizer": "AdamW, global-norm clip 1.0", "timing": "best of the interleaved rounds"},
+                     "optimizer": "fused AdamW, global-norm clip 1.0", "timing": "best of the interleaved rounds"},
         "train": rows,
         "profile": profiles,
     }

@@ -116,11 +116,12 @@ def test_report_publishes_json_table_chart_and_readme(tmp_path):
     readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
     result = {"when": "now", "quick": True, "threads": 1, "machine": {"cpu": "cpu"}, "dtype": "fp32",
               "dtype_note": "fp32", "peak_flops": {"fp32": 1e11, "bf16": 3e8},
-              "settings": {"batch": 2, "seq": 512, "timing": "best"},
+              "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW, clip 1.0"},
               "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)], "profile": {}}
     md = report.publish(result, out=tmp_path / "results", readme=readme)
     text = readme.read_text()
     assert "old table" not in text and "| tiny | falcon | 250 |" in text and text.endswith("after\n")
+    assert "(forward, backward, clip, fused AdamW; batch 2 x 512;" in text  # the optimizer the run used
     assert (tmp_path / "results" / "latest.json").read_text().count('"tokens_per_s"') == 2
     assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert md == (tmp_path / "results" / "latest.md").read_text()
