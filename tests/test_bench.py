@@ -78,7 +78,7 @@ def test_table_and_summary_compare_palm_with_the_fastest_peer():
 
 def test_quick_defaults_and_unknown_candidate():
     args = train.parse_args(["--quick"])
-    assert args.shapes == ["tiny", "small"] and args.batch == 2 and args.rounds == 3
+    assert args.shapes == ["tiny", "small"] and args.batch == 2 and args.rounds == 8
     assert train.parse_args([]).shapes == ["tiny", "small", "base"]
     with pytest.raises(SystemExit):
         train.parse_args(["--candidates", "palm,gpt5"])
