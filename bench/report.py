@@ -54,8 +54,7 @@ def markdown(result: dict) -> str:
            f"({result.get('machine', {}).get('cpu', 'this machine')}, {threads})."]
     if "train" in result:
         t, s = result, result["settings"]
-        optimizer = s["optimizer"].split(",")[0]  # "fused AdamW, global-norm clip 1.0": clipping is named already
-        out += ["", f"**Training step** (forward, backward, clip, {optimizer}; batch {s['batch']} x "
+        out += ["", f"**Training step** (forward, backward, clip, {s['optimizer']}; batch {s['batch']} x "
                 f"{s['seq']}; {t['dtype_note']}; matmul peak measured in the run: "
                 f"fp32 {t['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, bf16 {t['peak_flops']['bf16'] / 1e9:.1f} GFLOP/s; "
                 f"{s['timing']}):", "", train_bench.table(t), ""]

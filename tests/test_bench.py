@@ -116,7 +116,7 @@ def test_report_publishes_json_table_chart_and_readme(tmp_path):
     readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
     result = {"when": "now", "quick": True, "threads": 1, "machine": {"cpu": "cpu"}, "dtype": "fp32",
               "dtype_note": "fp32", "peak_flops": {"fp32": 1e11, "bf16": 3e8},
-              "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW, clip 1.0"},
+              "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW"},
               "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)], "profile": {}}
     md = report.publish(result, out=tmp_path / "results", readme=readme)
     text = readme.read_text()
