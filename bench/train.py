@@ -1,7 +1,8 @@
 """Training-step speed: palm against its peers on the same shapes, interleaved in one run.
 
     python bench/train.py [--quick] [--shapes tiny,small,base] [--dtype auto|bf16|fp32] [--batch N]
-                          [--rounds N] [--threads N] [--compile] [--profile] [--json PATH]
+                          [--rounds N] [--threads N] [--compile] [--profile] [--keep-freed-memory]
+                          [--json PATH]
 
 A step is forward, backward, global-norm clipping and a fused AdamW update (the same optimizer for
 every candidate, so the models are what differs), on random tokens at sequence 512. Candidates:
@@ -20,11 +21,17 @@ model's own weight matrices; MFU is against the matmul peak of the step's dtype 
 run. bf16 autocast is used where bf16 matmuls are native (palm.runtime.fast_bf16), fp32 elsewhere.
 Peak memory comes from a fresh process per candidate (CPU: peak RSS growth over the step, model,
 gradients and optimizer state included; GPU: peak allocated).
+
+--keep-freed-memory has glibc keep freed memory for reuse, as tcmalloc and jemalloc do (PyTorch's CPU
+tuning guide preloads one of them), instead of handing each large tensor back to the system when it is
+freed, so that the next step's tensors of that size are not page-faulted in afresh. It is process-wide, so
+every candidate of the run gets it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
@@ -328,15 +335,33 @@ def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype
     return out
 
 
-def measure_memory(names, shapes, batch, dtype) -> dict[str, dict[str, int]]:
+def measure_memory(names, shapes, batch, dtype, keep_memory: bool = False) -> dict[str, dict[str, int]]:
     memory = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--batch", str(batch),
                "--shapes", ",".join(s.name for s in shapes), "--seq", str(shapes[0].seq),
                "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32", "--threads", str(torch.get_num_threads())]
+        cmd += ["--keep-freed-memory"] if keep_memory else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         memory[name] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
     return memory
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and never trim it (M_MMAP_THRESHOLD 1 GiB,
+    M_TRIM_THRESHOLD 2 GiB); False where the C library is not glibc.
+
+    By default a block over 32 MiB is mapped on allocation and unmapped on free, and the heap is trimmed
+    when its free top passes 2x the adaptive threshold, so a step's largest tensors (a peer's fp32
+    logits: 64 MiB on small at batch 2) are zero-filled pages faulted in again on every step: on a
+    2-core Xeon, torch.zeros of 32 MiB took 8.0 ms, and 0.65 ms with this.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 31))
 
 
 # --- the profile of palm's step ---------------------------------------------------------------
@@ -446,7 +471,7 @@ def run(args) -> dict:
             r["mfu"], r["peak_flops"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak), peak
     if not args.no_memory:
         ok = sorted({r["name"] for r in rows if r["status"] == "ok"}, key=names.index)
-        memory = measure_memory(ok, shapes, args.batch, dtype)
+        memory = measure_memory(ok, shapes, args.batch, dtype, args.keep_freed_memory)
         for r in rows:
             r["peak_memory_bytes"] = memory.get(r["name"], {}).get(r["shape"])
     for shape in shapes:
@@ -465,7 +490,8 @@ def run(args) -> dict:
         "peak_flops": peaks,
         "threads": torch.get_num_threads(),
         "settings": {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
-                     "optimizer": OPTIMIZER, "clip_norm": CLIP_NORM, "timing": "best of the interleaved rounds"},
+                     "optimizer": OPTIMIZER, "clip_norm": CLIP_NORM, "timing": "best of the interleaved rounds",
+                     "allocator": "glibc, freed memory kept" if args.keep_freed_memory else "the C library's default"},
         "train": rows,
         "profile": profiles,
     }
@@ -528,6 +554,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time palm with torch.compile")
     ap.add_argument("--profile", action="store_true", help="profile palm's step on each shape")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="have glibc keep freed memory for reuse (as tcmalloc and jemalloc do), for every candidate")
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -548,6 +576,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("bench/train.py: --keep-freed-memory needs glibc's mallopt, which this C library lacks")
     if args.memory_worker:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -4,6 +4,8 @@ No benchmark is run here: bench/report.py does that, on demand.
 """
 
 import importlib.util
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +84,37 @@ def test_quick_defaults_and_unknown_candidate():
     assert train.parse_args([]).shapes == ["tiny", "small", "base"]
     with pytest.raises(SystemExit):
         train.parse_args(["--candidates", "palm,gpt5"])
+
+
+# In a fresh process (the setting is process-wide): whether a 64 MiB malloc is served by its own mapping,
+# as glibc does by default, or from the heap, counted by mallinfo2's hblks (the number of mapped blocks).
+_MAPPED_BLOCKS = """
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("bench_train", sys.argv[1])
+train = importlib.util.module_from_spec(spec); sys.modules[spec.name] = train; spec.loader.exec_module(train)
+kept = sys.argv[2] == "keep" and train.keep_freed_memory()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = MallInfo2, ctypes.c_void_p, [ctypes.c_void_p]
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(kept, libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--keep-freed-memory is glibc's mallopt")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    def mapped(mode):
+        done = subprocess.run([sys.executable, "-c", _MAPPED_BLOCKS, str(BENCH / "train.py"), mode],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.split()
+
+    assert mapped("default") == ["False", "1"]
+    assert mapped("keep") == ["True", "0"]
+    args = train.parse_args(["--quick", "--keep-freed-memory"])
+    assert args.keep_freed_memory and not train.parse_args(["--quick"]).keep_freed_memory
 
 
 def test_dtype_falls_back_to_fp32_without_native_bf16():
