@@ -18,7 +18,8 @@ All use tied input/output embeddings, head size 64 and d_ff = 4 d (Falcon's unga
 A B C A B C ... and the best of the rounds is reported, so drift in machine load hits all alike.
 Model FLOPs per token are PaLM's Appendix B formula 6N + 12 L H Q T with N counted from each
 model's own weight matrices; MFU is against the matmul peak of the step's dtype measured in this
-run. bf16 autocast is used where bf16 matmuls are native (palm.runtime.fast_bf16), fp32 elsewhere.
+run. bf16 is used where bf16 matmuls are native (palm.runtime.fast_bf16), fp32 elsewhere: palm computes
+on bf16 compute copies of its fp32 weights, as `palm train` does, the peers under bf16 autocast.
 Peak memory comes from a fresh process per candidate (CPU: peak RSS growth over the step, model,
 gradients and optimizer state included; GPU: peak allocated).
 
@@ -394,13 +395,16 @@ def profile_step(c: Candidate, x, y, device, top: int = 12) -> dict:
 # --- the run -----------------------------------------------------------------------------------
 
 
+BF16_HOW = "palm on bf16 compute copies of its fp32 weights, the peers under autocast"
+
+
 def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     if requested == "fp32":
         return torch.float32, "fp32 (requested)"
     if requested == "bf16":
-        return torch.bfloat16, "bf16 autocast (requested)"
+        return torch.bfloat16, f"bf16 ({BF16_HOW}; requested)"
     if fast_bf16(device):
-        return torch.bfloat16, "bf16 autocast (bf16 matmuls are native here)"
+        return torch.bfloat16, f"bf16 ({BF16_HOW}; bf16 matmuls are native here)"
     return torch.float32, "fp32: bf16 matmuls are not native on this machine (no AMX/AVX512-BF16), so bf16 would be far slower"
 
 

@@ -59,7 +59,7 @@ class LoopConfig:
     warmup_steps: int | None = None  # adamw: linear warmup; None: 5% of max_steps
     grad_clip: float = 1.0
     z_loss: float = 1e-4
-    dtype: str = "auto"  # auto: bf16 autocast where bf16 matmuls are native, else fp32
+    dtype: str = "auto"  # auto: bf16 where bf16 matmuls are native (compute copies on one process, autocast under DDP/FSDP), else fp32
     compile: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
