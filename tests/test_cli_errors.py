@@ -45,11 +45,28 @@ def broken_model(root: Path, how: str) -> Path:
     elif how == "pickled weights":
         (model / "model.safetensors").unlink()
         (model / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    elif how == "config of another shape":
+        config = json.loads((model / "config.json").read_text())
+        config["hidden_size"] += 32
+        (model / "config.json").write_text(json.dumps(config))
+    elif how == "config of fewer layers":
+        config = json.loads((model / "config.json").read_text())
+        config["num_hidden_layers"] -= 1
+        (model / "config.json").write_text(json.dumps(config))
+    elif how == "a weight missing":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model / "model.safetensors")
+        del tensors[next(k for k in sorted(tensors) if k.endswith("mlp_out.weight"))]
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     return model
 
 
 @pytest.mark.parametrize("how, words", [("empty weights", "safetensors"), ("truncated weights", "safetensors"),
-                                        ("config types", "hidden_size"), ("pickled weights", "pickled")])
+                                        ("config types", "hidden_size"), ("pickled weights", "pickled"),
+                                        ("config of another shape", "do not match"),
+                                        ("config of fewer layers", "no place for"),
+                                        ("a weight missing", "mlp_out.weight")])
 @pytest.mark.parametrize("command", ["generate", "eval", "finetune"])
 def test_a_damaged_model_directory(capsys, user, tmp_path, how, words, command):
     model = broken_model(user, how)

@@ -45,8 +45,8 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     if kind != PalmConfig.model_type:
         raise CheckpointError(f"{path} holds a {kind!r} model, not a palm model")
-    check_config(config_file, raw)
-    _check_weights(path)
+    config = check_config(config_file, raw)
+    _check_weights(path, config)
     if tokenizer and not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json is missing)")
     return path
@@ -66,7 +66,7 @@ def check_config(config_file: Path, raw: dict) -> PalmConfig:
         raise CheckpointError(f"{config_file} does not describe a palm model: {e}") from None
 
 
-def _check_weights(path: Path) -> None:
+def _check_weights(path: Path, config: PalmConfig) -> None:
     files = [path / WEIGHTS]
     index = path / WEIGHTS_INDEX
     if index.is_file():
@@ -82,12 +82,44 @@ def _check_weights(path: Path) -> None:
                 "palm reads safetensors only"
             )
         raise CheckpointError(f"{path} has no weights ({WEIGHTS} is missing)")
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
             with safe_open(str(file), "pt") as f:
-                f.keys()
+                shapes.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
         except (OSError, SafetensorError, ValueError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    _check_shapes(path, shapes, config)
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], config: PalmConfig) -> None:
+    """The weights' shapes (from the safetensors headers) against the ones config.json implies, so that a
+    mismatch is one line here rather than Transformers' load report and a re-initialised model."""
+    from .model import PalmForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = PalmForCausalLM(config)
+    tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k} is {_dims(shapes[k])} there, {_dims(v)} by config.json"
+             for k, v in expected.items() if k in shapes and shapes[k] != v]
+    missing = [k for k in expected if k not in shapes and k not in tied]
+    # Weights the config has no place for (more layers than it says, say) would be dropped without a word.
+    extra = sorted(k for k in shapes if k not in expected)
+    if wrong:
+        raise CheckpointError(f"the weights in {path} do not match its config.json: {wrong[0]}{_more(wrong)}")
+    if missing:
+        raise CheckpointError(f"the weights in {path} lack {missing[0]}{_more(missing)}, which its config.json calls for")
+    if extra:
+        raise CheckpointError(f"the weights in {path} hold {extra[0]}{_more(extra)}, which its config.json has no place for")
+
+
+def _more(items: list[str]) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
 
 
 def load_model(path: str | Path, device: str | None = None, dtype: str = "auto"):

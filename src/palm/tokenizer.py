@@ -67,7 +67,8 @@ def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
-            f"({len(SPECIAL_TOKENS)} special and {len(BYTE_TOKENS)} byte tokens come first)"
+            f"({len(SPECIAL_TOKENS)} special and {len(BYTE_TOKENS)} byte tokens come first, then room for the "
+            "commonest characters)"
         )
     if vocab_size > 1 << 20:
         raise TokenizerError(f"vocab size {vocab_size} is too large (at most {1 << 20})")
