@@ -46,6 +46,20 @@ def test_only_the_adapters_change(lora_run, model_dir):
     assert 0 < trainable < 0.1 * total
 
 
+def test_adding_adapters_warns_the_user_of_nothing(model_dir):
+    # peft reads Transformers' deprecated is_gradient_checkpointing; its FutureWarning reached palm finetune's stderr
+    import warnings
+
+    from palm.lora import add_adapters
+    from palm.modeldir import load_model
+
+    model, _ = load_model(model_dir, dtype="fp32")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        add_adapters(model, r=2, alpha=4.0, dropout=0.0, targets=["in_proj"], seed=0)
+    assert [str(w.message) for w in seen] == []
+
+
 def test_the_merged_model_equals_base_plus_adapter(lora_run, model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

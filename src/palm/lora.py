@@ -34,7 +34,7 @@ def add_adapters(model, *, r: int, alpha: float, dropout: float, targets: list[s
         raise ValueError(f"unknown LoRA targets {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,13 +146,17 @@ def load_model(path: str | Path, device: str | None = None, dtype: str = "auto")
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Transformers' progress bars off for the body, and back as they were afterwards."""
+    """Transformers' progress bars off for the body, and back as they were afterwards; likewise the
+    deprecation warning peft sets off by asking for `is_gradient_checkpointing` (theirs to fix, not the
+    user's)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
