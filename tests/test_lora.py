@@ -146,6 +146,23 @@ def test_palm_merge_from_the_command_line(capsys, lora_run, model_dir, tmp_path)
         assert_one_line_error(code, err, words)
 
 
+def test_an_adapter_refuses_a_base_of_another_vocabulary(capsys, lora_run, model_dir, tmp_path):
+    # Same width, so peft's shape checks pass; only the vocabulary says the adapter was not trained on it.
+    import shutil
+
+    from palm.tokenizer import train_tokenizer
+
+    run_dir, _ = lora_run
+    other = tmp_path / "other-base"
+    shutil.copytree(model_dir, other)
+    train_tokenizer(lambda: (f"lorem ipsum dolor {i} sit amet, Ωμέγα αλφα" for i in range(300)), vocab_size=512).save(other)
+    for argv in (["merge", "--base", str(other), "--out", str(tmp_path / "merged")],
+                 ["generate", "--model", str(other), "hello"]):
+        code, _, err = run_cli(capsys, *argv, "--adapter", str(run_dir / "adapter"))
+        assert_one_line_error(code, err, "another vocabulary")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_palm_serve_with_an_adapter_chats_as_palm_generate_chat(capsys, lora_run, model_dir):
     """The openai client's chat completion from `palm serve --adapter` equals `palm generate --chat --adapter`.
 

@@ -86,14 +86,18 @@ def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | Non
 
     base_dir, adapter_dir = check_model_dir(base_dir), check_adapter_dir(adapter_dir)
     model, tokenizer = load_model(base_dir, device=device, dtype=dtype)
+    own = PalmTokenizer.load(adapter_dir) if (adapter_dir / "tokenizer.json").is_file() else None
+    # peft checks only the shapes the adapters touch, which any base of the same width passes; the
+    # vocabulary saved with the adapter is what names the model it was trained on.
+    if own is not None and own.hf.get_vocab() != tokenizer.hf.get_vocab():
+        raise CheckpointError(f"adapter {adapter_dir} was trained on a model with another vocabulary ({len(own)} "
+                              f"pieces) than the one in {base_dir} ({len(tokenizer)})")
     try:
         with quiet_transformers():
             merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"adapter {adapter_dir} does not fit the model in {base_dir}: {str(e).splitlines()[0]}") from None
-    if (adapter_dir / "tokenizer.json").is_file():
-        tokenizer = PalmTokenizer.load(adapter_dir)
-    return merged.eval(), tokenizer
+    return merged.eval(), own or tokenizer
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
