@@ -14,7 +14,7 @@ import torch
 
 from .atomic import atomic_directory
 from .errors import CheckpointError
-from .modeldir import check_model_dir, load_model, quiet_transformers, save_model_dir
+from .modeldir import load_model, quiet_transformers, save_model_dir
 from .tokenizer import PalmTokenizer
 
 TARGETS = ("in_proj", "attn_out", "mlp_out")  # every matmul of a PaLM block
@@ -84,8 +84,8 @@ def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | Non
     one (a chat fine-tuning saves its chat template there), else the base's."""
     from peft import PeftModel
 
-    base_dir, adapter_dir = check_model_dir(base_dir), check_adapter_dir(adapter_dir)
-    model, tokenizer = load_model(base_dir, device=device, dtype=dtype)
+    adapter_dir = check_adapter_dir(adapter_dir)
+    model, tokenizer = load_model(base_dir, device=device, dtype=dtype)  # checks base_dir first
     own = PalmTokenizer.load(adapter_dir) if (adapter_dir / "tokenizer.json").is_file() else None
     # peft checks only the shapes the adapters touch, which any base of the same width passes; the
     # vocabulary saved with the adapter is what names the model it was trained on.
