@@ -20,6 +20,7 @@ corpus of the mixture (the same held-out tokens for both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -100,13 +101,14 @@ class Trainee:
         batch = get_batch(data, self.step + 1, seed, b)
         x, y = batch[:, :-1], batch[:, 1:]
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16 and self.copies is None):
-            if self.name == "palm":
-                loss = (self.copies or self.model)(input_ids=x, shift_labels=y, skip_logits=True).loss
-            else:
-                ce, _ = lm_loss(self.model(input_ids=x).logits, y)
-                loss = ce
-        loss.backward()
+        with self.copies.in_use() if self.copies is not None else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16 and self.copies is None):
+                if self.name == "palm":
+                    loss = self.model(input_ids=x, shift_labels=y, skip_logits=True).loss
+                else:
+                    ce, _ = lm_loss(self.model(input_ids=x).logits, y)
+                    loss = ce
+            loss.backward()
         if self.copies is not None:
             self.copies.accumulate_grads()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -6,8 +6,13 @@ network, the loop and these choices change independently.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+
+from .model import PalmBlock
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
@@ -53,8 +58,13 @@ def apply_activation_checkpointing(model: nn.Module, *, mode: str) -> None:
 def compile_blocks(model: nn.Module, *, dynamic: bool | None = None) -> None:
     """Compile each block in place (regional compilation): every block has the same code, so one
     compiled graph serves all of them and compiling takes one block's time, not the model's."""
-    for block in model.model.layers:
+    for block in blocks(model):
         block.compile(dynamic=dynamic)
+
+
+def blocks(model: nn.Module) -> list[PalmBlock]:
+    """The model's transformer blocks, however it is wrapped (a peft model, DDP)."""
+    return [module for module in model.modules() if isinstance(module, PalmBlock)]
 
 
 class ComputeCopies:
@@ -63,22 +73,37 @@ class ComputeCopies:
 
     Autocast instead casts every fp32 weight to bf16 at each matmul of every micro-batch, and runs the
     norms and the residual stream in fp32 with casts around them; here the whole step computes in bf16.
-    The fp32 weights stay the module's parameters: the optimizer steps them, checkpoints and exports
-    save them, and gradients are summed into them in fp32, so a resumed run rebuilds exactly the same
-    copies.
+    The fp32 weights stay the module's parameters outside `in_use`: the optimizer steps them, checkpoints
+    and exports save them, and gradients are summed into them in fp32, so a resumed run rebuilds exactly
+    the same copies.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.model = model
         self.masters = dict(model.named_parameters())  # a tied tensor once, under its first name
         self.copies = {name: p.detach().to(dtype).requires_grad_(p.requires_grad) for name, p in self.masters.items()}
+        # Every place a weight sits (a tied one sits in two modules), so that a swap reaches them all.
+        by_id = {id(p): name for name, p in self.masters.items()}
+        self._slots = [(module, key, by_id[id(p)]) for module in model.modules()
+                       for key, p in module._parameters.items() if p is not None and id(p) in by_id]
         # fp32 gradient buffers kept from step to step: a fresh fp32 gradient per step is a fresh
         # allocation of the model's size, paid in page faults on a CPU (the optimizer's zero_grad
         # drops `.grad`, not these).
         self._grad_buffers: dict[str, torch.Tensor] = {}
 
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.model, self.copies, args, kwargs, tie_weights=True, strict=False)
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[nn.Module]:
+        """The model with the copies in its weights' places for the body: run the forward *and* the
+        backward inside, since activation checkpointing recomputes blocks in the backward from whatever
+        weights the modules hold then (a forward-only swap such as `torch.func.functional_call` would
+        recompute from the fp32 weights). The fp32 weights are back in place on leaving, error or not."""
+        for module, key, name in self._slots:
+            module._parameters[key] = self.copies[name]
+        try:
+            yield self.model
+        finally:
+            for module, key, name in self._slots:
+                module._parameters[key] = self.masters[name]
 
     @torch.no_grad()
     def accumulate_grads(self) -> None:

@@ -70,7 +70,7 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(TARGETS))
     loop: LoopConfig = field(default_factory=finetune_loop)
 
-    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "threads", "progress",
+    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "threads", "progress", "compile",
                                       "activation_checkpointing"})
 
     def validate(self) -> None:

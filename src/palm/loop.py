@@ -11,6 +11,7 @@ number of processes: to float rounding).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -222,7 +223,7 @@ def _steps(run: Run, on_step) -> Run:
         compile_blocks(run.model)
     if run.dtype == torch.bfloat16 and run.world.mode == "none":
         run.copies = ComputeCopies(run.model)  # DDP and FSDP cast through their own wrappers instead
-    step_model = run.copies or distributed.wrap(run.model, run.world)
+    step_model = distributed.wrap(run.model, run.world)
     fpt = flops_per_token(run.model.config, run.seq_len)
     peak = measure_matmul_peak(run.dtype, run.device) * run.world.size
     sheet = datasheet_peak(run.device, run.dtype)
@@ -302,12 +303,14 @@ def forward_backward(run: Run, model, step: int) -> tuple[torch.Tensor, int]:
     with torch.random.fork_rng(devices=[run.device.index or 0] if run.device.type == "cuda" else []):
         torch.manual_seed((loop.seed * 1_000_003 + batch_index) * 1024 + run.world.rank)
         for i in range(0, x.shape[0], micro):
-            with autocast(run.device, run.dtype if run.copies is None else torch.float32):
-                # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
-                out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
-                            logits_to_keep=keep, num_items_in_batch=n_items, use_cache=False)
-            loss = out.loss * scale
-            loss.backward()
+            # On the copies, the backward too: it recomputes checkpointed blocks from the weights in place then.
+            with run.copies.in_use() if run.copies is not None else contextlib.nullcontext():
+                with autocast(run.device, run.dtype if run.copies is None else torch.float32):
+                    # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
+                    out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
+                                logits_to_keep=keep, num_items_in_batch=n_items, use_cache=False)
+                loss = out.loss * scale
+                loss.backward()
             if run.copies is not None:
                 run.copies.accumulate_grads()
             sums += torch.stack([loss.detach(), out.lm_loss, out.z_loss]).float()

@@ -181,7 +181,9 @@ def finetune_command(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Rows per forward pass; the rest is gradient accumulation.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")] = None,
     activation_checkpointing: Annotated[Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
@@ -204,6 +206,8 @@ def finetune_command(
             raise TrainingError("give --steps or --epochs, not both")
         cfg = FinetuneConfig.from_settings(flags)
     cfg.validate()
+    if cfg.loop.compile:
+        use_persistent_compile_cache()
     with torch_threads(cfg.loop.threads):
         run = finetune(cfg, resume=resume is not None, allow_data_change=allow_data_change)
     best = run.extra.get("best_val_loss")
