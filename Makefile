@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup hf-tests test test-bf16 test-fp32 gpu-check demo bench-setup bench clean
+.PHONY: setup hf-tests test test-matrix test-bf16 test-fp32 gpu-check demo bench-setup bench clean
 
 setup: $(STAMP) hf-tests
 
@@ -40,6 +40,10 @@ hf-tests: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Every combination of the training options (tests/test_matrix.py); `make test` runs its pairwise subset.
+test-matrix: setup
+	$(BIN)/python -m pytest -q tests/test_matrix.py -m ""
 
 # The suite with the bf16 capability check forced either way, so both precision paths run on any processor.
 test-bf16: setup

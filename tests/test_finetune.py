@@ -197,3 +197,24 @@ def test_not_a_model_directory(capsys, tmp_path):
     data = write_rows(tmp_path / "rows.jsonl", ROWS)
     code, _, err = run_cli(capsys, "finetune", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "no model directory")
+
+
+def test_finetune_under_torchrun_is_refused_before_any_work(capsys, model_dir, tmp_path, monkeypatch):
+    # palm finetune has no parallel layout: two processes would each train (and write) the same run folder.
+    data = write_rows(tmp_path / "rows.jsonl", ROWS)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(out))
+    assert_one_line_error(code, err, "torchrun", "--parallel")
+    assert not out.exists()
+
+
+def test_finetune_takes_micro_batches_and_compile_with_lora(capsys, model_dir, tmp_path):
+    data = write_rows(tmp_path / "rows.jsonl", ROWS * 2)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(out),
+                                "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--compile",
+                                "--lora-r", "2", "--activation-checkpointing", "selective", "--threads", "1")
+    assert code == 0, err
+    loop = json.loads((out / "run.json").read_text())["loop"]
+    assert loop["micro_batch_size"] == 2 and loop["compile"] is True and "fine-tuned 2 steps" in stdout

@@ -134,3 +134,16 @@ def test_selective_checkpointing_memory_lies_between_none_and_full():
     m = make_plan("small", 512, 1e9, "cpu", 1, None, None, None, 0.5, None, 4096, None, {}).memory
     assert m["activations_remat"] < m["activations_selective"] < m["activations_no_remat"]
     assert m["total_selective"] - m["activations_selective"] == m["total_no_remat"] - m["activations_no_remat"]
+
+
+def test_compute_copies_add_a_bf16_copy_and_its_gradient_and_activations_follow_the_compute_dtype():
+    fp32 = make_plan("small", 1024, 1.0, device="cpu", param_bytes=4)
+    copies = make_plan("small", 1024, 1.0, device="cpu", param_bytes=4, compute_copies=True)
+    n = copies.params_total
+    assert copies.memory["compute_copies"] == 4 * n and fp32.memory["compute_copies"] == 0
+    for mode in ("no_remat", "remat", "selective"):  # fp32 activations are twice bf16's
+        assert fp32.memory[f"activations_{mode}"] == pytest.approx(2 * copies.memory[f"activations_{mode}"], rel=1e-6)
+    assert copies.memory["total_no_remat"] == (fp32.memory["total_no_remat"] - fp32.memory["activations_no_remat"]
+                                               + copies.memory["activations_no_remat"] + 4 * n)
+    with pytest.raises(ConfigError, match="--param-bytes 4"):
+        make_plan("small", 1024, 1.0, device="cpu", param_bytes=2, compute_copies=True)

@@ -53,6 +53,11 @@ class World:
             dist.barrier()
 
 
+def launched_processes() -> int:
+    """How many processes torchrun started for this job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(mode: str) -> World:
     """Join the process group torchrun describes in the environment (or stay single-process).
 
@@ -61,7 +66,7 @@ def setup(mode: str) -> World:
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode must be one of {', '.join(PARALLEL_MODES)}")
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_processes()
     if mode == "none" and size == 1:
         return World()
     if mode == "none":

@@ -190,6 +190,9 @@ def _load_base(cfg: FinetuneConfig) -> tuple[PalmTokenizer, PalmForCausalLM]:
 def open_finetune(cfg: FinetuneConfig, resume: bool, allow_data_change: bool = False) -> Run:
     """A Run for fine-tuning: the base model (or, resuming, the run's own copy of its config), data and hooks."""
     cfg.validate()
+    if distributed.launched_processes() > 1:
+        raise TrainingError(f"palm finetune runs in one process, not under torchrun ({distributed.launched_processes()} "
+                            "processes would each train the same run folder); palm train has --parallel ddp|fsdp")
     layout = RunLayout(cfg.out)
     if resume:
         cfg.data_sha256 = load_finetune_config(layout.root).data_sha256

@@ -16,7 +16,11 @@ Memory per device, in bytes. Assumptions (all estimates; nothing here builds a m
 * Mixed precision (param_bytes < 4) adds fp32 master weights: 4 bytes per parameter.
 * Optimizer: PaLM's Adafactor *without factorisation* keeps full fp32 first and second moments,
   8 bytes per parameter (it is Adam-like; a factored Adafactor would need far less).
-* Activations are bf16 (2 bytes) and fully sharded: a device holds `batch_tokens / devices` tokens'
+* `compute_copies` (`--compute-copies`, how `palm train` runs bf16 on one process): fp32 weights
+  (`param_bytes` 4) and fp32 gradients, plus a bf16 copy of every weight and its bf16 gradient, 4 bytes
+  per parameter more.
+* Activations are in the compute dtype (bf16, 2 bytes, under mixed precision or on compute copies; else
+  `param_bytes`) and fully sharded: a device holds `batch_tokens / devices` tokens'
   worth of each activation tensor ("one fully sharded activation is saved per layer", paper §4).
   Without rematerialisation a parallel block saves, per token, about 2d + 3HQ + 2KQ + 4f elements
   (LN input and output; q and k after RoPE, v; attention output twice, as SDPA output and output
@@ -145,6 +149,7 @@ def make_plan(
     peak_tflops: float | None = None,
     overrides: dict | None = None,
     param_bytes: int = 2,
+    compute_copies: bool = False,
 ) -> Plan:
     """Work out a Plan; a setting that cannot describe a run raises ConfigError (one sentence)."""
     overrides = dict(overrides or {})
@@ -177,19 +182,26 @@ def make_plan(
     batch_tokens = float(batch_tokens) if batch_tokens is not None else float(seq_len * dp * fsdp)
     t = batch_tokens / devices
     per_layer_elements = 2 * d + 3 * H * Q + 2 * K * Q + 4 * f
+    if compute_copies and param_bytes != MASTER_BYTES:
+        raise ConfigError("--compute-copies describes fp32 weights computed on as bf16 copies: give --param-bytes 4")
+    # Activations in the compute dtype: bf16 under mixed precision and on compute copies, else the weights'.
+    act = ACT_BYTES if param_bytes < MASTER_BYTES or compute_copies else param_bytes
     memory = {
         "weights": _ceil_div(n_total * param_bytes, shards),
         "gradients": _ceil_div(n_total * param_bytes, shards),
         "master_weights": _ceil_div(n_total * MASTER_BYTES, shards) if param_bytes < MASTER_BYTES else 0,
         "optimizer": _ceil_div(n_total * OPTIMIZER_BYTES, shards),
-        "activations_no_remat": math.ceil(L * t * per_layer_elements * ACT_BYTES),
-        "activations_remat": math.ceil(L * t * d * ACT_BYTES + t * per_layer_elements * ACT_BYTES),
+        # palm.compute.ComputeCopies: a bf16 copy of every weight, and its bf16 gradient through the backward
+        "compute_copies": _ceil_div(n_total * 2 * ACT_BYTES, shards) if compute_copies else 0,
+        "activations_no_remat": math.ceil(L * t * per_layer_elements * act),
+        "activations_remat": math.ceil(L * t * d * act + t * per_layer_elements * act),
         # selective (`--activation-checkpointing selective`): the matmul and attention outputs stay, the
         # norms, RoPE and SwiGLU are recomputed, so no matmul runs twice
-        "activations_selective": math.ceil(L * t * (3 * d + 2 * H * Q + 2 * K * Q + 2 * f) * ACT_BYTES),
+        "activations_selective": math.ceil(L * t * (3 * d + 2 * H * Q + 2 * K * Q + 2 * f) * act),
         "logits": math.ceil(t * config.vocab_size * LOGIT_BYTES),
     }
-    states = memory["weights"] + memory["gradients"] + memory["master_weights"] + memory["optimizer"]
+    states = (memory["weights"] + memory["gradients"] + memory["master_weights"] + memory["optimizer"]
+              + memory["compute_copies"])
     memory["total_no_remat"] = states + memory["activations_no_remat"] + memory["logits"]
     memory["total_remat"] = states + memory["activations_remat"] + memory["logits"]
     memory["total_selective"] = states + memory["activations_selective"] + memory["logits"]
@@ -270,7 +282,9 @@ def render(plan: Plan) -> str:
         ("memory per device", f"weights {format_bytes(m['weights'])} ({plan.param_bytes} B/param), "
                               f"gradients {format_bytes(m['gradients'])}"),
         ("", f"fp32 master weights {format_bytes(m['master_weights'])}, "
-             f"optimizer (fp32 m, v) {format_bytes(m['optimizer'])}"),
+             f"optimizer (fp32 m, v) {format_bytes(m['optimizer'])}"
+             + (f", bf16 compute copies and their gradients {format_bytes(m['compute_copies'])}"
+                if m["compute_copies"] else "")),
         ("", f"activations {format_bytes(m['activations_no_remat'])} without remat, "
              f"{format_bytes(m['activations_selective'])} with selective, "
              f"{format_bytes(m['activations_remat'])} with full remat; logits {format_bytes(m['logits'])}"),

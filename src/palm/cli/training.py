@@ -244,6 +244,7 @@ def plan_command(
     batch_tokens: Annotated[Optional[float], typer.Option("--batch-tokens", help="Tokens per forward/backward, all devices (default: one sequence per dp x fsdp rank).")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak bf16 TFLOP/s per device, overriding the table.")] = None,
     param_bytes: Annotated[int, typer.Option("--param-bytes", help="Bytes per stored weight (2: bf16, 4: fp32).")] = 2,
+    compute_copies: Annotated[bool, typer.Option("--compute-copies", help="fp32 weights computed on as bf16 copies, as palm train runs bf16 on one process (with --param-bytes 4).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """Parameters, FLOPs (PaLM Appendix B), per-device memory and training time for a model and a layout."""
@@ -265,5 +266,6 @@ def plan_command(
     elif preset is None:
         raise ConfigError("give --preset or --config")
     plan = make_plan(preset if config is None else None, seq_len, tokens, device, devices, dp, fsdp, tp, mfu,
-                     tokens_per_s, batch_tokens, peak_tflops, overrides, param_bytes=param_bytes)
+                     tokens_per_s, batch_tokens, peak_tflops, overrides, param_bytes=param_bytes,
+                     compute_copies=compute_copies)
     typer.echo(plan.to_json() if as_json else render(plan))

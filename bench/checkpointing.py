@@ -1,0 +1,124 @@
+"""What activation checkpointing buys where it matters: peak RSS of `palm train` at `1b` for a few steps,
+without checkpointing, with `full` and with `selective`, at sequence 1024 and 2048, beside `palm plan`'s
+prediction for the same run.
+
+    python bench/checkpointing.py [--preset 1b] [--seq-lens 1024,2048] [--modes none,full,selective]
+                                  [--steps 3] [--json PATH]
+
+Each run is the command a user types (`palm train --preset 1b --seq-len T --batch-size 1 --max-steps 3
+--activation-checkpointing MODE`, `--dtype auto`), in a fresh process, on the named corpus python-docs with a
+tokenizer of the preset's vocabulary trained once before. Peak RSS is the kernel's high-water mark of the
+process (what `/usr/bin/time -v` reports), checkpoint saves and the final export included. Tokens/s is
+the best step's. `palm plan --device cpu --compute-copies` is the prediction: the training state of one process
+training in bf16 on compute copies (or in fp32 where bf16 is not native) plus the activations of each mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from palm.plan import make_plan
+from palm.runtime import pick_dtype
+
+GIB = 2**30
+PALM = [sys.executable, "-m", "palm.cli"]
+
+
+def train_tokenizer(out: Path, vocab: int) -> None:
+    subprocess.run([*PALM, "tokenizer", "train", "--corpus", "python-docs", "--vocab-size", str(vocab), "--out",
+                    str(out)], check=True, capture_output=True)
+
+
+def run(scratch: Path, tokenizer: Path, preset: str, seq_len: int, mode: str, steps: int) -> dict:
+    out = scratch / f"run-{mode}-{seq_len}"
+    conf = scratch / f"{mode}-{seq_len}.toml"
+    conf.write_text(f'corpus = ["python-docs"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
+                    f"seq-len = {seq_len}\nbatch-size = 1\nmax-steps = {steps}\n"
+                    f'activation-checkpointing = "{mode}"\neval-every = 100000\ncheckpoint-every = 100000\n'
+                    f'eval-tokens = {seq_len}\ncache-dir = "{scratch / "cache"}"\n')
+    start = time.perf_counter()
+    proc = subprocess.Popen([*PALM, "train", "--config", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    row = {"mode": mode, "seq_len": seq_len, "wall_s": time.perf_counter() - start, "returncode": proc.returncode,
+           "peak_rss": usage.ru_maxrss * 1024}
+    if proc.returncode != 0:
+        row["error"] = output.strip().splitlines()[-1] if output.strip() else f"exit {proc.returncode}"
+        return row
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    row["tokens_per_s"] = max(r["tokens_per_s"] for r in records)
+    row["mfu"] = max(r["mfu"] for r in records)
+    row["step_s"] = [seq_len / r["tokens_per_s"] for r in records]
+    row["dtype"] = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def predicted(preset: str, seq_len: int, mode: str, copies: bool) -> int:
+    plan = make_plan(preset, seq_len, 1.0, device="cpu", param_bytes=4, compute_copies=copies)
+    key = {"none": "total_no_remat", "full": "total_remat", "selective": "total_selective"}[mode]
+    return plan.memory[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="1b")
+    parser.add_argument("--seq-lens", default="1024,2048")
+    parser.add_argument("--modes", default="none,full,selective")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--json", default="bench/results/checkpointing.json")
+    args = parser.parse_args()
+    copies = pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="palm-ac-bench-") as tmp:
+        scratch = Path(tmp)
+        train_tokenizer(scratch / "tok", args.vocab_size)
+        for seq_len in map(int, args.seq_lens.split(",")):
+            for mode in args.modes.split(","):
+                row = run(scratch, scratch / "tok", args.preset, seq_len, mode, args.steps)
+                row["plan"] = predicted(args.preset, seq_len, mode, copies)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{args.preset}, batch 1, {args.steps} steps, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores\n")
+    print("| sequence | checkpointing | peak RSS | palm plan | plan / measured | tokens/s | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["returncode"] != 0:
+            print(f"| {r['seq_len']} | {r['mode']} | failed: {r['error']} | {r['plan'] / GIB:.1f} GiB | | | |")
+            continue
+        print(f"| {r['seq_len']} | {r['mode']} | {r['peak_rss'] / GIB:.1f} GiB | {r['plan'] / GIB:.1f} GiB | "
+              f"{r['plan'] / r['peak_rss']:.2f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                           "cpu": cpu_name(), "preset": args.preset, "steps": args.steps,
+                                           "rows": rows}, indent=1))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
