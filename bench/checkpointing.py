@@ -6,8 +6,8 @@ prediction for the same run.
                                   [--steps 3] [--json PATH]
 
 Each run is the command a user types (`palm train --preset 1b --seq-len T --batch-size 1 --max-steps 3
---activation-checkpointing MODE`, `--dtype auto`), in a fresh process, on the named corpus python-docs with a
-tokenizer of the preset's vocabulary trained once before. Peak RSS is the kernel's high-water mark of the
+--activation-checkpointing MODE`, `--dtype auto`), in a fresh process, on the named corpus python-docs (written to a file) with a
+tokenizer of the preset's vocabulary trained on it once before. Peak RSS is the kernel's high-water mark of the
 process (what `/usr/bin/time -v` reports), checkpoint saves and the final export included. Tokens/s is
 the best step's. `palm plan --device cpu --compute-copies` is the prediction: the training state of one process
 training in bf16 on compute copies (or in fp32 where bf16 is not native) plus the activations of each mode.
@@ -35,15 +35,23 @@ GIB = 2**30
 PALM = [sys.executable, "-m", "palm.cli"]
 
 
-def train_tokenizer(out: Path, vocab: int) -> None:
-    subprocess.run([*PALM, "tokenizer", "train", "--corpus", "python-docs", "--vocab-size", str(vocab), "--out",
-                    str(out)], check=True, capture_output=True)
+def write_corpus(path: Path) -> None:
+    from palm.corpora import NAMED_CORPORA
+
+    path.write_text("\n\n".join(NAMED_CORPORA["python-docs"]()), encoding="utf-8")
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab: int) -> None:
+    done = subprocess.run([*PALM, "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(vocab), "--out",
+                           str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"training the tokenizer failed: {done.stderr.strip().splitlines()[-1]}")
 
 
 def run(scratch: Path, tokenizer: Path, preset: str, seq_len: int, mode: str, steps: int) -> dict:
     out = scratch / f"run-{mode}-{seq_len}"
     conf = scratch / f"{mode}-{seq_len}.toml"
-    conf.write_text(f'corpus = ["python-docs"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
+    conf.write_text(f'corpus = ["{scratch / "python-docs.txt"}"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
                     f"seq-len = {seq_len}\nbatch-size = 1\nmax-steps = {steps}\n"
                     f'activation-checkpointing = "{mode}"\neval-every = 100000\ncheckpoint-every = 100000\n'
                     f'eval-tokens = {seq_len}\ncache-dir = "{scratch / "cache"}"\n')
@@ -87,14 +95,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="palm-ac-bench-") as tmp:
         scratch = Path(tmp)
-        train_tokenizer(scratch / "tok", args.vocab_size)
+        write_corpus(scratch / "python-docs.txt")
+        train_tokenizer(scratch / "python-docs.txt", scratch / "tok", args.vocab_size)
         for seq_len in map(int, args.seq_lens.split(",")):
             for mode in args.modes.split(","):
                 row = run(scratch, scratch / "tok", args.preset, seq_len, mode, args.steps)
                 row["plan"] = predicted(args.preset, seq_len, mode, copies)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{args.preset}, batch 1, {args.steps} steps, {platform.processor() or platform.machine()}, "
+    print(f"\n{args.preset}, batch 1, {args.steps} steps, {cpu_name()}, "
           f"{os.cpu_count()} cores\n")
     print("| sequence | checkpointing | peak RSS | palm plan | plan / measured | tokens/s | MFU |")
     print("|---|---|---|---|---|---|---|")
