@@ -119,6 +119,9 @@ LLAMA_TYPES = ("f32", "f16", "q8_0")
 
 def llama_cpp_decode(llm, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     """llama.cpp's (prefill seconds, decode tokens/s, tokens) for greedy decoding of n tokens."""
+    # generate() would keep the cached prefix of the last call's prompt (the same prompt here) and
+    # prefill one token; an emptied context makes it read the whole prompt, as palm's paths do.
+    llm.reset()
     start = time.perf_counter()
     stream = llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)
     tokens = [next(stream)]

@@ -154,3 +154,51 @@ def test_a_changed_corpus_is_refused_unless_allowed(capsys, corpus_dir, tokenize
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--max-steps", "6", "--allow-data-change")
     assert code == 0 and "will not be exact" in err
     assert max(losses(tmp_path / "run")) == 6
+
+
+# `palm train` as the CLI runs it, but killed with SIGKILL in the middle of writing step 8's checkpoint:
+# the weights are on disk, the optimizer state half written, and then the process is gone at once.
+KILLED_DURING_SAVE = """
+import os, runpy, signal, sys
+from palm import checkpoint
+real = checkpoint.save_file
+def dying(tensors, filename, metadata=None):
+    real(tensors, filename, metadata)
+    if "step-0000008" in str(filename):
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = dying
+sys.argv = ["palm", *sys.argv[1:]]
+runpy.run_module("palm.cli", run_name="__main__")
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume_is_the_run_never_stopped(corpus_dir, tokenizer_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--corpus", str(corpus_dir), "--tokenizer", tokenizer_dir, "--preset", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--max-steps", "12", "--checkpoint-every", "4", "--eval-every", "6", "--dtype", "fp32",
+            "--threads", "1"]
+
+    def palm(*argv, script=None):
+        cmd = [sys.executable, *(["-c", script] if script else ["-m", "palm.cli"]), *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert palm(*args, "--out", str(straight)).returncode == 0
+    done = palm(*args, "--out", str(killed), script=KILLED_DURING_SAVE)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    half = list((killed / "checkpoints").glob(".step-0000008.tmp-*"))
+    assert half and (half[0] / "model.safetensors").is_file()  # the kill came mid-save
+    assert [checkpoint_step(p) for p in list_checkpoints(killed)] == [0, 4]
+    resumed = palm("train", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(killed) == losses(straight) and sorted(losses(killed)) == list(range(1, 13))
+    a, b = (load_file(str(run / "final" / "model.safetensors")) for run in (straight, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((killed / "checkpoints").glob(".*.tmp-*"))

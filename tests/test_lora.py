@@ -181,7 +181,9 @@ def test_palm_serve_with_an_adapter_chats_as_palm_generate_chat(capsys, lora_run
     assert code == 0, err
     generator = Generator.load(model_dir, adapter=adapter)
     base = Generator.load(model_dir)
-    assert not torch.equal(generator.model.model.layers[0].in_proj.weight, base.model.model.layers[0].in_proj.weight)
+    ids = torch.tensor([generator.encode(question)])
+    with torch.no_grad():  # the adapter is in the weights the generator decodes with (its own, in place)
+        assert not torch.equal(generator.model(ids).logits, base.model(ids).logits)
     ask = dict(model="m", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12,
                extra_body={"repetition_penalty": 1.0})
     with TestClient(create_app(generator, "m")) as http:

@@ -108,3 +108,35 @@ def test_bf16_weights_prepacked_for_onednn_give_the_models_own_numbers(tokenizer
     compiled = torch.compile(decoder.lm_head, fullgraph=True, dynamic=False)
     x = torch.randn(2, 1, bf16.config.hidden_size, dtype=torch.bfloat16)
     assert torch.equal(compiled(x), decoder.lm_head(x))
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decoding_in_place_frees_the_models_weights_and_decodes_the_same(tokenizer, quantize, dtype):
+    import weakref
+
+    cfg = SamplingConfig(max_new_tokens=16)
+    expected = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer, quantize=quantize).generate(PROMPTS, cfg)
+    model = lively_model(tiny_config(tokenizer)).to(dtype)
+    replaced = [weakref.ref(b.in_proj.weight) for b in model.model.layers] + [weakref.ref(model.model.layers[0].mlp_out.weight)]
+    embedding = model.model.embed_tokens.weight
+    gen = Generator(model, tokenizer, quantize=quantize, in_place=True)
+    assert gen.generate(PROMPTS, cfg) == expected
+    assert all(ref() is None for ref in replaced)  # gone, not kept beside their decoding forms
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model.model.embed_tokens.weight is embedding  # still looked up
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
+                    reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only")
+def test_int8_prefills_of_many_rows_compute_the_same_product(tokenizer):
+    from palm.quant import MANY_ROWS, Int8PackLinear
+
+    w = torch.randn(96, 64)
+    layer = Int8PackLinear(w.to(torch.bfloat16))
+    x = torch.randn(MANY_ROWS + 3, 64, dtype=torch.bfloat16)
+    many = layer(x)  # the widened weight
+    few = torch.cat([layer(x[i : i + 8]) for i in range(0, len(x), 8)])  # aten's int8 kernel
+    exact = (x.float() @ layer.weight.float().t()) * layer.scales.float()
+    torch.testing.assert_close(many.float(), exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(many.float(), few.float(), rtol=2e-2, atol=2e-2)

@@ -1,8 +1,9 @@
 """palm's own decoding path (gpt-fast style): a static KV cache holding only the shared K/V head(s),
 one prefill pass, then one fixed-shape decode step per token, optionally compiled whole
 (`torch.compile(fullgraph=True)`, with CUDA graphs on a GPU), without Transformers' generate() machinery.
-The step (palm.step) runs on a decoding copy of the weights (palm.quant: transposed for the CPU's
-matrix-vector product, or int8 / fp16), the one `palm serve`'s continuous batching runs too.
+The step (palm.step) runs on the weights in a decoding layout (palm.quant: prepacked or transposed for
+the CPU, or int8 / fp16), the one `palm serve`'s continuous batching runs too: a copy beside a model
+handed in, or, for a model loaded for decoding alone (`Generator.load`), in its place.
 
 Greedy decoding gives the same tokens as `model.generate(do_sample=False)`; sampling (temperature,
 top-k, top-p, repetition penalty) is reproducible from a seed; batches are left-padded.
@@ -47,8 +48,11 @@ def cache_length(needed: int, context: int, compiled: bool) -> int:
 class Generator:
     """Loads a palm model directory once and decodes prompts with palm's fast path."""
 
-    def __init__(self, model: PalmForCausalLM, tokenizer: PalmTokenizer, compile: bool = False, quantize: str = "none"):
-        self.model = model.eval()  # as given: Transformers' generate() and scoring keep using it
+    def __init__(self, model: PalmForCausalLM, tokenizer: PalmTokenizer, compile: bool = False, quantize: str = "none",
+                 in_place: bool = False):
+        """`in_place`: the decoding weights replace the model's own (one copy of them in memory); the model
+        then decodes, and Transformers' generate() still runs on it, but it is not one to train or save."""
+        self.model = model.eval()  # as given, unless in_place: Transformers' generate() and scoring keep using it
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -57,21 +61,23 @@ class Generator:
         self.defaults = saved_defaults(model.generation_config)  # what a caller's unsaid settings become
         self.cache_dtype = next(model.parameters()).dtype
         self.compiled = compile
-        self.step = Stepper(model, quantize, compile)
+        self.step = Stepper(model, quantize, compile, in_place=in_place)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False,
              quantize: str = "none", adapter: str | Path | None = None) -> Generator:
-        """The model in `model_dir`, with the LoRA adapter in `adapter` merged in when one is given."""
+        """The model in `model_dir`, with the LoRA adapter in `adapter` merged in when one is given; it is
+        loaded for this generator alone, so its decoding weights take the place of its own."""
         if adapter is not None:
             from .lora import load_merged
 
             model, tokenizer = load_merged(model_dir, adapter, device=device, dtype=dtype)
         else:
             from .modeldir import load_model
+            from .quant import decoding_weights
 
-            model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
-        return cls(model, tokenizer, compile=compile, quantize=quantize)
+            model, tokenizer = load_model(model_dir, device=device, dtype=dtype, place=decoding_weights(quantize))
+        return cls(model, tokenizer, compile=compile, quantize=quantize, in_place=True)
 
     def sampling(self, **given) -> SamplingConfig:
         """Settings for a request: those given (None means unsaid), else the model's saved defaults."""

@@ -42,8 +42,8 @@ def compile_step(device: torch.device):
 class Stepper:
     """A model's decoding copy (weights in `quantize`'s format) and its decode step."""
 
-    def __init__(self, model: PalmForCausalLM, quantize: str = "none", compile: bool = False):
-        self.decoder = decoding_model(model, quantize)
+    def __init__(self, model: PalmForCausalLM, quantize: str = "none", compile: bool = False, in_place: bool = False):
+        self.decoder = decoding_model(model, quantize, in_place=in_place)
         self.quantize = quantize
         self.compiled = compile
         self._compiled = compile_step(model.device) if compile else None
