@@ -67,7 +67,7 @@ def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[
         row["weights"] = decoding_bytes(model_dir, fmt)
         tokens = len(PROMPT) + 1 + new_tokens  # at most one id per character, BOS first
         row["kv_cache"] = (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * tokens
-                           * (2 if dtype.itemsize == 2 else 4))
+                           * dtype.itemsize)
         row["needed"] = row["weights"] + row["kv_cache"] + baseline
         row["ratio"] = peak / row["needed"]
         rows.append(row)
