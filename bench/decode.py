@@ -19,7 +19,8 @@ as many threads as the decoder). Weights that fit in the cache are re-read from 
 memory delivers, so a small model can show more than 100%.
 
 Also: greedy agreement of each path with Transformers' tokens, teacher-forced on that continuation
-(one early flip cannot derail the rest), on a model with lively weights (at the paper's init an
+(one early flip cannot derail the rest), and how many of Transformers' tokens the path's own free-running
+greedy decode reproduces before it first differs (in fp32 palm and Transformers should agree on all), on a model with lively weights (at the paper's init an
 untrained model repeats one token, which any format agrees on).
 
 Then the peers outside torch (PEERS; a new one is a function printing its own table): the same weights as GGUF files (`palm export --format gguf`: f32, f16, q8_0), fed the same ids and
@@ -30,8 +31,10 @@ decoded greedily by llama.cpp (llama-cpp-python) on as many threads, its types i
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -104,6 +107,11 @@ def agreement(model: torch.nn.Module, prompt: list[int], continuation: list[int]
     return float((choices == torch.tensor(continuation, device=ids.device)).float().mean())
 
 
+def common_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many of the reference's greedy tokens a path produced itself before its first different one."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
 def make(model: PalmForCausalLM, path: str) -> Generator | None:
     if path == "transformers":
         return None
@@ -134,10 +142,11 @@ def llama_cpp_decode(llm, prompt: list[int], n: int) -> tuple[float, float, list
     return prefill, (len(tokens) - 1) / (time.perf_counter() - start), tokens
 
 
-def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: list[int], hf_rate: float) -> None:
-    """The same model written as GGUF files (f32, f16, q8_0) and decoded by llama.cpp on as many threads."""
+def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: list[int], hf_rate: float,
+                    bandwidth: float) -> list[dict]:
+    """The same model written as GGUF files (f32, f16, q8_0) and decoded by llama.cpp on as many threads;
+    a row per file type."""
     import tempfile
-    from pathlib import Path
     from types import SimpleNamespace
 
     import numpy as np
@@ -152,7 +161,7 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
         llamacpp.version()
     except ExportError as e:
         print(f"\nllama.cpp: skipped ({e})")
-        return
+        return [{"preset": args.preset, "path": "llama.cpp", "unavailable": str(e)}]
     c = model.config
     state = cohere_weights(c, {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     vocab = placeholder_vocab(c.vocab_size)  # timing needs ids only
@@ -160,7 +169,7 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         llms, sizes, same = {}, {}, {}
-        for kind in LLAMA_TYPES:
+        for kind in args.llama_types:
             path = Path(tmp) / f"{kind}.gguf"
             write_gguf(path, c, state, vocab, ids, kind, args.preset)
             sizes[kind] = path.stat().st_size
@@ -171,7 +180,7 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
             llms[kind] = llamacpp.open_gguf(path, n_ctx=args.prompt_len + args.new_tokens, threads=threads,
                                             exact=False, all_logits=False)
             llama_cpp_decode(llms[kind], prompt, 8)  # warm-up
-        results = {kind: [] for kind in LLAMA_TYPES}
+        results = {kind: [] for kind in args.llama_types}
         for _ in range(args.rounds):
             for kind, llm in llms.items():
                 results[kind].append(llama_cpp_decode(llm, prompt, args.new_tokens))
@@ -180,11 +189,19 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
     print(f"\nllama.cpp {llamacpp.version()} on the same weights ({threads} threads, F16 KV cache, palm's ids in):\n")
     print("| path | decode tok/s | vs transformers | prefill tok/s | file MB | greedy = transformers |")
     print("|---|---|---|---|---|---|")
-    for kind in LLAMA_TYPES:
+    rows = []
+    for kind in args.llama_types:
         rate = max(r for _, r, _ in results[kind])
         prefill = min(s for s, _, _ in results[kind])
         print(f"| llama.cpp {kind} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | "
               f"{sizes[kind] / 1e6:.1f} | {same[kind]:.0%} |")
+        # llama.cpp reads the file's tensors (the embedding row aside) and its F16 KV cache
+        kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * (args.prompt_len + args.new_tokens // 2)
+        rows.append({"preset": args.preset, "path": f"llama.cpp {kind}", "decode_tok_s": rate,
+                     "prefill_tok_s": args.prompt_len / prefill, "weights_bytes": sizes[kind],
+                     "bytes_per_token": sizes[kind] + kv, "bandwidth_share": (sizes[kind] + kv) * rate / bandwidth,
+                     "greedy_teacher_forced": same[kind], "new_tokens": len(reference)})
+    return rows
 
 
 def candidates(device: torch.device, compile_only: bool) -> list[str]:
@@ -199,8 +216,10 @@ PEERS = {"llama.cpp": llama_cpp_table}
 
 
 def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, paths: list[str],
-                 bandwidth: float) -> float:
-    """One preset's table; returns the fastest palm path's ratio to Transformers generate()."""
+                 bandwidth: float) -> tuple[float, list[dict]]:
+    """One preset's table; returns the fastest palm path's ratio to Transformers generate(), and a row per
+    path (the peers' included) for --json."""
+    rows: list[dict] = []
     model = build(preset).to(device=device, dtype=dtype)
     prompt = torch.randint(10, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     gens = {p: make(model, p) for p in paths}
@@ -222,8 +241,8 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, pa
           f"{torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')} weights and compute, batch 1, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} interleaved rounds\n")
     print("| path | decode tok/s | vs transformers | prefill tok/s | weights MB | bytes/token MB | bandwidth used "
-          "| greedy = transformers | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| greedy = transformers | same tokens free-running | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     hf_rate = max(r for _, r, _ in results["transformers"])
     for p in paths:
         g = gens[p]
@@ -236,16 +255,23 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, pa
         kv = per_slot * (slots if g else args.prompt_len + args.new_tokens // 2)
         per_token = weights + kv
         same = agreement(g.step.decoder if g else model, prompt, reference)
+        run = common_prefix(results[p][0][2], reference)
         print(f"| {p} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | {weights / 1e6:.1f} | "
-              f"{per_token / 1e6:.1f} | {per_token * rate / bandwidth:.0%} | {same:.0%} | {warm[p]:.1f} |")
+              f"{per_token / 1e6:.1f} | {per_token * rate / bandwidth:.0%} | {same:.0%} | {run}/{len(reference)} | "
+              f"{warm[p]:.1f} |")
+        rows.append({"preset": preset, "path": p, "dtype": str(dtype).removeprefix("torch."), "decode_tok_s": rate,
+                     "prefill_tok_s": args.prompt_len / prefill, "weights_bytes": weights, "bytes_per_token": per_token,
+                     "bandwidth_share": per_token * rate / bandwidth, "greedy_teacher_forced": same,
+                     "greedy_free_running": run, "new_tokens": len(reference), "warmup_s": warm[p]})
     best = max((p for p in paths if p != "transformers"), key=lambda p: max(r for _, r, _ in results[p]))
     ratio = max(r for _, r, _ in results[best]) / hf_rate
     print(f"\n{preset}: fastest palm path {best}, {ratio:.2f}x Transformers generate()")
     mqa, mha = per_slot, per_slot * c.num_attention_heads // c.num_key_value_heads
     print(f"KV cache per token: multi-query {mqa} bytes, multi-head of the same width {mha} bytes ({mha // mqa}x)")
     for name in args.peers:
-        PEERS[name](model, prompt, argparse.Namespace(**{**vars(args), "preset": preset}), reference, hf_rate)
-    return ratio
+        rows += PEERS[name](model, prompt, argparse.Namespace(**{**vars(args), "preset": preset}), reference, hf_rate,
+                            bandwidth)
+    return ratio, rows
 
 
 def main() -> None:
@@ -263,6 +289,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode the same weights with llama.cpp (f32, f16, q8_0 GGUF files)")
+    ap.add_argument("--llama-types", default=",".join(LLAMA_TYPES), help="the GGUF types llama.cpp decodes")
+    ap.add_argument("--json", help="also write every row here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = pick_dtype(args.dtype, device)
@@ -271,12 +299,24 @@ def main() -> None:
     if unknown or "transformers" not in paths:
         ap.error(f"--paths: choose from {', '.join(PATHS)}, transformers included (the baseline); not {unknown}")
     args.peers = ["llama.cpp"] if args.llama_cpp else []
+    args.llama_types = args.llama_types.split(",")
+    if set(args.llama_types) - set(LLAMA_TYPES):
+        ap.error(f"--llama-types: choose from {', '.join(LLAMA_TYPES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth(device)
     print(f"read bandwidth measured: {bandwidth / 1e9:.1f} GB/s (a sum over 256 MB, {torch.get_num_threads()} threads)")
-    ratios = {preset: bench_preset(preset, args, device, dtype, paths, bandwidth) for preset in args.presets.split(",")}
+    ratios, rows = {}, []
+    for preset in args.presets.split(","):
+        ratios[preset], got = bench_preset(preset, args, device, dtype, paths, bandwidth)
+        rows += got
     print("\nsummary: " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items()) + " Transformers generate() at batch 1")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Serving under load: `palm serve` driven by N concurrent `openai` clients on 127.0.0.1.
 
     python bench/serve.py [--model DIR] [--clients 1,8,32] [--requests-per-client 6] [--max-batch 32]
-                          [--peer transformers] [--level-timeout 300]
+                          [--peer transformers,llama.cpp] [--llama-cpp-python PYTHON] [--level-timeout 300]
 
 Each level runs N clients at once, each sending the same mix of requests one after the other (from
 its own place in a cycle of 12): prompts of about 8, 40 and 150 tokens, max_tokens 16, 48 or 96, half
@@ -15,6 +15,11 @@ is written to a temporary folder: the speed of a model does not depend on what i
 `--peer transformers` runs the same load against `transformers serve --continuous-batching` on the
 same palm directory (it loads palm's saved code with --trust-remote-code), and the same requests
 through Transformers' in-process continuous batching (`generate_batch`), or says why each could not.
+`--peer llama.cpp` runs it against llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, the
+llama.cpp vendored in llama-cpp-python) on the same weights exported with `palm export --format gguf` (f16),
+one sequence at a time as that server decodes (requests queue; none interrupts another); it needs the
+package's `[server]` extra, so `--llama-cpp-python` names an interpreter that has it (default: this one).
+Each server's peak RSS (the kernel's high-water mark of its process) is in its table's title.
 Both servers and the clients share this machine's cores, so the client's own work is in the figures.
 """
 
@@ -54,6 +59,7 @@ class Result:
     first: float | None = None  # when the first text arrived (streams)
     gaps: list[float] = field(default_factory=list)  # seconds between a stream's chunks
     error: str = ""
+    chunks: int = 0  # chunks with text: the tokens of a stream whose server sends no usage
 
 
 MIX = 12  # one cycle of the requests every client sends, each client starting at its own place in it
@@ -85,6 +91,7 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.choices and chunk.choices[0].text:
+                    result.chunks += 1
                     if result.first is None:
                         result.first = now
                     else:
@@ -92,6 +99,7 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
                     last = now
                 if chunk.usage is not None:
                     result.tokens = chunk.usage.completion_tokens
+            result.tokens = result.tokens or result.chunks
         else:
             out = await client.completions.create(model=model, prompt=req["prompt"], max_tokens=req["max_tokens"],
                                                   temperature=req["temperature"], **extra)
@@ -142,14 +150,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, seconds: float) -> str | None:
-    """None once the server answers /health; else why not."""
+def wait_healthy(base: str, proc: subprocess.Popen, seconds: float, path: str = "/health") -> str | None:
+    """None once the server answers `path`; else why not."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"it exited with code {proc.returncode}"
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return None
         except httpx.TransportError:
             pass
@@ -178,9 +186,32 @@ def dtype_name() -> str:
     return str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
 
+def gguf_of(model: Path, folder: Path) -> Path:
+    """The palm directory as the f16 GGUF file llama.cpp's server reads."""
+    out = folder / "model-f16.gguf"
+    done = subprocess.run([sys.executable, "-m", "palm.cli", "export", "--format", "gguf", "--type", "f16", "--model",
+                           str(model), "--out", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"palm export --format gguf failed: {done.stderr.strip().splitlines()[-1]}")
+    return out
+
+
+# Where each server says it is up, and the model name its requests give.
+HEALTH = {"palm": "/health", "transformers": "/health", "llama.cpp": "/v1/models"}
+
+
+def served_name(kind: str, model: Path) -> str:
+    return {"palm": model.name, "llama.cpp": "palm"}.get(kind, str(model))
+
+
 def start_server(kind: str, model: Path, port: int, args, log) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if kind == "palm":
+    if kind == "llama.cpp":  # `model` is the GGUF file here
+        cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "palm",
+               "--host", HOST, "--port", str(port), "--n_ctx", str(args.max_model_len),
+               "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count()),
+               "--interrupt_requests", "False"]
+    elif kind == "palm":
         cmd = [sys.executable, "-m", "palm.cli", "serve", "--model", str(model), "--host", HOST, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-tokens-limit", "512", "--max-queue", "1024",
                "--max-model-len", str(args.max_model_len)]
@@ -196,25 +227,46 @@ def run_server(kind: str, model: Path, args) -> dict:
     with tempfile.TemporaryFile("w+") as log:
         proc = start_server(kind, model, port, args, log)
         try:
-            why = wait_healthy(base, proc, args.start_timeout)
+            why = wait_healthy(base, proc, args.start_timeout, HEALTH[kind])
             if why is None:
-                probe = asyncio.run(level(base, str(model) if kind != "palm" else model.name, 1, 1, 120))
+                probe = asyncio.run(level(base, served_name(kind, model), 1, 1, 120))
                 if probe["failed"]:
                     why = f"a first request failed: {probe['errors'][0]}"
             if why is not None:
                 log.seek(0)
                 tail = [line.strip() for line in log.read().splitlines() if line.strip()][-3:]
                 return {"server": kind, "unavailable": f"{why}; its log ends: {' | '.join(tail)}"}
-            name = model.name if kind == "palm" else str(model)
-            levels = [asyncio.run(level(base, name, n, args.requests_per_client, args.level_timeout))
-                      for n in args.clients]
-            return {"server": kind, "levels": levels}
+            levels = [asyncio.run(level(base, served_name(kind, model), n, args.requests_per_client,
+                                        args.level_timeout)) for n in args.clients]
+            return {"server": kind, "levels": levels, "peak_rss": peak_rss(proc.pid)}
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def peak_rss(pid: int) -> int | None:
+    """The high-water mark of a live process's resident memory, in bytes."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")), None)
+
+
+def llama_cpp_server(model: Path, folder: Path, args) -> dict:
+    """The load against llama.cpp's server on palm's weights, or the one-line reason it could not run."""
+    check = subprocess.run([args.llama_cpp_python, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
+    if check.returncode != 0:
+        missing = (check.stderr.strip().splitlines() or ["?"])[-1]
+        return {"server": "llama.cpp", "unavailable": f"{args.llama_cpp_python} cannot run llama_cpp.server ({missing}); "
+                "pip install 'llama-cpp-python[server]' there, or give --llama-cpp-python"}
+    try:
+        return run_server("llama.cpp", gguf_of(model, folder), args)
+    except RuntimeError as e:
+        return {"server": "llama.cpp", "unavailable": str(e)}
 
 
 def generate_batch_peer(model_dir: Path, clients: int, per_client: int) -> dict:
@@ -254,7 +306,8 @@ def table(run: dict) -> str:
         return f"{run['server']}: not measured: {run['unavailable']}\n"
     one = run["levels"][0]["tokens_per_s"]
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
-    lines = [f"**{run['server']}**\n", "| clients | requests | failed | output tok/s | vs 1 client | TTFT p50 ms | "
+    rss = f", peak RSS {run['peak_rss'] / 1e9:.2f} GB" if run.get("peak_rss") else ""
+    lines = [f"**{run['server']}**{rss}\n", "| clients | requests | failed | output tok/s | vs 1 client | TTFT p50 ms | "
              "TTFT p99 ms | ITL p50 ms | ITL p99 ms | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for lv in run["levels"]:
         lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['failed']} | {lv['tokens_per_s']:.1f} | "
@@ -272,12 +325,17 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=512)
-    ap.add_argument("--peer", choices=["none", "transformers"], default="none")
+    ap.add_argument("--peer", default="none", help="none, or a comma-separated list of transformers and llama.cpp")
+    ap.add_argument("--llama-cpp-python", default=sys.executable,
+                    help="an interpreter with llama-cpp-python[server] (for --peer llama.cpp)")
     ap.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level, at most")
     ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.peer = [] if args.peer == "none" else args.peer.split(",")
+    if set(args.peer) - {"transformers", "llama.cpp"}:
+        ap.error(f"--peer: choose none or from transformers, llama.cpp; not {args.peer}")
     print(f"load on {HOST}: clients {args.clients}, {args.requests_per_client} requests each, "
           f"palm serve --max-batch {args.max_batch} --max-model-len {args.max_model_len}; {dtype_name()} on "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared by servers and clients\n")
@@ -285,9 +343,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_model(Path(tmp))
         peers = [lambda: run_server("palm", model, args)]
-        if args.peer == "transformers":
+        if "transformers" in args.peer:
             peers += [lambda: run_server("transformers", model, args),
                       lambda: generate_batch_peer(model, args.clients[-1], args.requests_per_client)]
+        if "llama.cpp" in args.peer:
+            peers.append(lambda: llama_cpp_server(model, Path(tmp), args))
         for peer in peers:  # each table as soon as it is measured: a peer that hangs costs only itself
             runs.append(peer())
             print(table(runs[-1]), flush=True)

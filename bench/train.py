@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from palm import PalmConfig, PalmForCausalLM
 from palm.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
 from palm.flops import measure_matmul_peak
+from palm.optim import build_optimizer
 from palm.runtime import fast_bf16
 
 CANDIDATES = ("palm", "falcon", "llama-mqa", "litgpt", "palm-pytorch")
@@ -70,8 +71,11 @@ class Shape:
 
 
 def preset_shape(name: str, seq: int = 512) -> Shape:
-    c = PalmConfig.from_preset(name)
-    return Shape(name, c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim, seq)
+    """A preset's shape; "1b@8" is the preset with 8 layers (bench/scale.py's largest-model probe)."""
+    preset, _, layers = name.partition("@")
+    c = PalmConfig.from_preset(preset)
+    return Shape(name, c.vocab_size, c.hidden_size, int(layers) if layers else c.num_hidden_layers,
+                 c.num_attention_heads, c.head_dim, seq)
 
 
 SHAPE_NAMES = ("tiny", "small", "base")  # base (125M) is the larger shape that still fits comfortably
@@ -212,9 +216,10 @@ class Candidate:
 
 def parse_name(name: str) -> tuple[str, set[str]]:
     """("palm", {"compile", "selective"}) from "palm+compile+selective": a builder and its options
-    (compile; and for palm, activation checkpointing: full or selective)."""
+    (compile; and for palm, activation checkpointing: full or selective, and adafactor: palm train's own
+    optimizer, PaLM's unfactored Adafactor, in place of the fused AdamW every candidate shares)."""
     base, *options = name.split("+")
-    unknown = set(options) - {"compile", "full", "selective"}
+    unknown = set(options) - {"compile", "full", "selective", "adafactor"}
     if base not in BUILDERS or unknown or (base != "palm" and set(options) - {"compile"}):
         raise ValueError(f"unknown candidate {name!r}")
     return base, set(options)
@@ -242,7 +247,10 @@ def make_candidate(name: str, shape: Shape, device: torch.device, dtype: torch.d
         loss = torch.compile(loss)
     # The fused kernel, as Transformers' Trainer defaults to (optim="adamw_torch_fused"): on a 2-core Xeon
     # the foreach one took 182 ms a step on small's 38M fp32 weights, the fused one 38 ms.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if "adafactor" in options:
+        optimizer = build_optimizer("palm", model.named_parameters(), lr=1e-2)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     params = list(model.parameters())
 
     def step(x, y):
@@ -309,8 +317,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype) -> dict:
-    """Peak memory of one candidate's training step on each shape (smallest first), in this process."""
+def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype, rounds: int = 0,
+                  warmup: int = 2) -> dict:
+    """Peak memory of one candidate's training step on each shape (smallest first), in this process, over
+    `warmup` steps (the first allocates gradients and optimizer state; the second is steady); with `rounds`,
+    also the seconds of that many more steps (--apart: the candidates do not fit side by side)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parse_name(name)  # fail early on a typo
     out = {}
@@ -325,27 +336,38 @@ def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype
             base = _rss_bytes()
         try:
             c = make_candidate(name, shape, device, dtype)
-        except Unavailable:
+        except Unavailable as e:
+            out[shape.name] = {"unavailable": str(e)}
             continue
         x, y = batch_for(shape, batch, device)
-        for _ in range(2):  # the first step allocates gradients and optimizer state; the second is steady
+        for _ in range(warmup):
             c.step_fn(x, y)
+        times = [timed_step(c, x, y, device) for _ in range(rounds)]
         sync(device)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
-        out[shape.name] = peak - base
+        out[shape.name] = {"peak": peak - base, "baseline": base, "times": times, "matmul_params": matmul_params(c.model)}
         del c, x, y
     return out
 
 
-def measure_memory(names, shapes, batch, dtype, keep_memory: bool = False) -> dict[str, dict[str, int]]:
+def measure_memory(names, shapes, batch, dtype, keep_memory: bool = False, rounds: int = 0,
+                   warmup: int = 2) -> dict[str, dict]:
+    """memory_worker's figures for each candidate, each in a fresh process; a candidate whose process dies
+    (out of memory, say) has a "failed" entry with the reason."""
     memory = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--batch", str(batch),
                "--shapes", ",".join(s.name for s in shapes), "--seq", str(shapes[0].seq),
+               "--worker-rounds", str(rounds), "--warmup", str(warmup),
                "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32", "--threads", str(torch.get_num_threads())]
         cmd += ["--keep-freed-memory"] if keep_memory else []
         done = subprocess.run(cmd, capture_output=True, text=True)
-        memory[name] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+        if done.returncode == 0:
+            memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            why = (done.stderr.strip().splitlines() or [""])[-1][:200] or \
+                ("killed (out of memory)" if done.returncode in (-9, 137) else f"exit {done.returncode}")
+            memory[name] = {"failed": why}
     return memory
 
 
@@ -419,6 +441,35 @@ def measure_peaks(device: torch.device, seconds: float = 1.0) -> dict[str, float
     }
 
 
+def ok_row(name: str, shape: Shape, batch: int, dtype: torch.dtype, n: int, times: list[float]) -> dict:
+    step_s = best_of(times)
+    return {"name": name, "shape": shape.name, "status": "ok", "batch": batch, "seq": shape.seq,
+            "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "matmul_params": n,
+            "flops_per_token": flops_per_token(n, shape), "step_s": step_s, "step_s_median": statistics.median(times),
+            "tokens_per_s": batch * shape.seq / step_s}
+
+
+def apart_rows(names: list[str], shape: Shape, args, dtype: torch.dtype) -> list[dict]:
+    """Each candidate alone in a fresh process: its steps timed there, and its peak memory; one that does not
+    fit or cannot be built says so."""
+    rows = []
+    # one warm-up step (it allocates the gradients and the optimizer state), then the timed ones, which the
+    # peak covers too
+    got_all = measure_memory(names, [shape], args.batch, dtype, args.keep_freed_memory, args.rounds, args.warmup)
+    for name, got in got_all.items():
+        figures = got.get(shape.name)
+        if figures is None or "unavailable" in figures:
+            rows.append({"name": name, "shape": shape.name, "status": "unavailable", "tokens_per_s": None, "mfu": None,
+                         "reason": (figures or {}).get("unavailable") or got.get("failed", "cannot be built here")})
+            figures = None
+        else:
+            rows.append({**ok_row(name, shape, args.batch, dtype, figures["matmul_params"], figures["times"]),
+                         "peak_memory_bytes": figures["peak"], "baseline_rss": figures["baseline"]})
+        print(f"  {shape.name} {name}: " + (f"{rows[-1]['step_s']:.2f} s a step, peak "
+              f"{rows[-1]['peak_memory_bytes'] / 2**30:.1f} GiB" if figures else rows[-1]["reason"]), flush=True)
+    return rows
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -430,6 +481,10 @@ def run(args) -> dict:
     print(f"device {device.type}, torch threads: {torch.get_num_threads()}, {dtype_note}", flush=True)
     rows, profiles = [], {}
     for shape in shapes:
+        if args.apart:
+            rows += apart_rows(names, shape, args, dtype)
+            peaks = {k: max(v, measure_peaks(device, seconds=0.3)[k]) for k, v in peaks.items()}
+            continue
         x, y = batch_for(shape, args.batch, device)
         live: list[Candidate] = []
         for name in names:
@@ -457,28 +512,18 @@ def run(args) -> dict:
             palm = next((c for c in live if c.name == "palm"), None)
             if palm is not None:
                 profiles[shape.name] = profile_step(palm, x, y, device)
-        tokens = args.batch * shape.seq
-        for c in live:
-            n = matmul_params(c.model)
-            fpt = flops_per_token(n, shape)
-            step_s = best_of(times[c.name])
-            rows.append({
-                "name": c.name, "shape": shape.name, "status": "ok", "batch": args.batch, "seq": shape.seq,
-                "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "matmul_params": n,
-                "flops_per_token": fpt, "step_s": step_s, "step_s_median": statistics.median(times[c.name]),
-                "tokens_per_s": tokens / step_s,
-            })
+        rows += [ok_row(c.name, shape, args.batch, dtype, matmul_params(c.model), times[c.name]) for c in live]
         del live
         gc.collect()
     peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
     for r in rows:
         if r["status"] == "ok":
             r["mfu"], r["peak_flops"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak), peak
-    if not args.no_memory:
+    if not args.no_memory and not args.apart:
         ok = sorted({r["name"] for r in rows if r["status"] == "ok"}, key=names.index)
         memory = measure_memory(ok, shapes, args.batch, dtype, args.keep_freed_memory)
         for r in rows:
-            r["peak_memory_bytes"] = memory.get(r["name"], {}).get(r["shape"])
+            r["peak_memory_bytes"] = memory.get(r["name"], {}).get(r["shape"], {}).get("peak")
     for shape in shapes:
         ref = next((r for r in rows if r["shape"] == shape.name and r["name"] == "palm" and r["status"] == "ok"), None)
         for r in rows:
@@ -562,7 +607,11 @@ def parse_args(argv=None):
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="have glibc keep freed memory for reuse (as tcmalloc and jemalloc do), for every candidate")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--apart", action="store_true",
+                    help="each candidate alone in a fresh process, timed and measured there (sizes where they do not "
+                         "fit side by side, such as 1b)")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-rounds", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.shapes = (args.shapes or ("tiny,small" if args.quick else ",".join(SHAPE_NAMES))).split(",")
     args.candidates = [c for c in args.candidates.split(",") if c]
@@ -588,7 +637,8 @@ def main(argv=None) -> None:
             torch.set_num_threads(args.threads)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         shapes = [preset_shape(n, args.seq) for n in args.shapes]
-        print(json.dumps(memory_worker(args.memory_worker, shapes, args.batch, dtype)))
+        print(json.dumps(memory_worker(args.memory_worker, shapes, args.batch, dtype, args.worker_rounds,
+                                       args.warmup if args.worker_rounds else 2)))
         return
     result = run(args)
     print()

@@ -159,3 +159,48 @@ def test_report_publishes_json_table_chart_and_readme(tmp_path):
     assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert md == (tmp_path / "results" / "latest.md").read_text()
     assert not report.update_readme("x", tmp_path / "results" / "latest.md")  # no markers: left alone
+
+
+sys.modules.setdefault("checkpointing", load("checkpointing"))  # scale.py imports its sibling by that name
+scale = load("scale")
+GIB = 2**30
+
+
+def _train_row(name, shape, peak, params, status="ok"):
+    return {"part": "train", "returncode": 0, "name": name, "shape": shape, "preset": shape, "status": status,
+            "tokens_per_s": 10.0, "mfu": 0.5, "peak_memory_bytes": peak, "baseline_rss": GIB // 2,
+            "matmul_params": params, "reason": "did not fit"}
+
+
+def test_scale_the_largest_model_follows_from_the_peaks_at_two_depths():
+    # 8 GiB at 8 layers, 12 GiB at 16: 0.5 GiB a layer on top of 4 GiB; 20.5 GiB free less a 0.5 GiB baseline
+    rows = [_train_row("palm", "1b@8", 8 * GIB, 600), _train_row("palm", "1b", 12 * GIB, 1000),
+            _train_row("falcon", "1b@8", 8 * GIB, 600), _train_row("falcon", "1b", 0, 0, status="unavailable"),
+            _train_row("litgpt", "base", GIB, 100)]
+    palm, falcon = scale.largest_rows(rows, available=int(20.5 * GIB))
+    assert palm["layers"] == 32 and palm["per_layer"] == GIB / 2 and palm["fixed"] == 4 * GIB
+    assert palm["params"] == 1000 + 16 * 50  # 50 matmul parameters a layer
+    assert falcon["returncode"] == 1 and falcon["error"] == "did not fit"
+    text = scale.table(rows + [palm, falcon])
+    assert "| 1b width | palm | 0.50 GiB | 4.00 GiB | 20.0 GiB | 32 layers |" in text
+    assert "| 1b | falcon | does not run: did not fit |" in text
+
+
+def test_scale_runs_a_part_alone_and_keeps_the_others(tmp_path):
+    """`--parts checkpoint` at `tiny` writes its rows, a markdown table beside the JSON, and keeps the rows of
+    the parts it did not run."""
+    out = tmp_path / "scale.json"
+    out.write_text('{"rows": [{"part": "export", "preset": "tiny", "returncode": 1, "error": "kept"}], "parts": {}}')
+    done = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--parts", "checkpoint", "--presets", "tiny",
+                           "--vocab-size", "512", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    parts = [r["part"] for r in result["rows"]]
+    assert parts == ["export", "checkpoint"] and set(result["parts"]) == {"checkpoint"}
+    checkpoint = result["rows"][1]
+    assert checkpoint["returncode"] == 0 and checkpoint["files"]["model.safetensors"] > 0
+    assert checkpoint["bytes"] == sum(checkpoint["files"].values()) and checkpoint["write_rate"] > 0
+    text = out.with_suffix(".md").read_text()
+    assert "| tiny | failed: kept |" in text and "**checkpoint**" in text

@@ -31,11 +31,14 @@ def test_lm_loss_and_its_gradient_are_cross_entropy_and_logsumexp_squared(dtype)
     torch.testing.assert_close(z_n, ref_z * 70 / 100)
 
 
+# d = 16: the head's gradient summed over the chunks in fp32; d = 640: the logits' gradient for all 600
+# tokens (600 x 4 bytes <= 640 x 4) kept whole and the head's gradient taken in one matmul
+@pytest.mark.parametrize("d", [16, 640])
 @pytest.mark.parametrize("row_elements", [None, 7 * 50])
 @pytest.mark.parametrize("z_coef", [0.0, 1e-4, 0.5])
-def test_fused_loss_matches_logits_loss_in_value_and_gradient(z_coef, row_elements):
+def test_fused_loss_matches_logits_loss_in_value_and_gradient(z_coef, row_elements, d):
     torch.manual_seed(0)
-    n, d, vocab = 600, 16, 50  # chunks of 256 rows: three chunks, the last one short
+    n, vocab = 600, 50  # chunks of 256 rows: three chunks, the last one short
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(vocab, d, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
@@ -71,3 +74,27 @@ def test_fused_loss_is_the_same_to_the_bit_whatever_the_rows_per_elementwise_pas
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [16, 320])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss_in_bf16_has_the_logits_loss_gradient_within_bf16_rounding(d, autocast):
+    """bf16 compute copies (bf16 tensors) and autocast (fp32 tensors, bf16 matmuls), with the head's gradient
+    summed in fp32 (d = 16) or taken in one matmul over all 600 tokens (d = 320: 600 x 2 bytes <= 320 x 4)."""
+    torch.manual_seed(0)
+    n, vocab = 600, 50
+    h0, w0 = torch.randn(n, d) / d**0.25, torch.randn(vocab, d) / d**0.25
+    targets = torch.randint(0, vocab, (n,))
+    targets[::7] = -100
+    h, w = (x.clone().requires_grad_() for x in (h0, w0))
+    ce, z = lm_loss(h @ w.t(), targets)
+    (ce + 1e-4 * z).backward()
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hb, wb = (x.to(dtype).requires_grad_() for x in (h0, w0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, _, _ = fused_lm_loss(hb, wb, targets, 1e-4, chunk_bytes=1)
+    loss.backward()
+    torch.testing.assert_close(loss.float(), ce + 1e-4 * z, rtol=2e-2, atol=2e-2)
+    for got, want in ((hb.grad, h.grad), (wb.grad, w.grad)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=2e-2 * want.abs().max().item())

@@ -236,3 +236,48 @@ def test_the_multi_tensor_step_equals_the_per_tensor_step():
     for a, b in zip(*params.values()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert opts["foreach"].state[params["foreach"][1]]["step"] == 4  # the skipped step was not counted
+
+
+def reference_step(p, g, v, m, step, lr=1e-2, beta1=0.9, eps1=1e-30, eps2=1e-3, clip=1.0):
+    """PalmAdafactor's update with a fresh tensor for every temporary, in fp32: (new p, v, m)."""
+    g, p, v, m = g.float(), p.float(), v.clone(), m.clone()
+    beta2 = palm_beta2(step)
+    v.mul_(beta2).add_(g.square().add_(eps1), alpha=1.0 - beta2)
+    u = g / v.sqrt()
+    u.div_(torch.clamp(u.square().mean().sqrt() / clip, min=1.0))
+    s = u.mul_(lr * torch.clamp(p.square().mean().sqrt(), min=eps2))
+    m.mul_(beta1).add_(s, alpha=1.0 - beta1)
+    new = p - m
+    new.sub_(p, alpha=lr**2)
+    return new, v, m
+
+
+@pytest.mark.parametrize("block", [64, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocked_update_is_the_update_written_out(dtype, block):
+    """On a CPU each tensor is updated a block of elements at a time (here 64: many blocks, a short last
+    one; and the default, one block), with scratch shared by every tensor of the step: each tensor (larger
+    and smaller ones, bf16 parameters with fp32 moments) moves as the update written out with whole-tensor
+    operations, with and without clipping; v bit for bit, the rest up to fp32 rounding."""
+    torch.manual_seed(0)
+    shapes = [(64, 48), (7,), (1000,), (3, 5, 11), (48, 64)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    moments = [(torch.zeros(s), torch.zeros(s)) for s in shapes]
+    opt = PalmAdafactor(params, lr=1e-2)
+    opt.block = block
+    for step in range(1, 5):
+        expected = []
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, dtype=dtype) * (30 if step == 3 else 1)  # step 3 is clipped
+            new, *moments[i] = reference_step(p.detach(), p.grad, *moments[i], step)
+            expected.append(new)
+        opt.step()
+        for p, want, (v, m) in zip(params, expected, moments):
+            assert torch.equal(opt.state[p]["exp_avg_sq"], v)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-5, atol=1e-9)
+            if dtype == torch.float32:
+                torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-8)
+            else:  # rounded to bf16 once, from an fp32 value within fp32 rounding of the written-out one
+                torch.testing.assert_close(p.detach().float(), want, rtol=2**-8, atol=0)
+            opt.state[p]["exp_avg"].copy_(m)  # the next step starts from the written-out state
+            p.data.copy_(want)

@@ -141,9 +141,54 @@ def test_compute_copies_add_a_bf16_copy_and_its_gradient_and_activations_follow_
     copies = make_plan("small", 1024, 1.0, device="cpu", param_bytes=4, compute_copies=True)
     n = copies.params_total
     assert copies.memory["compute_copies"] == 4 * n and fp32.memory["compute_copies"] == 0
-    for mode in ("no_remat", "remat", "selective"):  # fp32 activations are twice bf16's
-        assert fp32.memory[f"activations_{mode}"] == pytest.approx(2 * copies.memory[f"activations_{mode}"], rel=1e-6)
-    assert copies.memory["total_no_remat"] == (fp32.memory["total_no_remat"] - fp32.memory["activations_no_remat"]
-                                               + copies.memory["activations_no_remat"] + 4 * n)
+    # fp32 activations, and the backward's working set of gradients of them, are twice bf16's
+    for key in ("activations_no_remat", "activations_remat", "activations_selective", "backward"):
+        assert fp32.memory[key] == pytest.approx(2 * copies.memory[key], rel=1e-6)
+    transient = ("activations_no_remat", "backward")
+    assert copies.memory["total_no_remat"] == (fp32.memory["total_no_remat"] - sum(fp32.memory[k] for k in transient)
+                                               + sum(copies.memory[k] for k in transient) + 4 * n)
     with pytest.raises(ConfigError, match="--param-bytes 4"):
         make_plan("small", 1024, 1.0, device="cpu", param_bytes=2, compute_copies=True)
+
+
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def measured_runs(tmp_path_factory):
+    """bench/checkpointing.py's accounting at the sizes a test can afford: `palm train` in a fresh process,
+    its peak RSS less the interpreter's baseline, beside palm plan for the same run."""
+    bench = _bench("checkpointing")
+    scratch = tmp_path_factory.mktemp("plan-vs-train")
+    bench.write_corpus(scratch / "python-docs.txt")
+    bench.train_tokenizer(scratch / "python-docs.txt", scratch / "tok", 8192)
+    return bench, scratch, bench.baseline_rss()
+
+
+# fp32 on every processor; auto is bf16 on compute copies where bf16 is native (Zen 4, AMX), fp32 elsewhere.
+# Not `tiny`: there palm train holds about 55 MiB beyond the interpreter that are not the run's tensors (plan /
+# measured 0.83-0.85 on a Zen 4, bf16 and fp32), which the plan does not model and which is under 2% at `small`.
+@pytest.mark.parametrize("preset, seq_len, batch, mode, dtype", [
+    ("small", 256, 4, "none", "auto"), ("small", 256, 4, "none", "fp32"), ("small", 512, 4, "full", "auto"),
+    ("small", 256, 8, "selective", "auto"), ("small", 256, 4, "selective", "fp32")])
+def test_plan_is_within_15_percent_of_palm_trains_peak_memory(measured_runs, preset, seq_len, batch, mode, dtype):
+    import torch
+
+    from palm.runtime import pick_dtype
+
+    bench, scratch, baseline = measured_runs
+    row = bench.run(scratch, scratch / "tok", preset, seq_len, mode, steps=2, batch=batch, dtype=dtype)
+    assert row["returncode"] == 0, row.get("error")
+    measured = row["peak_rss"] - baseline
+    copies = pick_dtype(dtype, torch.device("cpu")) == torch.bfloat16
+    plan = bench.predicted(preset, seq_len, mode, copies, batch=batch, vocab_size=row["vocab_size"])
+    print(f"{preset} {seq_len}x{batch} {mode} {dtype}: plan/measured {plan / measured:.3f}")
+    assert plan == pytest.approx(measured, rel=0.15), (
+        f"plan {plan / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB above a {baseline / 2**20:.0f} MiB baseline")

@@ -157,11 +157,29 @@ class PalmAdafactor(torch.optim.Optimizer):
             plain = [p for p in live if self.foreach and not hasattr(p, "full_tensor") and p.dtype == _state_dtype(p)]
             if plain:
                 self._step_foreach(group, plain)
+            scratch = {}
             for p in live:
-                if id(p) not in {id(q) for q in plain}:
+                if id(p) in {id(q) for q in plain}:
+                    continue
+                if self._blockable(p):
+                    key = (p.device, _state_dtype(p))
+                    if key not in scratch:  # three blocks' worth, shared by every tensor of the step
+                        scratch[key] = torch.empty(3, self.block, dtype=key[1], device=key[0])
+                    self._step_blocked(group, p, scratch[key])
+                else:
                     self._step_one(group, p)
 
         return loss
+
+    # Elements per pass of the blocked update: a block's operands (4 MB each in fp32) stay in the
+    # processor's cache from one operation to the next.
+    block = 1 << 20
+
+    def _blockable(self, p: torch.Tensor) -> bool:
+        """A plain tensor on a CPU, laid out as its state: the blocked update applies."""
+        state = self.state[p]
+        return (p.device.type == "cpu" and not hasattr(p, "full_tensor") and p.is_contiguous()
+                and p.grad.is_contiguous() and all(t.is_contiguous() for t in state.values() if torch.is_tensor(t)))
 
     def _init_state(self, p: torch.Tensor, use_momentum: bool) -> None:
         state = self.state[p]
@@ -174,6 +192,8 @@ class PalmAdafactor(torch.optim.Optimizer):
         state["step"] = int(state["step"]) + 1
 
     def _step_one(self, group: dict, p: torch.Tensor) -> None:
+        """The update of one tensor in whole-tensor operations: sharded (DTensor) parameters, whose RMS
+        DTensor reduces over the shards, and tensors on a GPU."""
         lr, beta1, wd_exp = group["lr"], group["beta1"], group["weight_decay_lr_exponent"]
         state, dtype = self.state[p], _state_dtype(p)
         g, param = p.grad.to(dtype), p.to(dtype)
@@ -197,6 +217,53 @@ class PalmAdafactor(torch.optim.Optimizer):
             # Decay tied to lr^2 so it fades with the schedule; taken from the parameter before this update.
             new_param.sub_(param, alpha=lr**wd_exp)
         p.copy_(new_param)
+
+    def _step_blocked(self, group: dict, p: torch.Tensor, scratch: torch.Tensor) -> None:
+        """`_step_one` a block of elements at a time, in two sweeps over the tensor: the first updates v and
+        sums the squares of u and of the parameter (the two RMS), the second recomputes u from v and moves m
+        and the parameter. Every operation then reads its operands from the cache, not from memory: on a
+        CPU the whole-tensor operations took 17 passes over memory per tensor (2.3 s of a 15 s step at
+        `1b` with 8 layers). The same update up to rounding: the RMS are summed block by block, and the
+        clip and the parameter scale are one factor, the decay one multiplication."""
+        lr, beta1, wd_exp = group["lr"], group["beta1"], group["weight_decay_lr_exponent"]
+        state, dtype = self.state[p], _state_dtype(p)
+        beta2 = palm_beta2(state["step"], group["decay_rate"])
+        n = p.numel()
+        flat_p, flat_g, v = p.view(-1), p.grad.view(-1), state["exp_avg_sq"].view(-1)
+        m = state["exp_avg"].view(-1) if beta1 else None
+        work, param_block, grad_block = scratch
+
+        def blocks():
+            for i in range(0, n, self.block):
+                j = min(i + self.block, n)
+                # bf16 parameters and gradients are widened block by block into the scratch
+                g = flat_g[i:j] if flat_g.dtype == dtype else grad_block[: j - i].copy_(flat_g[i:j])
+                param = flat_p[i:j] if flat_p.dtype == dtype else param_block[: j - i].copy_(flat_p[i:j])
+                yield i, j, g, param, work[: j - i]
+
+        sum_u2, sum_p2 = [], []
+        for i, j, g, param, t in blocks():
+            # The schedule replaces Adam's bias correction: at t=1, beta2=0 so v is exactly g^2.
+            v[i:j].mul_(beta2).add_(torch.mul(g, g, out=t).add_(group["eps1"]), alpha=1.0 - beta2)
+            u = torch.div(g, torch.sqrt(v[i:j], out=t), out=t)
+            sum_u2.append(torch.dot(u, u))
+            sum_p2.append(torch.dot(param, param))
+        rms_u = (torch.stack(sum_u2).sum() / n).sqrt()
+        rms_p = (torch.stack(sum_p2).sum() / n).sqrt()
+        # Update clipping (Adafactor section 6) and parameter scaling, floored at eps2 so zero-initialised
+        # tensors can still move: one factor.
+        factor = lr * torch.clamp(rms_p, min=group["eps2"]) / torch.clamp(rms_u / group["clip_threshold"], min=1.0)
+        for i, j, g, param, t in blocks():
+            s = torch.div(g, torch.sqrt(v[i:j], out=t), out=t).mul_(factor)
+            if beta1:
+                # T5X averages the already scaled and clipped update, not the raw gradient.
+                s = m[i:j].mul_(beta1).add_(s, alpha=1.0 - beta1)
+            if wd_exp is not None:
+                # Decay tied to lr^2 so it fades with the schedule, of the parameter before this update.
+                param.mul_(1.0 - lr**wd_exp)
+            param.sub_(s)
+            if param.data_ptr() != flat_p[i:j].data_ptr():
+                flat_p[i:j].copy_(param)
 
     def _step_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
         """`_step_one` for many fp32 tensors at once; tensors at different step counts go separately."""

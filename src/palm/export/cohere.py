@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -37,18 +38,38 @@ def read_config(path: str | Path) -> PalmConfig:
     return check_config(config_file, json.loads(config_file.read_text(encoding="utf-8")))
 
 
-def read_palm(path: str | Path) -> tuple[PalmConfig, dict[str, torch.Tensor]]:
-    """(config, weights by palm's names) of a checked palm directory, read from safetensors only."""
-    from safetensors.torch import load_file
+class StoredWeights(Mapping):
+    """palm's weights by name, each read from its safetensors file when asked for and not kept: an export
+    holds one stored tensor at a time beside what it writes (at `1b` the fp32 weights are 4 GB)."""
 
+    def __init__(self, folder: Path, files: list[str]):
+        from safetensors import safe_open
+
+        self._file: dict[str, Path] = {}
+        for name in files:
+            with safe_open(str(folder / name), "pt") as f:
+                self._file.update(dict.fromkeys(f.keys(), folder / name))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[key]), "pt") as f:  # KeyError for a name no file holds
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+
+def read_palm(path: str | Path) -> tuple[PalmConfig, StoredWeights]:
+    """(config, weights by palm's names, read on demand) of a checked palm directory, from safetensors only."""
     config, path = read_config(path), Path(path)
     index = path / WEIGHTS_INDEX
     files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file() \
         else [WEIGHTS]
-    weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        weights.update(load_file(str(path / name)))
-    return config, weights
+    return config, StoredWeights(path, files)
 
 
 def rope_pairs_permutation(head_dim: int) -> torch.Tensor:
@@ -77,12 +98,25 @@ def cohere_config(config: PalmConfig, dtype: torch.dtype):
     return c
 
 
-def cohere_weights(config: PalmConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """palm's weights under Cohere's names, the fused input matrix split and q/k reordered for its RoPE."""
+def cohere_weights(config: PalmConfig, weights: Mapping[str, torch.Tensor],
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """palm's weights under Cohere's names, the fused input matrix split and q/k reordered for its RoPE,
+    in `dtype` (None: as stored)."""
+    return dict(iter_cohere_weights(config, weights, dtype))
+
+
+def iter_cohere_weights(config: PalmConfig, weights: Mapping[str, torch.Tensor],
+                        dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`cohere_weights` one tensor at a time, each read from `weights` once and cast as it is made, so a
+    caller that writes each away holds one layer's stored weights at a time."""
     heads, kv, dh, f = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
     perm = rope_pairs_permutation(dh)
-    out = {"model.embed_tokens.weight": weights["model.embed_tokens.weight"],
-           "model.norm.weight": weights["model.norm.weight"]}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t if dtype is None else t.to(dtype)).contiguous()
+
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        yield name, cast(weights[name])
     for i in range(config.num_hidden_layers):
         palm, co = f"model.layers.{i}.", f"model.layers.{i}."
         try:
@@ -90,24 +124,27 @@ def cohere_weights(config: PalmConfig, weights: dict[str, torch.Tensor]) -> dict
         except (KeyError, RuntimeError) as e:
             raise CheckpointError(f"layer {i}'s weights do not match its config: {e}") from None
         d = q.shape[1]
-        out[co + "input_layernorm.weight"] = weights[palm + "ln.weight"]
-        out[co + "self_attn.q_proj.weight"] = q.reshape(heads, dh, d)[:, perm].reshape(heads * dh, d)
-        out[co + "self_attn.k_proj.weight"] = k.reshape(kv, dh, d)[:, perm].reshape(kv * dh, d)
-        out[co + "self_attn.v_proj.weight"] = v
-        out[co + "self_attn.o_proj.weight"] = weights[palm + "attn_out.weight"]
-        out[co + "mlp.gate_proj.weight"] = gate
-        out[co + "mlp.up_proj.weight"] = up
-        out[co + "mlp.down_proj.weight"] = weights[palm + "mlp_out.weight"]
-    return {name: t.contiguous() for name, t in out.items()}
+        yield co + "input_layernorm.weight", cast(weights[palm + "ln.weight"])
+        yield co + "self_attn.q_proj.weight", cast(q.reshape(heads, dh, d)[:, perm].reshape(heads * dh, d))
+        yield co + "self_attn.k_proj.weight", cast(k.reshape(kv, dh, d)[:, perm].reshape(kv * dh, d))
+        yield co + "self_attn.v_proj.weight", cast(v)
+        yield co + "self_attn.o_proj.weight", cast(weights[palm + "attn_out.weight"])
+        yield co + "mlp.gate_proj.weight", cast(gate)
+        yield co + "mlp.up_proj.weight", cast(up)
+        yield co + "mlp.down_proj.weight", cast(weights[palm + "mlp_out.weight"])
+
+
+def export_dtype(weights: Mapping[str, torch.Tensor], dtype: str | None) -> torch.dtype:
+    """The torch dtype of an export type (f32, f16, bf16); None: the stored weights' own."""
+    return DTYPES[check_type(dtype, DTYPES)] if dtype else weights["model.norm.weight"].dtype
 
 
 def load_cohere(path: str | Path, dtype: str | None = None):
     """(palm config, CohereConfig, Cohere state dict) for the palm directory at `path`, cast to `dtype`
-    (f32, f16, bf16; None keeps the stored dtype)."""
+    (f32, f16, bf16; None keeps the stored dtype), one stored tensor in memory at a time beside it."""
     config, weights = read_palm(path)
-    stored = weights["model.embed_tokens.weight"].dtype
-    torch_dtype = DTYPES[check_type(dtype, DTYPES)] if dtype else stored
-    state = {name: t.to(torch_dtype) for name, t in cohere_weights(config, weights).items()}
+    torch_dtype = export_dtype(weights, dtype)
+    state = cohere_weights(config, weights, torch_dtype)
     return config, cohere_config(config, torch_dtype), state
 
 

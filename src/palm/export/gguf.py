@@ -15,6 +15,7 @@ the Cohere layout loads both in Transformers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from ..atomic import OutputError, atomic_file
 from ..config import PalmConfig
 from ..tokenizer import PalmTokenizer
-from .cohere import load_cohere, read_config
+from .cohere import iter_cohere_weights, read_config, read_palm
 from .formats import GGUF_TYPES, ExportError, check_type
 from .vocab import LlamaVocab, llama_vocab
 
@@ -100,26 +101,26 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", overwrite
         raise OutputError(f"{out} is a folder; give the GGUF file's name (for example {out / 'model.gguf'})")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists (pass --force to replace it)")
-    config, _, state = load_cohere(model, "f32")
+    config, weights = read_palm(model)
     tokenizer = PalmTokenizer.load(model)
     if len(tokenizer) != config.vocab_size:
         raise ExportError(f"{model}: the tokenizer has {len(tokenizer)} pieces and the model {config.vocab_size} rows")
     vocab = llama_vocab(tokenizer)
-    write_gguf(out, config, state, vocab, tokenizer, kind, model.resolve().name)
+    # one stored tensor at a time: each is converted to the file's type as it is read
+    write_gguf(out, config, iter_cohere_weights(config, weights, torch.float32), vocab, tokenizer, kind,
+               model.resolve().name)
     if not vocab.exact:
         log.warning(vocab.note)
     return vocab
 
 
-def write_gguf(out: Path, config: PalmConfig, state: dict[str, torch.Tensor], vocab: LlamaVocab, ids,
-               kind: str, name: str) -> None:
-    """Write Cohere-named weights `state` and `vocab` as the GGUF file `out`; `ids` has palm's special ids
-    (pad_id, bos_id, eos_id, unk_id, eod_id, as a PalmTokenizer does)."""
+def write_gguf(out: Path, config: PalmConfig, state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+               vocab: LlamaVocab, ids, kind: str, name: str) -> None:
+    """Write Cohere-named weights `state` (a mapping, or (name, tensor) pairs, which are converted to the
+    file's type one at a time) and `vocab` as the GGUF file `out`; `ids` has palm's special ids (pad_id,
+    bos_id, eos_id, unk_id, eod_id, as a PalmTokenizer does)."""
     gguf = _gguf()
     check_runnable(config)
-    embed = state["model.embed_tokens.weight"]
-    if vocab.extra_rows:
-        state = {**state, "model.embed_tokens.weight": torch.cat([embed, embed[vocab.extra_rows]])}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.COMMAND_R, config.num_hidden_layers)
     with atomic_file(out, "wb") as f:
         # GGUFWriter would open a path of its own; handing it atomic_file's open temporary file instead
@@ -127,7 +128,9 @@ def write_gguf(out: Path, config: PalmConfig, state: dict[str, torch.Tensor], vo
         writer = gguf.GGUFWriter(None, ARCH)
         for key, value in _metadata(gguf, name, config, kind, vocab, ids).items():
             getattr(writer, f"add_{key}")(value)
-        for hf_name, tensor in state.items():
+        for hf_name, tensor in state.items() if isinstance(state, Mapping) else state:
+            if hf_name == "model.embed_tokens.weight" and vocab.extra_rows:
+                tensor = torch.cat([tensor, tensor[vocab.extra_rows]])
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
             if gguf_name is None:
                 raise ExportError(f"gguf has no {ARCH} name for {hf_name}")
