@@ -157,10 +157,8 @@ class PalmAdafactor(torch.optim.Optimizer):
             plain = [p for p in live if self.foreach and not hasattr(p, "full_tensor") and p.dtype == _state_dtype(p)]
             if plain:
                 self._step_foreach(group, plain)
-            scratch = {}
-            for p in live:
-                if id(p) in {id(q) for q in plain}:
-                    continue
+            stepped, scratch = {id(q) for q in plain}, {}
+            for p in (p for p in live if id(p) not in stepped):
                 if self._blockable(p):
                     key = (p.device, _state_dtype(p))
                     if key not in scratch:  # three blocks' worth, shared by every tensor of the step
