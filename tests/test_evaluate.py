@@ -278,7 +278,7 @@ BAD_FILES = {
     "no prompt": ('{"answer": "2"}\n', '"prompt"'),
     "no answer": ('{"prompt": "x"}\n', '"answer"'),
     "prompt not a string": ('{"prompt": 3, "answer": "2"}\n', '"prompt" must be a string'),
-    "answer not a string": ('{"prompt": "x", "answer": 2}\n', '"answer" must be a string'),
+    "answer not a string": ('{"prompt": "x", "answer": 2}\n', '"answer" must be the text to generate'),
     "second row bad": (json.dumps(GOOD) + '\n{"prompt": "x", "answer": null}\n', ":2:"),
     "choices not a list": ('{"prompt": "x", "choices": "ab", "answer": 0}\n', '"choices"'),
     "one choice": ('{"prompt": "x", "choices": ["a"], "answer": 0}\n', "at least two"),

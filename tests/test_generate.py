@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from conftest import lively_model, run_cli, tiny_config
 from palm.cli import main
-from palm.generate import BYTE_IDS, GenerationError, Generator, KVCache, SamplingConfig
+from palm.generate import GenerationError, Generator, KVCache, SamplingConfig
 from palm.sampling import sample_rows
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
@@ -155,6 +155,7 @@ def test_palm_generate_errors(capsys, model_dir, argv, words):
 def test_stream_never_shows_bytes_that_a_later_byte_rewrites(generator, monkeypatch):
     # <0x6A> alone decodes as "j", but the run <0x6A><0xE6><0x88> is invalid UTF-8 and decodes as
     # three U+FFFD: a stream that showed "j" early would disagree with the finished text.
+    BYTE_IDS = generator.tokenizer.byte_ids
     byte = lambda b: BYTE_IDS[b]  # noqa: E731
     word = [t for t in generator.tokenizer.encode("the") if t not in BYTE_IDS and t >= BYTE_IDS.start]
     tokens = [byte(0x6A), byte(0xE6), byte(0x88), *word, byte(0xE6), byte(0x88), byte(0x91)]

@@ -41,18 +41,29 @@ def check_messages(messages: Any, need_assistant: bool = False) -> list[dict[str
     return out
 
 
+def _check_specials(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) -> None:
+    """No content holds the text of one of this tokenizer's special tokens (an imported model's own, such
+    as Command-R's `<|END_OF_TURN_TOKEN|>`, beside palm's that check_messages refuses)."""
+    for i, message in enumerate(messages):
+        special = next((t for t in tokenizer.special_texts if t in message["content"]), None)
+        if special:
+            raise ChatError(f"message {i}: 'content' holds the special token text {special!r}")
+
+
 def render(tokenizer: PalmTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def encode_prompt(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The ids that ask the model for the next assistant turn (BOS first, as the template writes it)."""
+    _check_specials(tokenizer, messages)
     return tokenizer.encode_markup(render(tokenizer, messages, add_generation_prompt=True))[0]
 
 
 def encode_conversation(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
     """(ids, scored): the conversation's tokens, and which of them training scores: every token that
     carries a character of an assistant turn, its closing `</s>` included."""
+    _check_specials(tokenizer, messages)
     text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):

@@ -43,6 +43,9 @@ class PalmConfig(PreTrainedConfig):
     head_dim: int | None = None  # None means hidden_size // num_attention_heads
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # The factor on the tied head's input; None is the paper's 1/sqrt(hidden_size). An imported model
+    # keeps its own (Command-R's `logit_scale`).
+    logit_scale: float | None = None
     layer_norm_eps: float = 1e-5
     z_loss_coef: float = 1e-4  # PaLM's auxiliary 1e-4 * log(Z)^2; 0 turns it off
     # PaLM pretrains without dropout and fine-tunes with 0.1 (section 5 and 6); these act in training only.
@@ -70,9 +73,16 @@ class PalmConfig(PreTrainedConfig):
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.logit_scale is not None and not self.logit_scale > 0:
+            raise ConfigError(f"logit_scale must be positive, got {self.logit_scale}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         super().__post_init__(**kwargs)
+
+    @property
+    def head_scale(self) -> float:
+        """What the hidden states are multiplied by before the tied head."""
+        return self.hidden_size**-0.5 if self.logit_scale is None else self.logit_scale
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> PalmConfig:

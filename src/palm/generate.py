@@ -22,11 +22,9 @@ from .kvcache import KVCache, attention_mask, decode_mask
 from .model import PalmForCausalLM
 from .sampling import GenerationError, SamplingConfig, sample_rows, saved_defaults
 from .step import Stepper, forward_step
-from .tokenizer import BYTE_TOKENS, SPECIAL_TOKENS, PalmTokenizer
+from .tokenizer import PalmTokenizer
 
-__all__ = ["BYTE_IDS", "Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig", "forward_step"]
-
-BYTE_IDS = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(BYTE_TOKENS))  # the <0xXX> pieces
+__all__ = ["Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig", "forward_step"]
 
 
 @dataclass
@@ -178,7 +176,7 @@ def settled(tokenizer: PalmTokenizer, ids: list[int]) -> int:
     tokens. A run decodes as one UTF-8 sequence, or as one U+FFFD per byte where it is invalid, so
     a byte already shown as "j" may become U+FFFD once the next byte joins its run."""
     end = len(ids)
-    while end and ids[end - 1] in BYTE_IDS:
+    while end and ids[end - 1] in tokenizer.byte_ids:
         end -= 1
     return len(tokenizer.decode(ids[:end]))
 

@@ -303,9 +303,9 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
         if targets is None and labels is not None:
             # Transformers convention: labels are the input ids; position t predicts label t+1.
             targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        # Shared input/output embeddings: scale pre-softmax logits by 1/sqrt(d) (paper section 5),
-        # applied to h, which is d/V times cheaper than scaling the logits.
-        h = h * self.config.hidden_size**-0.5
+        # Shared input/output embeddings: scale pre-softmax logits by 1/sqrt(d) (paper section 5), or an
+        # imported model's own logit scale, applied to h, which is d/V times cheaper than scaling the logits.
+        h = h * self.config.head_scale
         logits = loss = ce = z = None
         if skip_logits and targets is not None:
             loss, ce, z = fused_lm_loss(h, self.lm_head.weight, targets.to(h.device), self.config.z_loss_coef,

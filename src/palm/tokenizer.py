@@ -126,20 +126,36 @@ def not_unicode(text: str) -> str | None:
 
 
 class PalmTokenizer:
-    """palm's handle on a trained vocabulary: a Transformers fast tokenizer plus the ids palm needs."""
+    """palm's handle on a vocabulary: a Transformers fast tokenizer plus the ids palm needs.
+
+    A vocabulary palm trained has its five special pieces and its byte pieces at fixed ids. Any other
+    fast tokenizer (an imported model's: Command-R's byte-level BPE) is taken with the special tokens its
+    own config names: BOS and EOS are required, padding falls back to EOS, and the end of a document is
+    its end of sequence.
+    """
 
     def __init__(self, hf: PreTrainedTokenizerFast):
         self.hf = hf
-        if not hf.chat_template:  # saved before palm had a chat template: every palm tokenizer has one now
-            hf.chat_template = CHAT_TEMPLATE
         self._backend: Tokenizer = hf.backend_tokenizer
         self._backend.encode_special_tokens = True
         self._markup: Tokenizer | None = None
         ids = {t: self._backend.token_to_id(t) for t in SPECIAL_TOKENS}
-        if None in ids.values():
-            missing = ", ".join(t for t, i in ids.items() if i is None)
-            raise TokenizerError(f"tokenizer lacks the special tokens {missing}")
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.eod_id = (ids[t] for t in SPECIAL_TOKENS)
+        self.own = None not in ids.values()
+        if self.own:
+            if not hf.chat_template:  # saved before palm had a chat template: every palm tokenizer has one now
+                hf.chat_template = CHAT_TEMPLATE
+            self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.eod_id = (ids[t] for t in SPECIAL_TOKENS)
+            self.special_texts: tuple[str, ...] = SPECIAL_TOKENS
+            self.byte_ids = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(BYTE_TOKENS))
+            return
+        if hf.bos_token_id is None or hf.eos_token_id is None:
+            missing = ", ".join(n for n in ("bos_token", "eos_token") if getattr(hf, n + "_id") is None)
+            raise TokenizerError(f"tokenizer names no {missing} (palm needs a start and an end of sequence)")
+        self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+        self.unk_id, self.eod_id = hf.unk_token_id, self.eos_id
+        self.special_texts = tuple(t for t in hf.all_special_tokens if t)
+        self.byte_ids = range(0)  # byte-level pieces are whole tokens: an incomplete character decodes to U+FFFD
 
     @classmethod
     def load(cls, path: str | Path) -> PalmTokenizer:

@@ -1,4 +1,4 @@
-"""Commands that take a palm model elsewhere: palm export."""
+"""Commands that take a palm model elsewhere and bring others in: palm export, palm import."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def export_command(
         typer.echo(f"wrote {out}: CohereForCausalLM.from_pretrained({str(out)!r}) or `vllm serve {out}`")
     else:
         typer.echo(f"wrote {out}: `llama-cli -m {out}`" + (f" ({result.note})" if result.exact else ""))
+
+
+@app.command("import")
+def import_command(
+    fmt: Annotated[str, typer.Option("--format", help="cohere: a CohereForCausalLM directory (Command R, Aya).")],
+    model: Annotated[Path, typer.Option("--model", help="The model directory to import (safetensors weights).")],
+    out: Annotated[Path, typer.Option("--out", help="The palm model directory to write.")],
+    force: Force = False,
+) -> None:
+    """Bring a PaLM-architecture model (Cohere's Command-R layout) into palm, with its tokenizer and chat template."""
+    from ..export import import_model
+
+    config = import_model(fmt, model, out, overwrite=force)
+    typer.echo(f"wrote {out}: {config.num_hidden_layers} layers, d={config.hidden_size}, "
+               f"{config.num_key_value_heads} K/V heads; every palm command takes it (`palm generate --model {out}`)")

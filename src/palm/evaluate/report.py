@@ -43,9 +43,11 @@ def corpus_table(scores: Sequence[TextScore]) -> str:
 
 
 def task_table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per task and metric, then sacreBLEU's signature of each BLEU and chrF score shown."""
     rows = [(r["task"], r["kind"], r["shots"], r["examples"], metric, value)
             for r in results for metric, value in r["metrics"].items()]
-    return format_table(["task", "kind", "shots", "n", "metric", "value"], rows)
+    signed = [f"{r['task']} {name}: {sig}" for r in results for name, sig in r.get("signatures", {}).items()]
+    return "\n".join([format_table(["task", "kind", "shots", "n", "metric", "value"], rows), *signed])
 
 
 @dataclass

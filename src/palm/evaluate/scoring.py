@@ -13,7 +13,7 @@ from ..chat import encode_prompt
 from ..generate import Generator, SamplingConfig
 from ..templates import reply_text
 from .errors import EvaluationError
-from .metrics import GENERATION_METRICS
+from .metrics import GENERATION_METRICS, signature
 from .tasks import Task, build_prompt, fewshot_examples
 
 if TYPE_CHECKING:
@@ -117,6 +117,18 @@ def _score_choices(
     return {"acc": float(np.mean(hits)), "acc_norm": float(np.mean(hits_norm))}, records
 
 
+def generation_metrics(task: Task, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    return {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
+
+
+def signatures(task: Task, records: list[dict[str, Any]]) -> dict[str, str]:
+    """sacreBLEU's signature of each of the task's metrics that has one, from the scored records."""
+    predictions = [r["prediction"] for r in records]
+    references = [[r["target"]] if isinstance(r["target"], str) else r["target"] for r in records]
+    found = {name: signature(name, predictions, references) for name in task.metrics}
+    return {name: sig for name, sig in found.items() if sig}
+
+
 def _score_generations(
     model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int,
     batch_size: int,
@@ -132,9 +144,9 @@ def _score_generations(
     predictions: list[str] = []
     for b in range(0, len(prompts), batch_size):
         predictions += [c.text for c in generator.generate(prompts[b : b + batch_size], cfg)]
-    references = [task.examples[i].target for i in indices]
-    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
-    records = [{"prompt": task.examples[i].prompt, "target": r, "prediction": p}
+    references = [list(task.examples[i].references) for i in indices]
+    metrics = generation_metrics(task, predictions, references)
+    records = [{"prompt": task.examples[i].prompt, "target": r[0] if len(r) == 1 else r, "prediction": p}
                for i, r, p in zip(indices, references, predictions)]
     return metrics, records
 
@@ -164,9 +176,9 @@ def _score_chats(
             if all(ended):
                 break
         predictions += [reply_text(tokenizer.decode(ids)) for ids in rows]
-    references = [task.examples[i].target for i in indices]
-    metrics = {name: GENERATION_METRICS[name](predictions, references) for name in task.metrics}
-    records = [{"messages": list(task.examples[i].messages), "target": r, "prediction": p}
+    references = [list(task.examples[i].references) for i in indices]
+    metrics = generation_metrics(task, predictions, references)
+    records = [{"messages": list(task.examples[i].messages), "target": r[0] if len(r) == 1 else r, "prediction": p}
                for i, r, p in zip(indices, references, predictions)]
     return metrics, records
 
@@ -186,6 +198,8 @@ def evaluate_task(
     metrics, records = score(model, tokenizer, task, indices, shots, seed, batch_size)
     result: dict[str, Any] = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed,
                               "examples": len(indices), "metrics": metrics, "source": task.source}
+    if task.kind != "multiple_choice" and signatures(task, records):
+        result["signatures"] = signatures(task, records)
     if samples:
         result["samples"] = records
     return result

@@ -34,13 +34,18 @@ class Example:
     """One question: its prompt, and the text to generate or the index of the right choice."""
 
     prompt: str
-    answer: str | int  # the text to generate, or the index of the right choice
+    answer: str | int  # the text to generate (its first reference), or the index of the right choice
     choices: tuple[str, ...] = ()
     messages: tuple[dict[str, str], ...] = ()  # a chat task's conversation so far
+    more: tuple[str, ...] = ()  # a generation's other references (SQuAD-style "answer": [...]), scored best-of
 
     @property
     def target(self) -> str:
         return self.choices[self.answer] if self.choices else self.answer  # type: ignore[index,return-value]
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return (self.target, *self.more)
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,17 @@ def _chat_example(where: str, row: dict) -> Example:
         messages = check_messages(row.get("messages"))
     except ChatError as e:
         raise TaskError(f"{where}: {e}") from None
-    if not isinstance(row.get("answer"), str):
-        raise TaskError(f'{where}: "answer" must be the text of the next assistant turn')
-    return Example(messages[-1]["content"], row["answer"], messages=tuple(messages))
+    answers = _answers(where, row.get("answer"), "the text of the next assistant turn")
+    return Example(messages[-1]["content"], answers[0], messages=tuple(messages), more=answers[1:])
+
+
+def _answers(where: str, answer: Any, what: str) -> tuple[str, ...]:
+    """A generation's references: one string, or a non-empty list of them."""
+    answers = (answer,) if isinstance(answer, str) else tuple(answer) if isinstance(answer, list) else ()
+    if not answers or not all(isinstance(a, str) for a in answers):
+        got = "an empty list" if answer == [] else type(answer).__name__
+        raise TaskError(f'{where}: "answer" must be {what} (a string, or a list of strings), got {got}')
+    return answers
 
 
 def _example(where: str, row: Any, kind: str) -> Example:
@@ -95,9 +108,8 @@ def _example(where: str, row: Any, kind: str) -> Example:
         raise TaskError(f'{where}: missing field "answer"')
     answer = row["answer"]
     if kind == "generate":
-        if not isinstance(answer, str):
-            raise TaskError(f'{where}: "answer" must be a string for a generation task, got {type(answer).__name__}')
-        return Example(prompt, answer)
+        answers = _answers(where, answer, "the text to generate")
+        return Example(prompt, answers[0], more=answers[1:])
     choices = row.get("choices")
     if choices is None:
         raise TaskError(f'{where}: missing field "choices" (a multiple-choice task)')

@@ -87,7 +87,7 @@ def cohere_config(config: PalmConfig, dtype: torch.dtype):
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
-        layer_norm_eps=config.layer_norm_eps, logit_scale=config.hidden_size**-0.5, hidden_act="silu",
+        layer_norm_eps=config.layer_norm_eps, logit_scale=config.head_scale, hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, attention_bias=False,
         use_qk_norm=False, tie_word_embeddings=True, pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,

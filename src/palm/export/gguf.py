@@ -78,7 +78,7 @@ def _metadata(gguf, name: str, config: PalmConfig, kind: str, vocab: LlamaVocab,
         "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
         "head_count": c.num_attention_heads, "head_count_kv": c.num_key_value_heads, "key_length": c.head_dim,
         "value_length": c.head_dim, "rope_dimension_count": c.head_dim, "rope_freq_base": c.rope_theta,
-        "layer_norm_eps": c.layer_norm_eps, "logit_scale": c.hidden_size**-0.5,
+        "layer_norm_eps": c.layer_norm_eps, "logit_scale": c.head_scale,
         "file_type": getattr(gguf.LlamaFileType, file_types[kind]), "quantization_version": gguf.GGML_QUANT_VERSION,
         "tokenizer_model": "gpt2", "tokenizer_pre": vocab.pre, "token_list": vocab.tokens,
         "token_types": vocab.types, "token_merges": vocab.merges, "bos_token_id": ids.bos_id,
@@ -103,6 +103,9 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", overwrite
         raise OutputError(f"{out} already exists (pass --force to replace it)")
     config, weights = read_palm(model)
     tokenizer = PalmTokenizer.load(model)
+    if not tokenizer.own:
+        raise ExportError(f"{model}: its tokenizer is not a palm vocabulary (an imported model's); GGUF export "
+                          "writes palm's vocabularies only -- convert the original model with llama.cpp's own script")
     if len(tokenizer) != config.vocab_size:
         raise ExportError(f"{model}: the tokenizer has {len(tokenizer)} pieces and the model {config.vocab_size} rows")
     vocab = llama_vocab(tokenizer)
