@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import assert_one_line_error, run_cli
 from palm.finetune import FinetuneConfig, finetune
 from palm.finetune_data import collate, encode_row
+from palm.taskdata import Schema, task_row
 from palm.templates import format_prompt
 from palm.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
@@ -45,7 +46,8 @@ def completion_nll(model, tokenizer, rows, task):
 
 def test_only_completion_tokens_are_scored(tokenizer, model_dir):
     model = PalmForCausalLM.from_pretrained(model_dir).eval()
-    examples = [encode_row(tokenizer, r, "qa", 64) for r in ROWS]
+    schema = Schema("qa")
+    examples = [encode_row(tokenizer, task_row("row", r, schema), 64)[0] for r in ROWS]
     x, y = collate(examples, tokenizer.pad_id)
     logits = model(input_ids=x, use_cache=False).logits.detach().requires_grad_(True)
     ce, _ = lm_loss(logits, y)

@@ -96,8 +96,8 @@ def parquet_texts(path: Path, column: str, groups: range | None = None) -> Itera
 # ---- Arrow (IPC stream or file, as `datasets` saves) ------------------------------------------------
 
 
-def _arrow_batches(path: Path, column: str):
-    """(column index, iterator of record batches) of an Arrow file, memory-mapped."""
+def _arrow_batches(path: Path, column: str | None):
+    """(column index, iterator of record batches) of an Arrow file, memory-mapped (index None: every column)."""
     pa = _pyarrow()
     try:
         source = pa.memory_map(str(path))
@@ -111,7 +111,7 @@ def _arrow_batches(path: Path, column: str):
             schema, batches = reader.schema, iter(reader)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise _unreadable(path, "Arrow", e) from None
-    return check_column(schema, column, path), batches
+    return (None if column is None else check_column(schema, column, path)), batches
 
 
 def arrow_batch_sizes(path: Path, column: str) -> list[int]:
@@ -135,6 +135,23 @@ def arrow_texts(path: Path, column: str, batches: range | None = None) -> Iterat
                 yield from _texts(batch.column(index))
     except (pa.ArrowException, OSError) as e:
         raise _unreadable(path, "Arrow", e) from None
+
+
+# ---- whole records (fine-tuning data in its data set's schema) -----------------------------------------
+
+
+def records(path: Path) -> Iterator[dict]:
+    """Every row of a Parquet or Arrow file as a dict of all its columns, a batch of rows at a time."""
+    pa = _pyarrow()
+    if path.suffix == ".parquet":
+        what, batches = "Parquet", _parquet(path).iter_batches(batch_size=_BATCH_ROWS, use_threads=False)
+    else:
+        what, batches = "Arrow", _arrow_batches(path, None)[1]
+    try:
+        for batch in batches:
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, what, e) from None
 
 
 # ---- datasets' save_to_disk folders -----------------------------------------------------------------

@@ -35,7 +35,7 @@ from .modeldir import check_model_dir, quiet_transformers, save_model_dir
 from .optim import build_optimizer
 from .rundir import RunLayout
 from .runtime import pick_device, pick_dtype
-from .templates import TEMPLATES
+from .taskdata import TASKS, Schema, TaskDataError, parse_columns
 from .tokenizer import PalmTokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ class FinetuneConfig:
     out: str = ""
     val: str | None = None  # same format; None holds out val_fraction of `data`
     format: str = "completion"  # or "chat": multi-turn conversations, loss on the assistant turns
-    task: str | None = None  # a TEMPLATES key, or None for the prompt as it is (completion rows only)
+    task: str | None = None  # summarize, qa or translate (rows in a data set's schema), or None: prompts as they are
+    columns: str | None = None  # "FIELD=COLUMN,...": the task's fields under other column names
+    source_lang: str | None = None  # translate: the language codes of WMT's translation{...} or language columns
+    target_lang: str | None = None
     epochs: float | None = None  # if set, max_steps = ceil(epochs * train rows / batch_size)
     dropout: float = 0.1  # the paper's fine-tuning dropout, on residual branches and attention probabilities
     patience: int | None = 3  # evaluations without a better validation loss before stopping; None: never
@@ -79,7 +82,9 @@ class FinetuneConfig:
             (bool(self.base_model), "--model is required"),
             (bool(self.data), "--data is required"),
             (bool(self.out), "--out is required"),
-            (self.task is None or self.task in TEMPLATES, f"--task must be one of {', '.join(TEMPLATES)}"),
+            (self.task is None or self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
+            (self.task is not None or not (self.columns or self.source_lang or self.target_lang),
+             "--columns, --source-lang and --target-lang read a task's data: give --task"),
             (self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), "--epochs must be positive"),
             (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)"),
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
@@ -96,6 +101,16 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+        self.schema()
+
+    def schema(self) -> Schema | None:
+        """How the task's rows are read; None for plain prompt/completion rows and chat."""
+        if self.task is None or self.format == "chat":
+            return None
+        try:
+            return Schema(self.task, parse_columns(self.columns), self.source_lang, self.target_lang)
+        except TaskDataError as e:
+            raise TrainingError(str(e)) from None
 
     @classmethod
     def from_settings(cls, flat: dict) -> FinetuneConfig:
@@ -220,7 +235,11 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:
         raise TrainingError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
-    data = load_examples(cfg.data, cfg.val, cfg.format, cfg.task, cfg.seq_len, cfg.val_fraction, cfg.loop.seed, tok)
+    data = load_examples(cfg.data, cfg.val, cfg.format, cfg.schema(), cfg.seq_len, cfg.val_fraction, cfg.loop.seed, tok)
+    if data.cut:
+        what = "the tail of its document" if cfg.schema() else "the start of its prompt or its earliest turns"
+        logger.warning("%d of %d rows are longer than --seq-len %d: each lost %s", data.cut,
+                       len(data.train) + len(data.val), cfg.seq_len, what)
     if cfg.epochs is not None:
         cfg.loop.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.loop.batch_size))
     if cfg.loop.hold_steps is None:

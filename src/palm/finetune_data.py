@@ -1,9 +1,11 @@
-"""Fine-tuning rows and their loss masks: prompt/completion pairs and chat conversations.
+"""Fine-tuning rows and their loss masks: prompt/completion pairs, task rows and chat conversations.
 
 An encoded example is (ids, scored): the token ids of one row and, per token, whether training scores
 it. A prompt/completion row `<s> template(prompt) completion </s>` scores the completion and its
 `</s>` (prompt and completion are tokenized apart, as they are at inference); a conversation scores
-every assistant turn and the `</s>` that closes each (palm.chat).
+every assistant turn and the `</s>` that closes each (palm.chat). With a task, rows come in their data
+set's schema (palm.taskdata), and one too long for the window loses the tail of its document, never the
+instruction or the document's head.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .chat import ChatError, check_messages, encode_conversation
 from .documents import jsonl_rows
 from .errors import PalmError
 from .loss import IGNORE_INDEX
-from .templates import format_prompt
+from .taskdata import Schema, TaskDataError, TaskRow, read_task_rows
 from .tokenizer import PalmTokenizer
 
 FORMATS = ("completion", "chat")
@@ -29,9 +31,15 @@ class DataError(PalmError):
     """A fine-tuning data file that cannot be used."""
 
 
-def read_rows(path: str | Path, format: str = "completion") -> list[dict]:
+def read_rows(path: str | Path, format: str = "completion", schema: Schema | None = None) -> list[dict] | list[TaskRow]:
     """The rows of a JSONL file: `{"prompt": str, "completion": str}`, or with `format="chat"`
-    `{"messages": [{"role", "content"}, ...]}`; DataError names the first bad line."""
+    `{"messages": [{"role", "content"}, ...]}`; with a task's `schema`, the rows of any file palm.taskdata
+    reads. DataError names the first bad row."""
+    if schema is not None and format != "chat":
+        try:
+            return read_task_rows(path, schema)
+        except TaskDataError as e:
+            raise DataError(str(e)) from None
     rows = []
     for where, row in jsonl_rows(Path(path), DataError, "data file"):
         rows.append(_chat_row(where, row) if format == "chat" else _completion_row(where, row))
@@ -62,22 +70,49 @@ def _chat_row(where: str, row) -> dict:
         raise DataError(f"{where}: {e}") from None
 
 
-def encode_row(tok: PalmTokenizer, row: dict, task: str | None, max_len: int) -> Encoded:
-    """A row in at most max_len + 1 ids. A prompt too long for the window loses its beginning, a
-    conversation its earliest turns; a completion is never cut."""
+def encode_row(tok: PalmTokenizer, row: dict | TaskRow, max_len: int) -> tuple[Encoded, bool]:
+    """(a row in at most max_len + 1 ids, whether it was cut). A task row too long for the window loses
+    the tail of its document (instruction and head kept); a plain prompt its beginning; a conversation its
+    earliest turns; a completion is never cut."""
+    if isinstance(row, TaskRow):
+        return _encode_task_row(tok, row, max_len)
     if "messages" in row:
         ids, scored = encode_conversation(tok, row["messages"])
+        cut = len(ids) > max_len + 1
         ids, scored = ids[-(max_len + 1) :], scored[-(max_len + 1) :]
         if not any(scored[1:]):
             raise DataError(f"a conversation's last assistant turn is longer than --seq-len {max_len} allows")
-        return ids, scored
-    prompt = tok.encode(format_prompt(row["prompt"], task), bos=False)
-    completion = tok.encode(row["completion"], bos=False) + [tok.eos_id]
-    room = max_len + 1 - 1 - len(completion)
-    if room < 0:
+        return (ids, scored), cut
+    prompt = tok.encode(row["prompt"], bos=False)
+    completion = _completion(tok, row["completion"], max_len)
+    room = max_len - len(completion)
+    cut = len(prompt) > room
+    prompt = prompt[len(prompt) - room :] if cut else prompt
+    return ([tok.bos_id] + prompt + completion, [False] * (1 + len(prompt)) + [True] * len(completion)), cut
+
+
+def _completion(tok: PalmTokenizer, text: str, max_len: int) -> list[int]:
+    completion = tok.encode(text, bos=False) + [tok.eos_id]
+    if len(completion) > max_len:
         raise DataError(f"a completion is {len(completion)} tokens, more than --seq-len {max_len} allows")
-    prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
-    return [tok.bos_id] + prompt + completion, [False] * (1 + len(prompt)) + [True] * len(completion)
+    return completion
+
+
+def _encode_task_row(tok: PalmTokenizer, row: TaskRow, max_len: int) -> tuple[Encoded, bool]:
+    completion = _completion(tok, row.completion, max_len)
+    room = max_len - len(completion)
+    prompt = tok.encode(row.prompt(), bos=False)
+    cut = len(prompt) > room
+    if cut:  # the longest head of the document that fits: token counts grow with the characters kept
+        fits = lambda keep: len(tok.encode(row.prompt(keep), bos=False)) <= room  # noqa: E731
+        if not fits(0):
+            raise DataError(f"a row's instruction and completion alone are longer than --seq-len {max_len} allows")
+        lo, hi = 0, len(row.values[row.cut])
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        prompt = tok.encode(row.prompt(lo), bos=False)
+    return ([tok.bos_id] + prompt + completion, [False] * (1 + len(prompt)) + [True] * len(completion)), cut
 
 
 def collate(examples: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +138,7 @@ class Examples:
     train: list[Encoded]
     val: list[Encoded]
     pad_id: int
+    cut: int = 0  # rows (train and validation) cut to fit the window
     _orders: dict = field(default_factory=dict, repr=False)
 
     def order(self, seed: int, epoch: int) -> list[int]:
@@ -113,12 +149,13 @@ class Examples:
         return self._orders[epoch]
 
 
-def load_examples(data: str, val: str | None, format: str, task: str | None, seq_len: int, val_fraction: float,
+def load_examples(data: str, val: str | None, format: str, schema: Schema | None, seq_len: int, val_fraction: float,
                   seed: int, tok: PalmTokenizer) -> Examples:
-    """The run's training and validation rows, encoded; without `val`, a seeded share of `data` is held out."""
-    rows = read_rows(data, format)
+    """The run's training and validation rows, encoded; without `val`, a seeded share of `data` is held out.
+    Prompt/completion rows without a task's schema are taken as they are."""
+    rows = read_rows(data, format, schema)
     if val is not None:
-        val_rows = read_rows(val, format)
+        val_rows = read_rows(val, format, schema)
     else:
         if len(rows) < 2:
             raise DataError(f"{data} has one example: nothing to hold out for validation (pass --val FILE)")
@@ -128,5 +165,6 @@ def load_examples(data: str, val: str | None, format: str, task: str | None, seq
         held = set(order[:n_val])
         val_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
-    encode = lambda rs: [encode_row(tok, r, task, seq_len) for r in rs]  # noqa: E731
-    return Examples(encode(rows), encode(val_rows), tok.pad_id)
+    train, val_encoded = ([encode_row(tok, r, seq_len) for r in rs] for rs in (rows, val_rows))
+    cut = sum(c for _, c in train) + sum(c for _, c in val_encoded)
+    return Examples([e for e, _ in train], [e for e, _ in val_encoded], tok.pad_id, cut=cut)

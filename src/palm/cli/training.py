@@ -160,9 +160,12 @@ def train_command(
 @app.command("finetune")
 def finetune_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="The model directory to start from.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}.')] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}; with --task also Parquet, Arrow, save_to_disk folders, .tsv, .gz/.zst.')] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; the model lands in RUN/final.")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="Prompt template: summarize, qa or translate.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="summarize, qa or translate: rows in their data set's schema (CNN/DailyMail, XSum, LCSTS, SQuAD, CMRC 2018, WMT, .tsv pairs, prompt/completion), with the task's prompt template.")] = None,
+    columns: Annotated[Optional[str], typer.Option("--columns", help="With --task: FIELD=COLUMN,... for other schemas (document, summary; context, question, answer; source, target).")] = None,
+    source_lang: Annotated[Optional[str], typer.Option("--source-lang", help="--task translate: the source language's code (en, zh, ...).")] = None,
+    target_lang: Annotated[Optional[str], typer.Option("--target-lang", help="--task translate: the target language's code.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help='completion (prompt/completion rows) or chat ({"messages": [...]} rows).')] = None,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="Train rank-R LoRA adapters (peft) instead of every weight.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (default 16).")] = None,
