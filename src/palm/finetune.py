@@ -26,7 +26,7 @@ from . import distributed, settings
 from .atomic import atomic_directory, write_json
 from .compute import apply_activation_checkpointing
 from .config import PalmConfig
-from .finetune_data import FORMATS, DataError, Examples, collate, load_examples
+from .finetune_data import FORMATS, DataError, Examples, collate, load_examples, read_rows
 from .heldout import summed_nll
 from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop
 from .lora import TARGETS, add_adapters, load_adapter_weights, parameter_counts, save_adapter
@@ -35,7 +35,8 @@ from .modeldir import check_model_dir, quiet_transformers, save_model_dir
 from .optim import build_optimizer
 from .rundir import RunLayout
 from .runtime import pick_device, pick_dtype
-from .taskdata import TASKS, Schema, TaskDataError, parse_columns
+from .selection import DEFAULT_SELECT, SelectionError, generations, metric_name, reported, task_scores
+from .taskdata import TASKS, Schema, TaskDataError, TaskRow, parse_columns
 from .tokenizer import PalmTokenizer
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,15 @@ class FinetuneConfig:
     columns: str | None = None  # "FIELD=COLUMN,...": the task's fields under other column names
     source_lang: str | None = None  # translate: the language codes of WMT's translation{...} or language columns
     target_lang: str | None = None
+    eval_task: str | None = None  # held-out rows (the task's schema): RUN/best is chosen by `select` on them
+    select: str | None = None  # the metric RUN/best is chosen by (default: the task's headline metric)
+    eval_max_new_tokens: int = 64  # generated per held-out row
     epochs: float | None = None  # if set, max_steps = ceil(epochs * train rows / batch_size)
     dropout: float = 0.1  # the paper's fine-tuning dropout, on residual branches and attention probabilities
     patience: int | None = 3  # evaluations without a better validation loss before stopping; None: never
     seq_len: int = 256  # longest row in tokens; longer prompts lose their beginning
     val_fraction: float = 0.05
-    data_sha256: str = ""  # of data and val, checked on resume
+    data_sha256: str = ""  # of data, val and eval_task, checked on resume
     lora_r: int = 0  # > 0: train rank-r LoRA adapters (peft) and leave the base weights as they are
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -85,6 +89,10 @@ class FinetuneConfig:
             (self.task is None or self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
             (self.task is not None or not (self.columns or self.source_lang or self.target_lang),
              "--columns, --source-lang and --target-lang read a task's data: give --task"),
+            (self.eval_task is None or (self.task is not None and self.format != "chat"),
+             "--eval-task scores generations of a task's rows: give --task (summarize, qa or translate)"),
+            (self.select is None or self.eval_task is not None, "--select chooses on --eval-task: give it too"),
+            (1 <= self.eval_max_new_tokens <= 4096, "--eval-max-new-tokens must be between 1 and 4096"),
             (self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), "--epochs must be positive"),
             (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)"),
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
@@ -102,6 +110,15 @@ class FinetuneConfig:
             if not ok:
                 raise TrainingError(message)
         self.schema()
+        if self.select is not None:
+            try:
+                self.select = metric_name(self.select)
+            except SelectionError as e:
+                raise TrainingError(str(e)) from None
+
+    def selected(self) -> str | None:
+        """The metric RUN/best is chosen by, or None when it is chosen by validation loss."""
+        return None if self.eval_task is None else self.select or DEFAULT_SELECT[self.task or ""]
 
     def schema(self) -> Schema | None:
         """How the task's rows are read; None for plain prompt/completion rows and chat."""
@@ -132,6 +149,7 @@ class FineTuning:
     cfg: FinetuneConfig
     tokenizer: PalmTokenizer
     data: Examples
+    eval_rows: list[TaskRow] = field(default_factory=list)  # --eval-task's rows, generated on at each evaluation
 
     def batches(self, index: int, batch_size: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `index` (from 1): rows of the endless sequence of per-epoch shuffles, so it depends on
@@ -151,12 +169,24 @@ class FineTuning:
         return nats / count
 
     def evaluate(self, run: Run) -> dict:
-        """Validation loss; keep the best weights (or adapter) in RUN/best; stop after `patience` evaluations
-        without gain."""
+        """Validation loss, and with an eval task its metrics; keep the best weights (or adapter) in RUN/best,
+        best by the selected metric (higher is better) or else by the loss; stop after `patience`
+        evaluations without gain."""
         loss = self.validation_loss(run)
-        best = run.extra.get("best_val_loss")
-        if best is None or loss < best:
-            run.extra.update(best_val_loss=loss, best_step=run.step, evals_since_best=0)
+        record: dict = {"val_loss": loss}
+        select = self.cfg.selected()
+        if select is None:
+            score, best = -loss, run.extra.get("best_val_loss")
+            best = None if best is None else -best
+        else:
+            predictions = generations(run.model, self.tokenizer, self.eval_rows, max_new_tokens=self.cfg.eval_max_new_tokens,
+                                      context=run.model.config.max_position_embeddings)
+            record.update({f"eval/{k}": v for k, v in
+                           task_scores(predictions, self.eval_rows, reported(self.cfg.task or "", select)).items()})
+            score, best = record[f"eval/{select}"], run.extra.get("best_metric")
+        if best is None or score > best:
+            run.extra.update(best_step=run.step, evals_since_best=0)
+            run.extra.update({"best_val_loss": loss} if select is None else {"best_metric": score})
             if self.cfg.lora_r:
                 save_adapter(run.model, self.tokenizer, run.layout.best)
             else:
@@ -165,7 +195,9 @@ class FineTuning:
             run.extra["evals_since_best"] += 1
             if self.cfg.patience is not None and run.extra["evals_since_best"] >= self.cfg.patience:
                 run.stop = True
-        return {"val_loss": loss, "best_val_loss": run.extra["best_val_loss"], "best_step": run.extra["best_step"]}
+        if select is None:
+            return {**record, "best_val_loss": run.extra["best_val_loss"], "best_step": run.extra["best_step"]}
+        return {**record, f"best/{select}": run.extra["best_metric"], "best_step": run.extra["best_step"]}
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -173,7 +205,7 @@ class FineTuning:
 
 def _digest(cfg: FinetuneConfig) -> str:
     h = hashlib.sha256()
-    for p in (cfg.data, cfg.val):
+    for p in (cfg.data, cfg.val) + ((cfg.eval_task,) if cfg.eval_task else ()):
         if p is not None and Path(p).is_file():
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 20):
@@ -260,7 +292,7 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
         model = add_adapters(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              targets=cfg.lora_targets, seed=cfg.loop.seed)
     optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
-    recipe = FineTuning(cfg, tok, data)
+    recipe = FineTuning(cfg, tok, data, read_rows(cfg.eval_task, schema=cfg.schema()) if cfg.eval_task else [])
     run = Run(cfg.loop, layout, model, optimizer, device, pick_dtype(cfg.loop.dtype, device), recipe.batches,
               recipe.evaluate, seq_len=cfg.seq_len)
     run.start()

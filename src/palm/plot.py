@@ -38,11 +38,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fine_tuning = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if fine_tuning:
         ax_loss.plot(*zip(*fine_tuning), marker="o", ms=3, label="val (completions)")
+    task_names = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("eval/")})
+    for name in task_names:  # fine-tuning with --eval-task: the held-out metrics take the middle panel
+        pts = [(r["step"], r[f"eval/{name}"]) for r in records if f"eval/{name}" in r]
+        ax_bpb.plot(*zip(*pts), marker="o", ms=3, label=name)
     for event in (r for r in everything if r.get("event") == "loss_spike"):
         ax_loss.axvline(event["spike_step"], color="red", ls=":", lw=1)
     ax_lr.plot(steps, [r["lr"] for r in records])
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    if task_names:
+        ax_bpb.set(xlabel="step", ylabel="score", title="held-out task metrics")
+    else:
+        ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate", yscale="log")
     for ax in (ax_loss, ax_bpb):
         if ax.get_legend_handles_labels()[0]:

@@ -172,6 +172,9 @@ def finetune_command(
     lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="Dropout on the adapters' input (default 0.05).")] = None,
     lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated: in_proj,attn_out,mlp_out (default all).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")] = None,
+    eval_task: Annotated[Optional[Path], typer.Option("--eval-task", help="With --task: held-out rows generated on at each evaluation; RUN/best is the checkpoint best by --select.")] = None,
+    select: Annotated[Optional[str], typer.Option("--select", help="The metric RUN/best is chosen by: rouge2, f1, exact, bleu, chrf, ... (default: rouge2 / f1 / bleu by task).")] = None,
+    eval_max_new_tokens: Annotated[Optional[int], typer.Option("--eval-max-new-tokens", help="Tokens generated per --eval-task row (default 64).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default 500).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over --data instead of --steps.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
@@ -213,8 +216,10 @@ def finetune_command(
         use_persistent_compile_cache()
     with torch_threads(cfg.loop.threads):
         run = finetune(cfg, resume=resume is not None, allow_data_change=allow_data_change)
-    best = run.extra.get("best_val_loss")
+    best, chosen = run.extra.get("best_val_loss"), cfg.selected()
     note = f", best validation loss {best:.4f} at step {run.extra['best_step']}" if best is not None else ""
+    if chosen is not None and run.extra.get("best_metric") is not None:
+        note = f", best {chosen} {run.extra['best_metric']:.4f} at step {run.extra['best_step']} (in {run.layout.best})"
     stopped = " (stopped early)" if run.stop else ""
     adapter = f", LoRA adapter ({run.extra['trainable_params']:,} parameters) in {run.layout.adapter}" if cfg.lora_r else ""
     typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.layout.final}{adapter}")
