@@ -42,6 +42,7 @@ class Request:
     row: int | None = None
     fed: int = 0  # prompt tokens already written to the cache
     rng: torch.Generator | None = None
+    adapter: int = 0  # the served LoRA adapter this row decodes with (palm.multilora); 0 is the base model
 
     @property
     def decoding(self) -> bool:
@@ -74,6 +75,9 @@ class Engine:
         self.cache = KVCache(generator.model.config, max_batch, self.max_len, generator.cache_dtype, device)
         self.filled = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=device)
         self.seen = torch.full((max_batch, self.max_len), -1, dtype=torch.long, device=device)  # for the penalty
+        self.adapter_of = torch.zeros(max_batch, dtype=torch.long, device=device)  # each row's LoRA adapter
+        if generator.adapters is not None and generator.adapters.rows.numel() < max_batch:
+            raise ValueError(f"the adapters' selector holds {generator.adapters.rows.numel()} rows, fewer than {max_batch}")
         self.requests: list[Request] = []  # admission order
         self.free = list(range(max_batch))  # a heap: the lowest free row is taken first
         self.decode_steps = 0
@@ -100,6 +104,9 @@ class Engine:
         request.rng = request.cfg.generator(self.device)
         self.filled[request.row] = False
         self.seen[request.row] = -1
+        if request.adapter and self.generator.adapters is None:
+            raise GenerationError("this engine's model serves no adapters")
+        self.adapter_of[request.row] = request.adapter
         self.requests.append(request)
         return True
 
@@ -147,6 +154,8 @@ class Engine:
         self.filled[row, start:end] = True
         self.seen[row, start:end] = ids[0]
         mask = attention_mask(self.filled[row : row + 1, :end], slots)
+        if self.generator.adapters is not None:
+            self.generator.adapters.rows[0] = request.adapter
         logits = self.generator.step.prefill(self.cache, ids, slots, slots, mask, first=row)
         request.fed = end
         return logits
@@ -166,6 +175,8 @@ class Engine:
         idle = torch.ones(b, 1, dtype=torch.bool, device=self.device)
         idle[index] = False
         mask = (self.filled[:b, :span] | idle)[:, None, None, :]  # an idle row sees all: no empty softmax
+        if self.generator.adapters is not None:
+            self.generator.adapters.rows[:b] = self.adapter_of[:b]
         logits = self.generator.step.decode(self.cache, torch.tensor(ids, device=self.device)[:, None],
                                             where_t, where_t, mask)
         self.decode_steps += 1

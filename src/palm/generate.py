@@ -12,9 +12,10 @@ top-k, top-p, repetition penalty) is reproducible from a seed; batches are left-
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from .model import PalmForCausalLM
 from .sampling import GenerationError, SamplingConfig, sample_rows, saved_defaults
 from .step import Stepper, forward_step
 from .tokenizer import PalmTokenizer
+
+if TYPE_CHECKING:
+    from .multilora import AdapterRows
 
 __all__ = ["Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig", "forward_step"]
 
@@ -60,6 +64,13 @@ class Generator:
         self.cache_dtype = next(model.parameters()).dtype
         self.compiled = compile
         self.step = Stepper(model, quantize, compile, in_place=in_place)
+        self.adapters: AdapterRows | None = None  # served LoRA adapters, chosen per row (palm.multilora)
+
+    def add_adapters(self, adapters: Mapping[str, str | Path], max_rows: int = 256) -> None:
+        """Serve these LoRA adapters (name -> peft directory) beside the base model, a choice per row."""
+        from .multilora import attach
+
+        self.adapters = attach(self.step.decoder, adapters, self.tokenizer, max_rows)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False,
@@ -92,6 +103,8 @@ class Generator:
     def token_stream(self, prompts: list[list[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, step by step (rows that finished keep yielding eos)."""
         cfg.validate()
+        if self.adapters is not None:
+            self.adapters.rows.zero_()  # a static batch decodes with the base model
         if not prompts or any(not p for p in prompts):
             raise GenerationError("every prompt must have at least one token")
         device = self.model.device

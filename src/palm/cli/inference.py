@@ -146,7 +146,7 @@ def eval_command(
 @app.command("serve")
 def serve_command(
     model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A LoRA adapter directory (RUN/adapter) to serve on --model.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=DIR: a LoRA adapter (RUN/adapter) served beside --model, chosen by a request's model field; repeatable. A bare DIR is merged into the model instead.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="0 to 65535; 0 picks a free port.")] = 8000,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients use (default: the folder name).")] = None,
@@ -169,10 +169,33 @@ def serve_command(
     from ..serve import serve
 
     check_quantize(quantize)
-    serve(model, host=host, port=port, model_name=model_name, compile=compile, quantize=quantize, adapter=adapter,
+    merged, adapters = served_adapters(adapter or [], model_name or model.resolve().name)
+    serve(model, host=host, port=port, model_name=model_name, compile=compile, quantize=quantize, adapter=merged,
+          adapters=adapters,
           max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, max_stop=max_stop,
           max_stop_length=max_stop_length, max_batch=max_batch, max_model_len=max_model_len,
           prefill_chunk=prefill_chunk, max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)
+
+
+def served_adapters(specs: list[str], base_name: str) -> tuple[Path | None, dict[str, Path]]:
+    """(an adapter to merge in, adapters to serve by name) from `--adapter` values: one bare DIR, or NAME=DIR each."""
+    from ..errors import CheckpointError
+
+    named = [s for s in specs if "=" in s]
+    if named and len(named) != len(specs) or len(specs) > 1 and not named:
+        raise CheckpointError("--adapter takes one DIR (merged into the model) or NAME=DIR pairs (served by name), "
+                              "not a mix or several bare DIRs")
+    if not named:
+        return (Path(specs[0]) if specs else None), {}
+    adapters: dict[str, Path] = {}
+    for spec in named:
+        name, _, folder = spec.partition("=")
+        if not name or not folder:
+            raise CheckpointError(f"--adapter {spec!r}: give NAME=DIR")
+        if name in adapters or name == base_name:
+            raise CheckpointError(f"--adapter {name!r} is served twice (adapter names and the model's must differ)")
+        adapters[name] = Path(folder)
+    return None, adapters
 
 
 def check_quantize(quantize: str) -> None:

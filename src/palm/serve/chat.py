@@ -56,11 +56,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
     job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit)
     if job.streamed:
-        reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.model_name)
+        reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.served_name(body.model))
         lead = [_delta({"role": "assistant", "content": ""}, None)]
         return stream(request, worker, job, reply, _streamed_choices(), body.include_usage, lead)
     done = await complete(request, worker, job)
     message = {"role": "assistant", "content": reply_text(done.text)}
-    reply = Reply.new("chatcmpl", "chat.completion", settings.model_name)
+    reply = Reply.new("chatcmpl", "chat.completion", settings.served_name(body.model))
     return reply.body([{"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}],
                       usage=usage(job.prompt_tokens, len(done.token_ids)))

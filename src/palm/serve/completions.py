@@ -20,7 +20,7 @@ def _choice(text: str | None, finish: str | None) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     settings, worker = settings_of(request), worker_of(request)
     job = await prepare(settings, body, body.prompt, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
-    reply = Reply.new("cmpl", "text_completion", settings.model_name)
+    reply = Reply.new("cmpl", "text_completion", settings.served_name(body.model))
     if job.streamed:
         lead = [_choice(body.prompt, None)] if body.echo else []
         return stream(request, worker, job, reply, _choice, body.include_usage, lead)

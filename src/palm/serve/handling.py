@@ -48,6 +48,27 @@ class ServeSettings:
         caps = [c for c in (self.options.max_total_tokens, self.options.max_model_len) if c is not None]
         return min([self.generator.context, *caps])
 
+    @property
+    def model_names(self) -> list[str]:
+        """The base model's name, then each served LoRA adapter's."""
+        adapters = self.generator.adapters
+        return [self.model_name, *(adapters.names if adapters is not None else [])]
+
+    def adapter_for(self, model: str | None) -> int:
+        """The adapter a request's `model` names (0: the base model). A server without adapters serves its one
+        model whatever a request calls it; with adapters, an unknown name is a 404, as OpenAI answers it."""
+        adapters = self.generator.adapters
+        if adapters is None or model is None or model == self.model_name:
+            return 0
+        if model not in adapters.names:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                           f"{', '.join(map(repr, self.model_names))}", "model", "model_not_found")
+        return adapters.index(model)
+
+    def served_name(self, model: str | None) -> str:
+        """The name a reply gives as its `model`: the adapter the request named, else the base model's."""
+        return self.model_names[self.adapter_for(model)]
+
 
 def settings_of(request: Request) -> ServeSettings:
     return request.app.state.settings
@@ -98,6 +119,7 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
     to what room the prompt leaves.
     """
     limit, total = settings.options.max_tokens_limit, settings.total_tokens
+    settings.adapter_for(body.model)  # an unknown model is a 404 before anything else is checked
     if requested is not None and requested > limit:
         raise APIError(400, f"{requested_param} is {requested}; this server allows at most {limit}", requested_param)
     body.check_stops(settings.options)
@@ -111,7 +133,7 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
                        f"{len(ids) + requested} in all; this server allows {total}", requested_param, TOO_LONG)
     max_tokens = min(default, limit, room) if requested is None else requested
     return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults),
-                         streamed=bool(body.stream))
+                         streamed=bool(body.stream), adapter=settings.adapter_for(body.model))
 
 
 def submit(worker: GenerationWorker, job: GenerationJob) -> None:

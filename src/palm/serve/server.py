@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvicorn
@@ -95,13 +96,16 @@ def uvicorn_config(app, port: int, read_timeout: float, host: str = "127.0.0.1",
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           compile: bool = False, quantize: str = "none", log_level: str = "info", adapter: str | Path | None = None,
-          **options) -> None:
-    """Load a model directory (with a LoRA `adapter` merged in, when given) and serve it until interrupted;
-    `options` are ServeOptions fields."""
+          adapters: Mapping[str, str | Path] | None = None, **options) -> None:
+    """Load a model directory (with a LoRA `adapter` merged in, when given) and serve it until interrupted,
+    with `adapters` (name -> peft directory) served beside it, chosen by a request's `model`; `options` are
+    ServeOptions fields."""
     settings = ServeOptions(**options)  # fail fast, before loading a large model
     sock = listen(host, port)
     try:
         generator = Generator.load(model_dir, compile=compile, quantize=quantize, adapter=adapter)
+        if adapters:
+            generator.add_adapters(adapters, max_rows=settings.max_batch)
         check_pool_fits(generator, settings)
         name = model_name or Path(model_dir).resolve().name
         app = create_app(generator, name, settings)

@@ -47,6 +47,7 @@ class GenerationJob:
     prompt_ids: list[int]
     cfg: SamplingConfig
     streamed: bool = False
+    adapter: int = 0  # the served LoRA adapter the request's `model` names (0: the base model)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # read by the worker thread
@@ -170,7 +171,7 @@ class GenerationWorker:
             job = self._pending.popleft()
             if job.cancelled.is_set():
                 continue  # its client left while it waited: it never starts
-            request = Request(job.prompt_ids, job.cfg)
+            request = Request(job.prompt_ids, job.cfg, adapter=job.adapter)
             try:
                 self.engine.add(request)
             except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone
