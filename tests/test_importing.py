@@ -39,7 +39,7 @@ def stored(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def cohere_tokenizer():
+def cohere_tokenizer(template: bool = True):
     """A byte-level BPE with Command-R's special tokens and turn markup, built offline."""
     from transformers import CohereTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -50,15 +50,16 @@ def cohere_tokenizer():
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     tok = CohereTokenizer(vocab=vocab, merges=merges, extra_special_tokens=COHERE_SPECIALS[7:], add_bos_token=True)
-    tok.chat_template = COHERE_TEMPLATE
+    tok.chat_template = COHERE_TEMPLATE if template else None
     return tok
 
 
-def cohere_dir(out: Path, *, heads=4, kv=4, head_dim=None, hidden=64, seed=0, dtype=torch.float32, **extra) -> Path:
+def cohere_dir(out: Path, *, heads=4, kv=4, head_dim=None, hidden=64, seed=0, dtype=torch.float32, template=True,
+               **extra) -> Path:
     """A randomly initialised CohereForCausalLM with enough spread in its weights that greedy tokens vary."""
     from transformers import CohereConfig, CohereForCausalLM
 
-    tok = cohere_tokenizer()
+    tok = cohere_tokenizer(template)
     config = CohereConfig(vocab_size=320, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=2,
                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -149,6 +150,10 @@ def test_an_imported_model_takes_palm_generate_and_chat(tmp_path, capsys):
     code, out, err = run_cli(capsys, "generate", "say <|END_OF_TURN_TOKEN|> now", "--model", str(tmp_path / "m"),
                              "--chat", "--max-new-tokens", "4")
     assert_one_line_error(code, err, "<|END_OF_TURN_TOKEN|>")
+    bare = cohere_dir(tmp_path / "bare", template=False)
+    run_cli(capsys, "import", "--format", "cohere", "--model", str(bare), "--out", str(tmp_path / "b"))
+    code, out, err = run_cli(capsys, "generate", "hi", "--model", str(tmp_path / "b"), "--chat")
+    assert_one_line_error(code, err, "no chat template")
 
 
 def test_shards_stream_and_index(tmp_path):

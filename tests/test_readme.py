@@ -34,6 +34,9 @@ NOT_RUN = {
     "python bench/": "benchmarks: minutes of CPU each, run by hand; tests/test_bench.py checks their helpers",
     "python examples/finetune_tasks.py --model": "about 13 minutes of CPU; its task files and the two palm finetune "
                                                  "commands after it run, scaled down",
+    "python examples/qa.py --model": "a baseline, the model before, and two fine-tuning runs of minutes each; "
+                                     "tests/test_examples_applications.py runs it scaled down on a tiny model",
+    "python examples/translate.py --model": "as examples/qa.py above; tests/test_examples_applications.py writes its data",
     "python examples/chat_lora.py --model": "two fine-tuning runs of minutes each; tests/test_lora.py and tests/test_chat.py check the parts",
     "torchrun --nnodes": "needs several machines",
     "torchrun --standalone": "needs a run.toml and 2 processes; tests/test_distributed.py runs these commands",

@@ -51,6 +51,8 @@ def _check_specials(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) ->
 
 
 def render(tokenizer: PalmTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    if not tokenizer.hf.chat_template:  # an imported model's tokenizer may have none
+        raise ChatError("this model's tokenizer has no chat template, so it cannot be prompted with a conversation")
     return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

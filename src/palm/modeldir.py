@@ -34,6 +34,19 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
     """`path` as a Path once it is known to hold a palm config, readable safetensors weights and
     (if `tokenizer`) a tokenizer; a CheckpointError naming what is wrong otherwise."""
     path = Path(path)
+    config_file, raw, kind = read_config_json(path)
+    if kind != PalmConfig.model_type:
+        raise CheckpointError(f"{path} holds a {kind!r} model, not a palm model")
+    config = check_config(config_file, raw)
+    _check_weights(path, config)
+    if tokenizer and not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer (tokenizer.json is missing)")
+    return path
+
+
+def read_config_json(path: Path) -> tuple[Path, dict, str | None]:
+    """(config.json's path, its contents, its model_type) of any Transformers model directory at `path`;
+    a CheckpointError naming what is missing or unreadable."""
     if not path.exists():
         raise CheckpointError(f"no model directory at {path}")
     if not path.is_dir():
@@ -45,14 +58,9 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{config_file} is not readable JSON: {e}") from None
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind != PalmConfig.model_type:
-        raise CheckpointError(f"{path} holds a {kind!r} model, not a palm model")
-    config = check_config(config_file, raw)
-    _check_weights(path, config)
-    if tokenizer and not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path} has no tokenizer (tokenizer.json is missing)")
-    return path
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
+    return config_file, raw, raw.get("model_type")
 
 
 def check_config(config_file: Path, raw: dict) -> PalmConfig:

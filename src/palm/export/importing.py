@@ -20,7 +20,9 @@ from safetensors import SafetensorError, safe_open
 from ..atomic import atomic_directory
 from ..config import ConfigError, PalmConfig
 from ..errors import CheckpointError, TokenizerError
-from ..modeldir import PICKLED_WEIGHTS, WEIGHTS, WEIGHTS_INDEX, generation_defaults, quiet_transformers
+from ..modeldir import (
+    PICKLED_WEIGHTS, WEIGHTS, WEIGHTS_INDEX, generation_defaults, quiet_transformers, read_config_json,
+)
 from ..tokenizer import PalmTokenizer
 from .cohere import GENERATION_CONFIG, rope_pairs_permutation
 
@@ -34,14 +36,7 @@ def palm_config(path: Path) -> PalmConfig:
     from huggingface_hub.errors import StrictDataclassError
     from transformers import CohereConfig
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is not a model directory (config.json is missing)")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{config_file} is not readable JSON: {e}") from None
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    config_file, raw, kind = read_config_json(path)
     if kind != "cohere":
         why = " (Cohere2, Command R7B: sliding-window layers without RoPE, which palm's block does not have)" \
             if kind == "cohere2" else ""
@@ -198,8 +193,6 @@ def import_cohere(model: str | Path, out: str | Path, overwrite: bool = False) -
     from ..model import PalmForCausalLM
 
     src = Path(model)
-    if not src.is_dir():
-        raise CheckpointError(f"no model directory at {src}")
     config = palm_config(src)
     tensors = Tensors(src)
     dtype = tensors.get("model.norm.weight", (config.hidden_size,)).dtype
