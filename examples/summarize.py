@@ -27,7 +27,8 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def docstring_rows() -> list[dict]:
     """One row per stdlib docstring with a summary line and a description of a few sentences."""
     rows, seen = [], set()
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
         if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
             continue
         try:
@@ -47,7 +48,8 @@ def docstring_rows() -> list[dict]:
             if body in seen or ">>>" in body:
                 continue
             seen.add(body)
-            rows.append({"id": f"{path.stem}.{node.name}", "article": body, "highlights": summary})
+            module = ".".join(path.relative_to(stdlib).with_suffix("").parts)
+            rows.append({"id": f"{module}:{node.lineno}:{node.name}", "article": body, "highlights": summary})
     return rows
 
 

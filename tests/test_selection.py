@@ -82,3 +82,16 @@ def test_select_names_and_bad_settings(model_dir, tmp_path, capsys):
                          (["--task", "summarize", "--eval-task", str(tmp_path / "nope.jsonl")], "nope.jsonl")]:
         code, _, err = run_cli(capsys, *base, *extra)
         assert_one_line_error(code, err, words)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(dtype="bf16", activation_checkpointing="full", micro_batch_size=4),
+    dict(compile=True, lora_r=4, optimizer="adamw"),
+], ids=["bf16-checkpointing-microbatches", "compiled-lora"])
+def test_selection_runs_with_the_other_options(model_dir, tmp_path, extra):
+    cfg = config(model_dir, tmp_path, "opts", 2, **{k: v for k, v in extra.items() if k != "dtype"})
+    cfg.loop.dtype = extra.get("dtype", cfg.loop.dtype)
+    run = finetune(cfg)
+    logged = records(tmp_path / "opts")
+    assert [r["step"] for r in logged] == [1, 2] and all("eval/rouge2" in r for r in logged)
+    assert run.extra["best_step"] in (1, 2) and (tmp_path / "opts" / "final" / "config.json").is_file()
