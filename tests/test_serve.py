@@ -183,16 +183,32 @@ BAD_COMPLETIONS = {
     "max_tokens-not-int": ({"prompt": PROMPT, "max_tokens": "x"}, "max_tokens"),
     "missing-prompt": ({"max_tokens": 4}, "prompt"),
     "prompt-not-string": ({"prompt": 5}, "prompt"),
-    "two-prompts": ({"prompt": ["a", "b"]}, "prompt"),
     "empty-prompt": ({"prompt": ""}, "prompt"),
     "max_tokens-over-limit": ({"prompt": PROMPT, "max_tokens": LIMIT + 1}, "max_tokens"),
     "max_tokens-zero": ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     "negative-temperature": ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     "top_p-over-one": ({"prompt": PROMPT, "top_p": 1.5}, "top_p"),
-    "n-two": ({"prompt": PROMPT, "n": 2}, "n"),
-    "logprobs": ({"prompt": PROMPT, "logprobs": 3}, "logprobs"),
+    "n-over-128": ({"prompt": PROMPT, "n": 129}, "n"),
+    "n-two-streamed": ({"prompt": PROMPT, "n": 2, "stream": True}, "n"),
+    "best_of-two": ({"prompt": PROMPT, "best_of": 2}, "best_of"),
+    "logprobs-over-20": ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
+    "max_tokens-zero-without-echo": ({"prompt": PROMPT, "max_tokens": 0, "logprobs": 1}, "max_tokens"),
     "over-context": ({"prompt": "hello world " * 300}, "prompt"),
     "over-context-streamed": ({"prompt": "hello world " * 300, "stream": True}, "prompt"),
+    "frequency_penalty-over-two": ({"prompt": PROMPT, "frequency_penalty": 2.5}, "frequency_penalty"),
+    "presence_penalty-under-minus-two": ({"prompt": PROMPT, "presence_penalty": -3}, "presence_penalty"),
+    "logit_bias-not-an-id": ({"prompt": PROMPT, "logit_bias": {"the": 5}}, "logit_bias"),
+    "logit_bias-past-vocabulary": ({"prompt": PROMPT, "logit_bias": {"99999": 5}}, "logit_bias"),
+    "logit_bias-over-100": ({"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
+    "response_format-json": ({"prompt": PROMPT, "response_format": {"type": "json_object"}}, "response_format"),
+    "tools": ({"prompt": PROMPT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "tool_choice": ({"prompt": PROMPT, "tool_choice": "required"}, "tool_choice"),
+    "suffix": ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
+    "token-past-vocabulary": ({"prompt": [1, 10**6]}, "prompt"),
+    "negative-token": ({"prompt": [1, -2]}, "prompt"),
+    "batch-streamed": ({"prompt": [[1, 5], [1, 6]], "stream": True}, "prompt"),
+    "batch-with-a-bad-prompt": ({"prompt": ["a", ""]}, "prompt"),
+    "empty-token-list": ({"prompt": []}, "prompt"),
 }
 BAD_CHATS = {
     "no-messages": ({"messages": []}, "messages"),
@@ -264,3 +280,51 @@ def test_cli_serve_reports_errors_in_one_line(capsys, model_dir, tmp_path):
         assert "cannot listen" in run("--model", model_dir, "--port", str(taken.getsockname()[1]))
     finally:
         taken.close()
+
+
+def test_logit_bias_and_penalties_steer_the_reply_as_openai_defines_them(generator, client):
+    """+100 on one token makes it the only greedy choice; -100 on the greedy reply's first token takes it away;
+    the penalties reach the sampler with the generated tokens counted (tests/test_sampling.py checks the formula)."""
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    token = generator.tokenizer.encode("好", bos=False)[0]
+    forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == generator.tokenizer.decode([token] * 6)
+    first = generator.encode(PROMPT + plain.choices[0].text)[len(generator.encode(PROMPT))]
+    away = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                     logit_bias={str(first): -100})
+    assert away.choices[0].text != plain.choices[0].text
+    repeated = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                         logit_bias={str(token): 8}, frequency_penalty=2.0)
+    ids = generator.tokenizer.encode(repeated.choices[0].text, bos=False)
+    assert 0 < ids.count(token) < 24  # +8 brings it in; each use costs 2 more until another token wins
+
+
+def test_a_token_id_prompt_is_the_text_prompt_s_ids(generator, client):
+    ids = generator.encode(PROMPT)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    for prompt in (ids, [ids]):
+        by_ids = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True)
+        assert by_ids.choices[0].text == generator.tokenizer.decode(ids) + by_text.choices[0].text
+        assert by_ids.usage.prompt_tokens == len(ids) == by_text.usage.prompt_tokens
+
+
+def test_n_choices_and_a_batch_of_prompts(generator, client):
+    ids = generator.encode(PROMPT)
+    seeded = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11, n=3)
+    first, again = client.completions.create(**seeded), client.completions.create(**seeded)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]  # a seeded request repeats
+    assert first.usage.prompt_tokens == len(ids)  # the prompt counted once
+    alone = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11)
+    assert alone.choices[0].text == texts[0]
+    other = "def f(x):"
+    batch = client.completions.create(model=MODEL, prompt=[ids, generator.encode(other)], max_tokens=6, temperature=0, n=2)
+    by_text = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
+               for p in (PROMPT, other)]
+    assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [by_text[0]] * 2 + [by_text[1]] * 2
+    assert batch.usage.prompt_tokens == len(ids) + len(generator.encode(other))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=1.0, seed=3, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]

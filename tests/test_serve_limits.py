@@ -122,7 +122,7 @@ BOUNDS = {
     "five-stops": bad({"prompt": PROMPT, "stop": list("abcde")}, "stop"),
     "20000-stops": bad({"prompt": PROMPT, "stop": [f"s{i}" for i in range(20_000)]}, "stop"),
     "long-stop": bad({"prompt": PROMPT, "stop": "x" * 65}, "stop"),
-    "n-two": bad({"prompt": PROMPT, "n": 2}, "n"),
+    "n-200": bad({"prompt": PROMPT, "n": 200}, "n"),
     "seed-2**63": bad({"prompt": PROMPT, "seed": 2**63, "temperature": 1}, "seed"),
     "seed-2**64": bad({"prompt": PROMPT, "seed": 2**64, "temperature": 1}, "seed"),
     "seed-negative": bad({"prompt": PROMPT, "seed": -1}, "seed"),

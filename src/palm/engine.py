@@ -31,6 +31,20 @@ from .sampling import GenerationError, SamplingConfig, sample_rows
 MIN_SPAN = 16  # the smallest attention window: shorter ones would only add compiled graphs
 
 
+# A token's log-probability under the model (its raw log-softmax, before any sampling setting), and the
+# k most likely tokens with theirs.
+Score = tuple[float, list[tuple[int, float]]]
+
+
+def scores_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Score]:
+    """The Score of tokens[i] under logits[i] [N, V]."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1) if k else None
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    return [(c, list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else [])
+            for i, c in enumerate(chosen)]
+
+
 @dataclass(eq=False)
 class Request:
     """One generation in the engine: its prompt, settings, and what it has produced."""
@@ -43,6 +57,10 @@ class Request:
     fed: int = 0  # prompt tokens already written to the cache
     rng: torch.Generator | None = None
     adapter: int = 0  # the served LoRA adapter this row decodes with (palm.multilora); 0 is the base model
+    logprobs: int | None = None  # None: none; k: each generated token's log-probability and the top k
+    prompt_logprobs: bool = False  # the prompt's tokens scored too (OpenAI's echo with logprobs)
+    scores: list[Score] = field(default_factory=list)  # per generated token, when logprobs is set
+    prompt_scores: list[Score | None] = field(default_factory=list)  # per prompt token (None: the first)
 
     @property
     def decoding(self) -> bool:
@@ -101,6 +119,7 @@ class Engine:
             return False
         request.row = heapq.heappop(self.free)
         request.fed, request.tokens, request.finish = 0, [], None
+        request.scores, request.prompt_scores = [], ([None] if request.prompt_logprobs else [])
         request.rng = request.cfg.generator(self.device)
         self.filled[request.row] = False
         self.seen[request.row] = -1
@@ -156,8 +175,14 @@ class Engine:
         mask = attention_mask(self.filled[row : row + 1, :end], slots)
         if self.generator.adapters is not None:
             self.generator.adapters.rows[0] = request.adapter
-        logits = self.generator.step.prefill(self.cache, ids, slots, slots, mask, first=row)
+        every = request.prompt_logprobs
+        logits = self.generator.step.prefill(self.cache, ids, slots, slots, mask, first=row, every=every)
         request.fed = end
+        if every:  # position p scores prompt token p + 1; the chunk's last position, the next chunk's first
+            logits = logits[0]
+            following = request.prompt[start + 1 : end + 1]
+            request.prompt_scores += scores_of(logits[: len(following)], following, request.logprobs or 0)
+            logits = logits[-1:]
         return logits
 
     def _decode(self, decoding: list[Request]) -> list[int]:
@@ -185,7 +210,12 @@ class Engine:
     def _sample(self, requests: list[Request], logits: torch.Tensor, span: int | None = None) -> list[int]:
         rows = torch.tensor([r.row for r in requests], device=self.device)
         seen = self.seen[rows, :span]
-        return sample_rows(logits, seen, [r.cfg for r in requests], [r.rng for r in requests]).tolist()
+        tokens = sample_rows(logits, seen, [r.cfg for r in requests], [r.rng for r in requests],
+                             [len(r.prompt) for r in requests]).tolist()
+        for i, r in enumerate(requests):
+            if r.logprobs is not None:
+                r.scores += scores_of(logits[i : i + 1], tokens[i : i + 1], r.logprobs)
+        return tokens
 
     def _record(self, request: Request, token: int) -> None:
         request.tokens.append(token)

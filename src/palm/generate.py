@@ -125,7 +125,7 @@ class Generator:
         logits = self.step.prefill(cache, ids, positions, slots, attention_mask(filled, slots))
         cfgs, gens = [cfg] * batch, [cfg.generator(device)] * batch
         for step in range(new):
-            token = sample_rows(logits, seen, cfgs, gens)
+            token = sample_rows(logits, seen, cfgs, gens, [longest] * batch)
             yield token
             if step == new - 1:
                 break

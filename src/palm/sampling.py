@@ -1,4 +1,5 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p and repetition penalty, per row.
+"""Choosing the next token: greedy, temperature, top-k, top-p, repetition penalty, OpenAI's frequency and
+presence penalties and logit bias, per row.
 
 Every row of a batch carries its own settings and its own seeded generator, so a row samples the
 same tokens whichever rows share its batch (what continuous batching in `palm serve` relies on).
@@ -29,6 +30,11 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # OpenAI's, as its API reference defines them: logit[j] -= count[j] * frequency_penalty
+    # + (count[j] > 0) * presence_penalty, count[j] = times j was generated so far; logit_bias adds to logits.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         checks = [
@@ -40,6 +46,10 @@ class SamplingConfig:
              "repetition_penalty must be a positive number"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be between -2 and 2"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be between -2 and 2"),
+            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias maps token ids to biases between -100 and 100"),
         ]
         for ok, message in checks:
             if not ok:
@@ -61,6 +71,24 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     return logits.scatter(1, index, torch.where(seen >= 0, shrunk, prev))
 
 
+def penalize_generated(logits: torch.Tensor, seen: torch.Tensor, starts: torch.Tensor, frequency: torch.Tensor,
+                       presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties [B, 1] on the tokens generated so far: the ids in `seen`
+    [B, S] at or after each row's first generated slot `starts` [B, 1] (the prompt is not counted)."""
+    slots = torch.arange(seen.shape[1], device=seen.device)[None]
+    generated = ((seen >= 0) & (slots >= starts)).to(logits.dtype)
+    counts = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), generated)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def bias_logits(logits: torch.Tensor, cfgs: list[SamplingConfig]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits (ids past the vocabulary are the caller's to refuse)."""
+    rows = [(r, t, b) for r, c in enumerate(cfgs) for t, b in c.logit_bias.items()]
+    index = torch.tensor([[r, t] for r, t, _ in rows], device=logits.device)
+    values = torch.tensor([b for *_, b in rows], dtype=logits.dtype, device=logits.device)
+    return logits.index_put((index[:, 0], index[:, 1]), values, accumulate=True)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Logits with -inf outside each row's top-k (0: all) and smallest top-p nucleus; both [B, 1]."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -72,14 +100,23 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample_rows(
-    logits: torch.Tensor, seen: torch.Tensor, cfgs: list[SamplingConfig], gens: list[torch.Generator | None]
+    logits: torch.Tensor, seen: torch.Tensor, cfgs: list[SamplingConfig], gens: list[torch.Generator | None],
+    starts: list[int] | None = None,
 ) -> torch.Tensor:
-    """The next token of each row from last-position logits [B, V], row r under cfgs[r] and gens[r]."""
+    """The next token of each row from last-position logits [B, V], row r under cfgs[r] and gens[r];
+    `starts[r]` is the slot of `seen` where row r's generated tokens begin (for OpenAI's penalties)."""
     logits = logits.float()
     col = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]  # noqa: E731
     if any(c.repetition_penalty != 1.0 for c in cfgs):
         logits = penalize_repeats(logits, seen, col([c.repetition_penalty for c in cfgs]))
-        logits = logits.clamp(-3e38, 3e38)  # an extreme penalty overflows to inf; keep every logit finite
+    if any(c.frequency_penalty or c.presence_penalty for c in cfgs):
+        if starts is None:
+            raise ValueError("frequency and presence penalties need each row's first generated slot")
+        logits = penalize_generated(logits, seen, col(starts, torch.long), col([c.frequency_penalty for c in cfgs]),
+                                    col([c.presence_penalty for c in cfgs]))
+    if any(c.logit_bias for c in cfgs):
+        logits = bias_logits(logits, cfgs)
+    logits = logits.clamp(-3e38, 3e38)  # an extreme penalty overflows to inf; keep every logit finite
     greedy = logits.argmax(-1)
     sampled = [r for r, c in enumerate(cfgs) if c.temperature > 0]
     if not sampled:

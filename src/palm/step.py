@@ -18,15 +18,17 @@ from .quant import decoding_model
 MAX_GRAPHS = 64
 
 
-def forward_step(model: PalmForCausalLM, cache: KVCache, ids, positions, slots, mask, first: int = 0) -> torch.Tensor:
-    """Last-position logits [B, V] for `ids` [B, T] written into cache rows first.. at `slots` [B, T].
+def forward_step(model: PalmForCausalLM, cache: KVCache, ids, positions, slots, mask, first: int = 0,
+                 every: bool = False) -> torch.Tensor:
+    """Last-position logits [B, V] (`every`: every position's, [B, T, V]) for `ids` [B, T] written into cache
+    rows first.. at `slots` [B, T].
 
     The mask [B, 1, T, S] says which of the first S slots each query sees, and so the window attended.
     """
     cache.bind(slots, first, mask.shape[-1])
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[:, -1]
+                logits_to_keep=0 if every else 1)
+    return out.logits if every else out.logits[:, -1]
 
 
 def compile_step(device: torch.device):
@@ -48,8 +50,8 @@ class Stepper:
         self.compiled = compile
         self._compiled = compile_step(model.device) if compile else None
 
-    def prefill(self, cache: KVCache, ids, positions, slots, mask, first: int = 0) -> torch.Tensor:
-        return forward_step(self.decoder, cache, ids, positions, slots, mask, first)
+    def prefill(self, cache: KVCache, ids, positions, slots, mask, first: int = 0, every: bool = False) -> torch.Tensor:
+        return forward_step(self.decoder, cache, ids, positions, slots, mask, first, every)
 
     def decode(self, cache: KVCache, ids, positions, slots, mask) -> torch.Tensor:
         """One token per row [B, 1]; rows 0..B of the cache."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from ..chat import ChatError, check_messages, encode_prompt
 from ..generate import Generator
 from ..templates import reply_text
-from .handling import Reply, complete, prepare, settings_of, stream, usage, worker_of
+from .handling import Reply, complete, fan_out, prepare, settings_of, stream, usage, worker_of
+from .logprobs import chat_logprobs
 from .schemas import APIError, ChatMessage, ChatRequest
 
 router = APIRouter()
@@ -27,20 +30,22 @@ def render_chat(generator: Generator, messages: list[ChatMessage]) -> list[int]:
         raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
 
 
-def _delta(delta: dict, finish: str | None) -> dict:
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+def _delta(delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
-def _streamed_choices():
+def _streamed_choices(tokenizer, logprobs: int | None):
     """The chunks' choice builder for one stream: the reply's first text loses the space the template puts
-    after `Assistant:` (as `reply_text` does for a whole reply)."""
+    after `Assistant:` (as `reply_text` does for a whole reply); with logprobs, the delta's tokens' own."""
     first = True
 
-    def choice(text: str | None, finish: str | None) -> dict:
+    def choice(text: str | None, finish: str | None, scores: list = ()) -> dict:
         nonlocal first
         if first and text:
             text, first = reply_text(text), False
-        return _delta({} if text is None else {"content": text}, finish)
+        found = chat_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores]) \
+            if logprobs is not None and scores else None
+        return _delta({} if text is None else {"content": text}, finish, found)
 
     return choice
 
@@ -55,12 +60,19 @@ async def chat_completions(body: ChatRequest, request: Request):
     prompt = render_chat(settings.generator, body.messages)
     # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
     job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit)
+    if job.streamed and body.choices > 1:
+        raise APIError(400, "a streamed chat completion has n=1 (streaming several choices is not supported yet)", "n")
     if job.streamed:
         reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.served_name(body.model))
         lead = [_delta({"role": "assistant", "content": ""}, None)]
-        return stream(request, worker, job, reply, _streamed_choices(), body.include_usage, lead)
-    done = await complete(request, worker, job)
-    message = {"role": "assistant", "content": reply_text(done.text)}
+        return stream(request, worker, job, reply, _streamed_choices(settings.generator.tokenizer, job.logprobs),
+                      body.include_usage, lead)
+    jobs = fan_out(job, body.choices)
+    dones = await asyncio.gather(*(complete(request, worker, j) for j in jobs))
     reply = Reply.new("chatcmpl", "chat.completion", settings.served_name(body.model))
-    return reply.body([{"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}],
-                      usage=usage(job.prompt_tokens, len(done.token_ids)))
+    choices = []
+    for index, (j, done) in enumerate(zip(jobs, dones)):
+        logprobs = chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
+        choices.append({"index": index, "message": {"role": "assistant", "content": reply_text(done.text)},
+                        "finish_reason": done.finish_reason, "logprobs": logprobs})
+    return reply.body(choices, usage=usage(job.prompt_tokens, sum(len(d.token_ids) for d in dones)))

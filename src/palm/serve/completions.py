@@ -1,29 +1,61 @@
-"""POST /v1/completions: a prompt continued, whole or streamed."""
+"""POST /v1/completions: a prompt continued, whole or streamed; several prompts, several choices each."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
-from .handling import Reply, complete, prepare, settings_of, stream, usage, worker_of
-from .schemas import CompletionRequest
+from .handling import Reply, complete, fan_out, prepare, settings_of, stream, usage, worker_of
+from .logprobs import completion_logprobs
+from .schemas import APIError, CompletionRequest
 
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-def _choice(text: str | None, finish: str | None) -> dict:
-    return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+def _choices(tokenizer, logprobs: int | None):
+    """The streamed choice builder: text, and with logprobs the log-probabilities of the delta's tokens."""
+    def choice(text: str | None, finish: str | None, scores: list = ()) -> dict:
+        body = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        if logprobs is not None and scores:
+            body["logprobs"] = completion_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores])
+        return body
+
+    return choice
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     settings, worker = settings_of(request), worker_of(request)
-    job = await prepare(settings, body, body.prompt, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
+    tokenizer = settings.generator.tokenizer
+    prompts = body.prompts
+    if body.stream and (len(prompts) > 1 or body.choices > 1):
+        raise APIError(400, "a streamed completion has one prompt and n=1 (streaming several choices is not "
+                       "supported yet)", "n" if body.choices > 1 else "prompt")
+    jobs = [await prepare(settings, body, p, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
+            for p in prompts]
     reply = Reply.new("cmpl", "text_completion", settings.served_name(body.model))
-    if job.streamed:
-        lead = [_choice(body.prompt, None)] if body.echo else []
-        return stream(request, worker, job, reply, _choice, body.include_usage, lead)
-    done = await complete(request, worker, job)
-    text = body.prompt + done.text if body.echo else done.text
-    return reply.body([_choice(text, done.finish_reason)], usage=usage(job.prompt_tokens, len(done.token_ids)))
+    if jobs[0].streamed and not body.score_only:
+        choice = _choices(tokenizer, jobs[0].logprobs)
+        lead = [choice(body.prompt_text(prompts[0], tokenizer), None)] if body.echo else []
+        return stream(request, worker, jobs[0], reply, choice, body.include_usage, lead)
+    runs = [fan_out(job, body.choices) for job in jobs]  # n choices of each prompt, in order
+    dones = await asyncio.gather(*(complete(request, worker, j) for run in runs for j in run))
+    choices, completion_tokens = [], 0
+    for index, (job, done) in enumerate(zip([j for run in runs for j in run], dones)):
+        prompt = prompts[index // body.choices]
+        tokens, scores, text = list(done.token_ids), list(job.scores), done.text
+        if body.score_only:  # max_tokens 0: the one token generated to run the prompt through is not returned
+            tokens, scores, text = [], [], ""
+        logprobs = None
+        if job.logprobs is not None:
+            head = (list(job.prompt_ids), list(job.prompt_scores)) if body.echo else ([], [])
+            logprobs = completion_logprobs(tokenizer, head[0] + tokens, head[1] + scores)
+        echoed = body.prompt_text(prompt, tokenizer) if body.echo else ""
+        choices.append({"index": index, "text": echoed + text, "logprobs": logprobs,
+                        "finish_reason": "length" if body.score_only else done.finish_reason})
+        completion_tokens += len(tokens)
+    # OpenAI counts each prompt once, whatever n is
+    return reply.body(choices, usage=usage(sum(j.prompt_tokens for j in jobs), completion_tokens))

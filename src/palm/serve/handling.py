@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -21,12 +22,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..generate import Completion, GenerationError, Generator
+from ..sampling import MAX_SEED
 from .options import ServeOptions
 from .schemas import APIError, SamplingRequest, error_body
 from .worker import GenerationJob, GenerationWorker, QueueFull, logger
 
-# A streamed choice from (text delta, or None for the closing chunk; finish reason, or None).
-ChoiceOf = Callable[[str | None, str | None], dict]
+# A streamed choice from (text delta, or None for the closing chunk; finish reason, or None; the Scores of
+# the delta's tokens, when the request asked for log-probabilities).
+ChoiceOf = Callable[[str | None, str | None, list], dict]
 
 TOO_LONG = "context_length_exceeded"  # OpenAI's code for a prompt and completion that do not fit
 RETRY_AFTER_S = 1  # what a 429 tells a client to wait: rows free as requests finish, a step at a time
@@ -102,7 +105,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def encode_prompt(generator: Generator, prompt: str | list[int], param: str) -> list[int]:
-    """The prompt's tokens (a rendered chat comes as ids); a 400 naming `param` when it leaves no room to generate."""
+    """The prompt's tokens (a rendered chat and a token-id prompt come as ids); a 400 naming `param` when one
+    is outside the vocabulary or it leaves no room to generate."""
+    vocab = generator.model.config.vocab_size
+    if isinstance(prompt, list) and any(t >= vocab for t in prompt):
+        raise APIError(400, f"the prompt holds token {max(prompt)}; the vocabulary has {vocab} tokens", param)
     try:
         # Off the event loop: tokenizing a long prompt would stall every other connection.
         return await run_in_threadpool(generator.encode, prompt)
@@ -131,9 +138,26 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
     if requested is not None and requested > room:
         raise APIError(400, f"the prompt is {len(ids)} tokens and {requested_param} is {requested}, "
                        f"{len(ids) + requested} in all; this server allows {total}", requested_param, TOO_LONG)
-    max_tokens = min(default, limit, room) if requested is None else requested
-    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults),
-                         streamed=bool(body.stream), adapter=settings.adapter_for(body.model))
+    if requested == 0 and not getattr(body, "echo", False):
+        raise APIError(400, f"{requested_param} must be at least 1 (0 only with echo, to score the prompt)",
+                       requested_param)
+    max_tokens = min(default, limit, room) if requested is None else max(requested, 1)  # 0: one token, dropped
+    vocab = settings.generator.model.config.vocab_size
+    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults, vocab),
+                         streamed=bool(body.stream), adapter=settings.adapter_for(body.model),
+                         logprobs=body.top_count(), prompt_logprobs=bool(getattr(body, "echo", False))
+                         and body.top_count() is not None)
+
+
+def fan_out(job: GenerationJob, n: int) -> list[GenerationJob]:
+    """`n` jobs for one prompt's `n` choices: the same prompt and settings, a seeded request's i-th choice
+    seeded with seed + i, so that the choices differ and the same request gives the same choices again."""
+    jobs = [job]
+    for i in range(1, n):
+        seed = None if job.cfg.seed is None else (job.cfg.seed + i) % (MAX_SEED + 1)
+        jobs.append(replace(job, cfg=replace(job.cfg, seed=seed), scores=[], prompt_scores=[],
+                            cancelled=threading.Event(), future=None, events=None, tokens=0))
+    return jobs
 
 
 def submit(worker: GenerationWorker, job: GenerationJob) -> None:
@@ -206,12 +230,13 @@ async def stream_events(job: GenerationJob, gone: asyncio.Future, reply: Reply, 
         while True:
             kind, value = await job.events.get()
             if kind == "delta":
-                yield sse(reply.body([choice(value, None)], **extra))
+                text, scores = value
+                yield sse(reply.body([choice(text, None, scores)], **extra))
                 continue
             if kind == "cancelled":
                 return  # the client is gone: there is no one to tell
             if kind == "done":
-                yield sse(reply.body([choice(None, value.finish_reason)], **extra))
+                yield sse(reply.body([choice(None, value.finish_reason, [])], **extra))
                 if include_usage:
                     yield sse(reply.body([], usage=usage(job.prompt_tokens, len(value.token_ids))))
             else:

@@ -24,6 +24,8 @@ MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; a larger number overflows the in
 MIN_TEMPERATURE = 1e-5
 # The smallest repetition penalty: with MIN_TEMPERATURE it scales a logit by at most 1e7, far from overflow.
 MIN_REPETITION_PENALTY = 0.01
+MAX_N = 128  # OpenAI's bound on choices per request
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (5 for completions; palm allows 20 for both)
 
 
 class APIError(Exception):
@@ -71,7 +73,7 @@ class SamplingRequest(BaseModel):
     model_config = LENIENT
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0, le=MAX_TOP_K)
@@ -81,23 +83,77 @@ class SamplingRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)  # torch seeds are signed 64-bit
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Any = None  # only null/false/0: log-probabilities are not returned
+    logprobs: Any = None  # completions: how many top tokens (0-20) beside each token's own; chat: true/false
     best_of: Optional[int] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
+    # Fields of OpenAI's API that change what a client gets back, which palm does not do yet: a 400 naming
+    # the field, never a reply that silently ignores it. Each is allowed at its "off" value.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    suffix: Any = None
 
-    @field_validator("n", "best_of")
+    @field_validator("response_format")
     @classmethod
-    def _only_one_choice(cls, v: int | None, info: ValidationInfo) -> int | None:
-        # One generation per request: the worker batches requests, not samples of one request.
+    def _text_only_format(cls, v: Any) -> Any:
+        if v is not None and not (isinstance(v, dict) and v.get("type") == "text"):
+            raise ValueError("only response_format {\"type\": \"text\"} is supported; structured output is not")
+        return v
+
+    @field_validator("tools", "functions", "suffix")
+    @classmethod
+    def _absent(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, [], ""):
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_calls(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, "none"):
+            raise ValueError(f"{info.field_name} is not supported (tool calls are not)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit() or len(key) > 10:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are between -100 and 100, not {bias}")
+        return v
+
+    def token_bias(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias with int keys, each checked against the vocabulary (a 400 naming the field otherwise)."""
+        bias = {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
+        outside = [t for t in bias if t >= vocab_size]
+        if outside:
+            raise APIError(400, f"logit_bias names token {outside[0]}; the vocabulary has {vocab_size} tokens",
+                           "logit_bias")
+        return bias
+
+    @field_validator("n")
+    @classmethod
+    def _choices(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
         if v is not None and v != 1:
-            raise ValueError(f"only {info.field_name}=1 is supported")
+            raise ValueError("only best_of=1 is supported")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return v
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @field_validator("stop")
     @classmethod
@@ -124,7 +180,8 @@ class SamplingRequest(BaseModel):
                 raise APIError(400, f"a stop string is {len(s)} characters; this server allows at most "
                                f"{options.max_stop_length}", "stop")
 
-    def sampling(self, max_tokens: int, extra_stops: list[str] = (), defaults: dict | None = None) -> SamplingConfig:
+    def sampling(self, max_tokens: int, extra_stops: list[str] = (), defaults: dict | None = None,
+                 vocab_size: int = 0) -> SamplingConfig:
         """The request's settings; those it leaves unsaid are the model's saved `defaults` (its
         generation_config.json), else OpenAI's (temperature 1, no top-k or top-p, no penalty)."""
         defaults = defaults or {}
@@ -142,6 +199,9 @@ class SamplingRequest(BaseModel):
             repetition_penalty=given("repetition_penalty", 1.0),
             stop=list(self.stop or []) + [s for s in extra_stops if s not in (self.stop or [])],
             seed=self.seed,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logit_bias=self.token_bias(vocab_size) if self.logit_bias else {},
         )
         try:
             cfg.validate()
@@ -151,19 +211,57 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Any = Field(...)  # a string or a list of one string (token-id prompts are not supported)
+    prompt: Any = Field(...)  # a string, a list of token ids, or a list of exactly one of either
     echo: Optional[bool] = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def _top_count(cls, v: Any) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs is how many most likely tokens to list, 0 to {MAX_TOP_LOGPROBS}")
+        return v
+
+    def top_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt's log-probabilities, nothing generated."""
+        return self.max_tokens == 0
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str:
-        if isinstance(v, list) and len(v) == 1:
-            v = v[0]
+    def _prompts(cls, v: Any) -> str | list[int] | list[str | list[int]]:
+        """One prompt (a string or token ids), or a batch of them (a list of strings or of token-id lists)."""
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            batch = [cls._one(p) for p in v]
+            return batch[0] if len(batch) == 1 else batch
+        return cls._one(v)
+
+    @staticmethod
+    def _one(v: Any) -> str | list[int]:
+        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            if any(t < 0 for t in v):
+                raise ValueError("prompt token ids must not be negative")
+            return v  # checked against the vocabulary when the request is prepared
         if not isinstance(v, str):
-            raise ValueError("prompt must be a string or a list of exactly one string")
+            raise ValueError("prompt must be a string, a list of token ids, or a list of either")
         if not v.strip():
             raise ValueError("prompt must not be empty")
         return unicode_text(v, "prompt")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts (one, for a single prompt)."""
+        one = isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt)
+        return [self.prompt] if one else list(self.prompt)
+
+    @staticmethod
+    def prompt_text(prompt: str | list[int], tokenizer) -> str:
+        """A prompt as text (what `echo` returns): token ids are decoded."""
+        return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
 
 class ChatMessage(BaseModel):
@@ -186,3 +284,16 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _flag(cls, v: Any) -> bool | None:
+        if v is not None and not isinstance(v, bool):
+            raise ValueError("logprobs is true or false in a chat request (top_logprobs says how many)")
+        return v
+
+    def top_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None

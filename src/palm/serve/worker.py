@@ -40,7 +40,7 @@ class QueueFull(RuntimeError):
 class GenerationJob:
     """One request's generation: a whole completion (`future`) or a stream of events (`events`).
 
-    A stream's events: ("delta", str), then ("done", Completion) or ("error", exception); or
+    A stream's events: ("delta", (str, [(token, Score), ...])), then ("done", Completion) or ("error", exception); or
     ("cancelled", None) once the job is cancelled. `submit` creates the future or the queue.
     """
 
@@ -48,6 +48,10 @@ class GenerationJob:
     cfg: SamplingConfig
     streamed: bool = False
     adapter: int = 0  # the served LoRA adapter the request's `model` names (0: the base model)
+    logprobs: int | None = None  # each generated token's log-probability and the top k (None: not asked for)
+    prompt_logprobs: bool = False  # the prompt's tokens scored too (echo)
+    scores: list = field(default_factory=list)  # palm.engine's Scores of the tokens returned, set when it ends
+    prompt_scores: list = field(default_factory=list)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # read by the worker thread
@@ -73,6 +77,7 @@ class _Running:
     job: GenerationJob
     request: Request
     row: Row
+    sent: int = 0  # scores already handed to a stream with its text
 
 
 class GenerationWorker:
@@ -171,7 +176,8 @@ class GenerationWorker:
             job = self._pending.popleft()
             if job.cancelled.is_set():
                 continue  # its client left while it waited: it never starts
-            request = Request(job.prompt_ids, job.cfg, adapter=job.adapter)
+            request = Request(job.prompt_ids, job.cfg, adapter=job.adapter, logprobs=job.logprobs,
+                              prompt_logprobs=job.prompt_logprobs)
             try:
                 self.engine.add(request)
             except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone
@@ -191,7 +197,7 @@ class GenerationWorker:
             if r is None or r.job.cancelled.is_set():
                 continue
             r.job.tokens += 1
-            self._send(r.job, r.row.feed(token))
+            self._send(r, r.row.feed(token))
             if r.row.finish is not None or request.finish is not None:
                 self._finish(r, None)
 
@@ -200,14 +206,22 @@ class GenerationWorker:
         if r in self._running:
             self._running.remove(r)
         if error is None:
-            self._send(r.job, r.row.close())
+            self._send(r, r.row.close(), last=True)
+            r.job.scores = r.request.scores[: len(r.row.ids)]  # none for an eos, nor past a stop string
+            r.job.prompt_scores = r.request.prompt_scores
         self._settle(r.job, error if error is not None else r.row.completion(r.job.prompt_tokens))
 
-    def _send(self, job: GenerationJob, piece: str) -> None:
-        """Hand a stream's new text to its response."""
-        if not (piece and job.streamed and not job.cancelled.is_set()):
+    def _send(self, r: _Running, piece: str, last: bool = False) -> None:
+        """Hand a stream's new text to its response, with the scores of the tokens it holds (all that are
+        left, with the last piece)."""
+        job = r.job
+        if not (job.streamed and not job.cancelled.is_set()) or not (piece or last and job.logprobs is not None):
             return
-        self._call(job, job.events.put_nowait, ("delta", piece))
+        upto = len(r.row.ids) if last else len(r.request.scores)
+        scores = list(zip(r.request.tokens[r.sent : upto], r.request.scores[r.sent : upto]))
+        r.sent = max(r.sent, upto)
+        if piece or scores:
+            self._call(job, job.events.put_nowait, ("delta", (piece, scores)))
 
     def _settle(self, job: GenerationJob, result: Completion | BaseException) -> None:
         self._call(job, _settle, job, result)
