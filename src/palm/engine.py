@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generate import Generator
+from .structured import Constraint
 from .kvcache import KVCache, attention_mask
 from .sampling import GenerationError, SamplingConfig, sample_rows
 
@@ -59,6 +60,7 @@ class Request:
     adapter: int = 0  # the served LoRA adapter this row decodes with (palm.multilora); 0 is the base model
     logprobs: int | None = None  # None: none; k: each generated token's log-probability and the top k
     prompt_logprobs: bool = False  # the prompt's tokens scored too (OpenAI's echo with logprobs)
+    constraint: Constraint | None = None  # structured output: the row's grammar (palm.structured)
     scores: list[Score] = field(default_factory=list)  # per generated token, when logprobs is set
     prompt_scores: list[Score | None] = field(default_factory=list)  # per prompt token (None: the first)
 
@@ -210,11 +212,19 @@ class Engine:
     def _sample(self, requests: list[Request], logits: torch.Tensor, span: int | None = None) -> list[int]:
         rows = torch.tensor([r.row for r in requests], device=self.device)
         seen = self.seen[rows, :span]
-        tokens = sample_rows(logits, seen, [r.cfg for r in requests], [r.rng for r in requests],
+        allowed = logits
+        if any(r.constraint is not None for r in requests):  # masked apart: log-probabilities stay the model's own
+            allowed = logits.float().clone()
+            for i, r in enumerate(requests):
+                if r.constraint is not None:
+                    r.constraint.restrict(allowed[i : i + 1])
+        tokens = sample_rows(allowed, seen, [r.cfg for r in requests], [r.rng for r in requests],
                              [len(r.prompt) for r in requests]).tolist()
         for i, r in enumerate(requests):
             if r.logprobs is not None:
                 r.scores += scores_of(logits[i : i + 1], tokens[i : i + 1], r.logprobs)
+            if r.constraint is not None:
+                r.constraint.accept(tokens[i])
         return tokens
 
     def _record(self, request: Request, token: int) -> None:

@@ -27,6 +27,7 @@ from .tokenizer import PalmTokenizer
 
 if TYPE_CHECKING:
     from .multilora import AdapterRows
+    from .structured import Grammars
 
 __all__ = ["Completion", "GenerationError", "Generator", "KVCache", "SamplingConfig", "forward_step"]
 
@@ -65,6 +66,15 @@ class Generator:
         self.compiled = compile
         self.step = Stepper(model, quantize, compile, in_place=in_place)
         self.adapters: AdapterRows | None = None  # served LoRA adapters, chosen per row (palm.multilora)
+        self._grammars: Grammars | None = None
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this model's vocabulary (structured output), made when first asked for."""
+        if self._grammars is None:
+            from .structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, sorted(self.eos_ids))
+        return self._grammars
 
     def add_adapters(self, adapters: Mapping[str, str | Path], max_rows: int = 256) -> None:
         """Serve these LoRA adapters (name -> peft directory) beside the base model, a choice per row."""

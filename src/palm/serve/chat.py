@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 
 from fastapi import APIRouter, Request
 
 from ..chat import ChatError, check_messages, encode_prompt
 from ..generate import Generator
+from ..structured import GrammarError, tool_schema
 from ..templates import reply_text
 from .handling import Reply, complete, fan_out, prepare, settings_of, stream, usage, worker_of
 from .logprobs import chat_logprobs
@@ -28,6 +31,20 @@ def render_chat(generator: Generator, messages: list[ChatMessage]) -> list[int]:
         raise APIError(400, str(e), "messages") from None
     except TemplateError as e:  # a template's raise_exception(): roles out of order, say
         raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
+
+
+def tool_call(text: str, tools: list[dict]) -> dict | None:
+    """OpenAI's tool_calls entry for a reply that is a call {"name": ..., "arguments": {...}} of one of the
+    tools (what a required call is constrained to; with "auto", a reply that happens to be one), else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    names = {t["function"]["name"] for t in tools}
+    if not (isinstance(value, dict) and value.get("name") in names and isinstance(value.get("arguments"), dict)):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}
 
 
 def _delta(delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
@@ -58,10 +75,20 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.max_completion_tokens is not None:
         requested, param = body.max_completion_tokens, "max_completion_tokens"
     prompt = render_chat(settings.generator, body.messages)
-    # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
-    job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit)
-    if job.streamed and body.choices > 1:
+    calls = body.calls_required()
+    if body.stream and body.choices > 1:
         raise APIError(400, "a streamed chat completion has n=1 (streaming several choices is not supported yet)", "n")
+    if body.stream and body.tools and body.tool_choice != "none":
+        raise APIError(400, "a streamed chat completion with tools is not supported yet", "stream")
+    as_json, schema = body.output_schema()
+    try:
+        structured = (tool_schema(body.tools, body.tool_choice), "tools") if calls \
+            else (schema, "response_format") if as_json else None
+    except GrammarError as e:
+        raise APIError(400, str(e), "tool_choice") from None
+    # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
+    job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit,
+                        structured=structured)
     if job.streamed:
         reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.served_name(body.model))
         lead = [_delta({"role": "assistant", "content": ""}, None)]
@@ -73,6 +100,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     choices = []
     for index, (j, done) in enumerate(zip(jobs, dones)):
         logprobs = chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
-        choices.append({"index": index, "message": {"role": "assistant", "content": reply_text(done.text)},
-                        "finish_reason": done.finish_reason, "logprobs": logprobs})
+        message, finish = {"role": "assistant", "content": reply_text(done.text)}, done.finish_reason
+        call = tool_call(reply_text(done.text), body.tools) if body.tools and body.tool_choice != "none" else None
+        if call is not None:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
     return reply.body(choices, usage=usage(job.prompt_tokens, sum(len(d.token_ids) for d in dones)))

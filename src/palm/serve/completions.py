@@ -34,8 +34,10 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream and (len(prompts) > 1 or body.choices > 1):
         raise APIError(400, "a streamed completion has one prompt and n=1 (streaming several choices is not "
                        "supported yet)", "n" if body.choices > 1 else "prompt")
-    jobs = [await prepare(settings, body, p, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
-            for p in prompts]
+    as_json, schema = body.output_schema()
+    structured = (schema, "response_format") if as_json else None
+    jobs = [await prepare(settings, body, p, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS,
+                          structured=structured) for p in prompts]
     reply = Reply.new("cmpl", "text_completion", settings.served_name(body.model))
     if jobs[0].streamed and not body.score_only:
         choice = _choices(tokenizer, jobs[0].logprobs)

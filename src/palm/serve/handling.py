@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from ..generate import Completion, GenerationError, Generator
 from ..sampling import MAX_SEED
+from ..structured import GrammarError
 from .options import ServeOptions
 from .schemas import APIError, SamplingRequest, error_body
 from .worker import GenerationJob, GenerationWorker, QueueFull, logger
@@ -118,8 +119,8 @@ async def encode_prompt(generator: Generator, prompt: str | list[int], param: st
 
 
 async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | list[int], prompt_param: str,
-                  requested: int | None, requested_param: str, default: int, extra_stops: Sequence[str] = ()
-                  ) -> GenerationJob:
+                  requested: int | None, requested_param: str, default: int, extra_stops: Sequence[str] = (),
+                  structured: tuple[dict | None, str] | None = None) -> GenerationJob:
     """The job for a request, or a 400 before it costs the model anything.
 
     An explicit max_tokens must fit with the prompt (OpenAI's rule); an unsaid one is `default`, cut
@@ -143,10 +144,16 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
                        requested_param)
     max_tokens = min(default, limit, room) if requested is None else max(requested, 1)  # 0: one token, dropped
     vocab = settings.generator.model.config.vocab_size
+    grammar = None
+    if structured is not None:  # (a JSON schema, or None for any JSON object; the field that asked for it)
+        try:
+            grammar = await run_in_threadpool(settings.generator.grammars().json, structured[0])
+        except GrammarError as e:
+            raise APIError(400, str(e), structured[1]) from None
     return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults, vocab),
                          streamed=bool(body.stream), adapter=settings.adapter_for(body.model),
                          logprobs=body.top_count(), prompt_logprobs=bool(getattr(body, "echo", False))
-                         and body.top_count() is not None)
+                         and body.top_count() is not None, grammar=grammar)
 
 
 def fan_out(job: GenerationJob, n: int) -> list[GenerationJob]:

@@ -88,35 +88,48 @@ class SamplingRequest(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
-    # Fields of OpenAI's API that change what a client gets back, which palm does not do yet: a 400 naming
+    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    # Fields of OpenAI's API that change what a client gets back and that palm does not do: a 400 naming
     # the field, never a reply that silently ignores it. Each is allowed at its "off" value.
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     suffix: Any = None
 
     @field_validator("response_format")
     @classmethod
-    def _text_only_format(cls, v: Any) -> Any:
-        if v is not None and not (isinstance(v, dict) and v.get("type") == "text"):
-            raise ValueError("only response_format {\"type\": \"text\"} is supported; structured output is not")
+    def _format(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        kind = v.get("type") if isinstance(v, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError('response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                             '"json_schema": {"name": ..., "schema": {...}}}')
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("response_format.json_schema must be an object with a \"schema\" object")
         return v
 
-    @field_validator("tools", "functions", "suffix")
+    @field_validator("functions", "suffix")
     @classmethod
     def _absent(cls, v: Any, info: ValidationInfo) -> Any:
         if v not in (None, [], ""):
-            raise ValueError(f"{info.field_name} is not supported")
+            raise ValueError(f"{info.field_name} is not supported" + (" (use tools)" if info.field_name == "functions" else ""))
         return v
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
     def _no_calls(cls, v: Any, info: ValidationInfo) -> Any:
         if v not in (None, "none"):
-            raise ValueError(f"{info.field_name} is not supported (tool calls are not)")
+            raise ValueError(f"{info.field_name} is not supported (use tools and tool_choice)")
         return v
+
+    def output_schema(self) -> tuple[bool, dict | None]:
+        """(whether the reply is JSON, its schema or None for any JSON object), from response_format."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_schema":
+            return True, self.response_format["json_schema"].get("schema") or {"type": "object"}
+        return kind == "json_object", None
 
     @field_validator("logit_bias")
     @classmethod
@@ -213,6 +226,15 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: Any = Field(...)  # a string, a list of token ids, or a list of exactly one of either
     echo: Optional[bool] = False
+    tools: Any = None  # a chat field: refused here
+    tool_choice: Any = None
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _chat_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, [], "none"):
+            raise ValueError(f"{info.field_name} is a chat completion field")
+        return v
 
     @field_validator("logprobs")
     @classmethod
@@ -285,6 +307,36 @@ class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Any = None  # [{"type": "function", "function": {"name", "description", "parameters"}}]
+    tool_choice: Any = None  # "none", "auto" (the default with tools), "required", or {"type": "function", ...}
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"]
+            and isinstance(t["function"].get("parameters", {}), dict) for t in v
+        ):
+            raise ValueError('tools is a list of {"type": "function", "function": {"name": str, "parameters": {...}}}')
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        named = isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict) \
+            and isinstance(v["function"].get("name"), str)
+        if v is not None and v not in ("none", "auto", "required") and not named:
+            raise ValueError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+        return v
+
+    def calls_required(self) -> bool:
+        """Whether the reply must be a call of one of the tools (constrained), rather than free text."""
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     @field_validator("logprobs")
     @classmethod

@@ -20,6 +20,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine import Engine, Request
 from ..generate import Completion, Generator, SamplingConfig
@@ -50,6 +51,7 @@ class GenerationJob:
     adapter: int = 0  # the served LoRA adapter the request's `model` names (0: the base model)
     logprobs: int | None = None  # each generated token's log-probability and the top k (None: not asked for)
     prompt_logprobs: bool = False  # the prompt's tokens scored too (echo)
+    grammar: Any = None  # structured output: the compiled grammar the reply must follow (palm.structured)
     scores: list = field(default_factory=list)  # palm.engine's Scores of the tokens returned, set when it ends
     prompt_scores: list = field(default_factory=list)
     future: asyncio.Future | None = None
@@ -176,8 +178,9 @@ class GenerationWorker:
             job = self._pending.popleft()
             if job.cancelled.is_set():
                 continue  # its client left while it waited: it never starts
+            constraint = self.generator.grammars().constraint(job.grammar) if job.grammar is not None else None
             request = Request(job.prompt_ids, job.cfg, adapter=job.adapter, logprobs=job.logprobs,
-                              prompt_logprobs=job.prompt_logprobs)
+                              prompt_logprobs=job.prompt_logprobs, constraint=constraint)
             try:
                 self.engine.add(request)
             except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone
