@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def workload(clients: int, per_client: int) -> list[list[dict]]:
 async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
     result = Result(ok=False, streamed=req["stream"], start=time.perf_counter())
     extra = {"seed": req["seed"]} if req["seed"] is not None else {}
+    if req.get("extra_body"):
+        extra["extra_body"] = req["extra_body"]
     try:
         if req["stream"]:
             last = None
@@ -110,8 +113,9 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
     return result
 
 
-async def level(base: str, model: str, clients: int, per_client: int, timeout: float) -> dict:
-    requests = workload(clients, per_client)
+async def level(base: str, model: str, clients: int, per_client: int, timeout: float,
+                load: Callable[[int, int], list[list[dict]]] = None) -> dict:
+    requests = (load or workload)(clients, per_client)
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout,
                                 http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 4)))
     deadline = time.perf_counter() + timeout
@@ -129,11 +133,12 @@ async def level(base: str, model: str, clients: int, per_client: int, timeout: f
     await client.close()
     good = [r for r in results if r.ok]
     ttft = [r.first - r.start for r in good if r.streamed and r.first is not None]
+    mean_ttft = statistics.fmean(ttft) if ttft else None
     gaps = [g for r in good for g in r.gaps]
     return {"clients": clients, "requests": len(results), "failed": len(results) - len(good),
             "errors": sorted({r.error for r in results if not r.ok})[:3], "wall_s": wall,
             "output_tokens": sum(r.tokens for r in good), "tokens_per_s": sum(r.tokens for r in good) / wall,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99)}
+            "ttft_mean": mean_ttft, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99)}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -214,7 +219,7 @@ def start_server(kind: str, model: Path, port: int, args, log) -> subprocess.Pop
     elif kind == "palm":
         cmd = [sys.executable, "-m", "palm.cli", "serve", "--model", str(model), "--host", HOST, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-tokens-limit", "512", "--max-queue", "1024",
-               "--max-model-len", str(args.max_model_len)]
+               "--max-model-len", str(args.max_model_len), *getattr(args, "serve_flags", [])]
     else:
         cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())", "serve", str(model), "--continuous-batching",
                "--trust-remote-code", "--host", HOST, "--port", str(port), "--device", "cpu", "--dtype", dtype_name()]
@@ -237,7 +242,7 @@ def run_server(kind: str, model: Path, args) -> dict:
                 tail = [line.strip() for line in log.read().splitlines() if line.strip()][-3:]
                 return {"server": kind, "unavailable": f"{why}; its log ends: {' | '.join(tail)}"}
             levels = [asyncio.run(level(base, served_name(kind, model), n, args.requests_per_client,
-                                        args.level_timeout)) for n in args.clients]
+                                        args.level_timeout, getattr(args, "load", None))) for n in args.clients]
             return {"server": kind, "levels": levels, "peak_rss": peak_rss(proc.pid)}
         finally:
             proc.terminate()

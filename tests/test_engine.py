@@ -122,3 +122,28 @@ def test_the_pool_is_allocated_once(generator):
     keys = [k.data_ptr() for k in engine.cache.keys]
     run(engine, [(i, Request(generator.encode(p), SamplingConfig(max_new_tokens=4))) for i, p in enumerate(PROMPTS[2:5])])
     assert [k.data_ptr() for k in engine.cache.keys] == keys and torch.isfinite(engine.cache.keys[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer, dtype):
+    """Prompts that share a long system prompt, arriving while the first is still being prefilled and after
+    it: with reuse, their whole shared chunks are copied from the row that holds them (only what that row
+    has prefilled so far), and every token equals the run without reuse."""
+    generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
+    system = tokenizer.encode("You are a helpful assistant who answers in one short sentence. " * 3)
+    prompts = [system + tokenizer.encode(q, bos=False) for q in ("What is 2 + 2?", "Name a colour.", "说一个城市。",
+                                                                 "What is 2 + 3?")]
+    prompts.append(tokenizer.encode("An unrelated prompt with nothing shared"))
+
+    def serve(reuse: bool) -> tuple[list[list[int]], int]:
+        engine = Engine(generator, max_batch=4, prefill_chunk=8, reuse=reuse)
+        requests = [Request(list(p), SamplingConfig(max_new_tokens=10)) for p in prompts]
+        run(engine, list(zip([0, 1, 40, 40, 41], requests)))
+        return [r.tokens for r in requests], engine.reused_tokens
+
+    plain, none = serve(False)
+    shared, reused = serve(True)
+    assert shared == plain and none == 0
+    # request 1 arrives after one step (the first 8 tokens are in), requests 2 and 3 once the first two are done
+    whole = (len(system) // 8) * 8
+    assert reused >= 8 + 2 * whole and len(system) > 16  # (more where "What is 2 + " is shared too)

@@ -55,6 +55,11 @@ class KVCache:
         values[rows, :, self.slots] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, : self.span], values[:, :, : self.span]
 
+    def copy_slots(self, src: int, dst: int, length: int) -> None:
+        """Row dst's first `length` slots become row src's (every layer's keys and values)."""
+        for t in self.keys + self.values:
+            t[dst, :, :length] = t[src, :, :length]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.slots.max()) + 1
 

@@ -157,6 +157,7 @@ def serve_command(
     max_batch: Annotated[int, typer.Option("--max-batch", help="KV-cache rows: requests decoded together, joining and leaving at any step.")] = 16,
     max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Slots per cache row, prompt + completion (default: the model's context).")] = None,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per step, between decode steps.")] = 256,
+    prefix_reuse: Annotated[bool, typer.Option("--prefix-reuse/--no-prefix-reuse", help="Copy a prompt's chunks that a cache row already holds (a shared system prompt) instead of prefilling them.")] = True,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a row; more get 429.")] = 64,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (a graph per batch and length window).")] = False,
     quantize: Annotated[str, typer.Option("--quantize", help="Decode weights: none, int8 or fp16 (fp16: x86 CPUs; int8 is batch-exact only on AVX512/AMX CPUs with bf16).")] = "none",
@@ -174,7 +175,7 @@ def serve_command(
           adapters=adapters,
           max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, max_stop=max_stop,
           max_stop_length=max_stop_length, max_batch=max_batch, max_model_len=max_model_len,
-          prefill_chunk=prefill_chunk, max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)
+          prefill_chunk=prefill_chunk, prefix_reuse=prefix_reuse, max_queue=max_queue, read_timeout=read_timeout, api_key=api_key)
 
 
 def served_adapters(specs: list[str], base_name: str) -> tuple[Path | None, dict[str, Path]]:

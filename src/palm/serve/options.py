@@ -27,6 +27,7 @@ class ServeOptions:
     max_batch: int = 16  # cache rows: requests decoded together, joining and leaving at any step
     max_model_len: int | None = None  # slots per row, prompt + completion; None: the model's context
     prefill_chunk: int = 256  # prompt tokens written per step, so new prompts and running streams share each step
+    prefix_reuse: bool = True  # a prompt's whole chunks that a cache row already holds are copied, not prefilled
     max_queue: int = 64  # requests waiting for a row; one more is answered 429
     max_body_bytes: int = 1_000_000
     read_timeout: float = 30.0  # seconds a client has to send its headers, and then its body

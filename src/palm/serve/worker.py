@@ -86,9 +86,9 @@ class GenerationWorker:
     """Owns the one thread that touches the model, and the engine whose rows the jobs share."""
 
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, prefix_reuse: bool = True):
         self.generator = generator
-        self.engine = Engine(generator, max(1, max_batch), max_model_len, prefill_chunk)
+        self.engine = Engine(generator, max(1, max_batch), max_model_len, prefill_chunk, reuse=prefix_reuse)
         self.max_batch = self.engine.max_batch
         self.max_queue = max(1, max_queue)
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # rows decoded per step, latest steps: for monitoring and tests

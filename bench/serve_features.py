@@ -1,0 +1,87 @@
+"""Two of `palm serve`'s features under load, each against itself without it, in the same run (bench/serve.py's
+clients, levels and random `tiny` model; servers and clients share this machine's cores):
+
+- `prefix`: 32 clients whose prompts share a ~400-token system prompt (each with its own question), streamed,
+  with prefix reuse on and off (`--no-prefix-reuse`), both at `--prefill-chunk 64`: mean time to first token,
+  and its ratio.
+- `constrained`: 8 clients, every request a json_schema reply, against the same load unconstrained (the same
+  prompts and budgets, free text): output tokens/s, and the constrained load's cost.
+
+    python bench/serve_features.py [--parts prefix,constrained] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import WORDS, make_model, run_server  # noqa: E402
+
+SYSTEM = ("You are the assistant of a library. " + " ".join(WORDS * 25))[:1500]  # about 400 tokens of a tiny vocab
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "count", "ok"],
+          "properties": {"title": {"type": "string", "maxLength": 24}, "count": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 999},
+                         "ok": {"type": "boolean"}}}
+
+
+def shared_prefix(clients: int, per_client: int) -> list[list[dict]]:
+    return [[{"prompt": f"{SYSTEM}\nQuestion {c}.{j}: what is {c} + {j}?\nAnswer:", "max_tokens": 16, "stream": True,
+              "temperature": 0.0, "seed": None} for j in range(per_client)] for c in range(clients)]
+
+
+def json_load(constrained: bool):
+    def load(clients: int, per_client: int) -> list[list[dict]]:
+        fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+        return [[{"prompt": f"item {c}.{j} as JSON:", "max_tokens": 48, "stream": j % 2 == 1, "temperature": 0.8,
+                  "seed": c * 100 + j, **({"extra_body": {"response_format": fmt}} if constrained else {})}
+                 for j in range(per_client)] for c in range(clients)]
+    return load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="prefix,constrained")
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    base = dict(max_batch=32, max_model_len=640, level_timeout=600.0, start_timeout=180.0,
+                requests_per_client=args.requests_per_client)
+    print(f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared by server and clients\n")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp))
+        if "prefix" in args.parts:
+            runs = {}
+            # Reuse copies whole prefill chunks (so that the numbers are the ones a prefill would make): chunks of
+            # 64 tokens let it take 384 of the system prompt's ~400, where 256-token chunks take 256.
+            chunk = ["--prefill-chunk", "64"]
+            for name, flags in (("reuse", chunk), ("no reuse", [*chunk, "--no-prefix-reuse"])):
+                ns = argparse.Namespace(**base, clients=[32], load=shared_prefix, serve_flags=flags)
+                runs[name] = run_server("palm", model, ns)["levels"][0]
+            on, off = runs["reuse"]["ttft_mean"], runs["no reuse"]["ttft_mean"]
+            print(f"shared ~400-token system prompt, 32 clients: mean TTFT {on * 1e3:.0f} ms with prefix reuse, "
+                  f"{off * 1e3:.0f} ms without: {off / on:.2f}x; failures {runs['reuse']['failed']} / "
+                  f"{runs['no reuse']['failed']}")
+            results["prefix"] = runs
+        if "constrained" in args.parts:
+            runs = {}
+            for name, constrained in (("free", False), ("json_schema", True)):
+                ns = argparse.Namespace(**base, clients=[8], load=json_load(constrained), serve_flags=[])
+                runs[name] = run_server("palm", model, ns)["levels"][0]
+            free, bound = runs["free"]["tokens_per_s"], runs["json_schema"]["tokens_per_s"]
+            print(f"8 clients: {free:.1f} output tok/s free, {bound:.1f} with every reply a json_schema: "
+                  f"{(1 - bound / free) * 100:.1f}% slower; failures {runs['free']['failed']} / "
+                  f"{runs['json_schema']['failed']}")
+            results["constrained"] = runs
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
