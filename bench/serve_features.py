@@ -56,24 +56,24 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp))
+        def levels(clients: int, variants: dict) -> dict:
+            """One level of `clients` for each variant name -> (load, serve flags), each on a fresh server."""
+            return {name: run_server("palm", model, argparse.Namespace(**base, clients=[clients], load=load,
+                                                                         serve_flags=flags))["levels"][0]
+                    for name, (load, flags) in variants.items()}
+
         if "prefix" in args.parts:
-            runs = {}
             # Reuse copies whole prefill chunks (so that the numbers are the ones a prefill would make): chunks of
             # 64 tokens let it take 384 of the system prompt's ~400, where 256-token chunks take 256.
             chunk = ["--prefill-chunk", "64"]
-            for name, flags in (("reuse", chunk), ("no reuse", [*chunk, "--no-prefix-reuse"])):
-                ns = argparse.Namespace(**base, clients=[32], load=shared_prefix, serve_flags=flags)
-                runs[name] = run_server("palm", model, ns)["levels"][0]
+            runs = levels(32, {"reuse": (shared_prefix, chunk), "no reuse": (shared_prefix, [*chunk, "--no-prefix-reuse"])})
             on, off = runs["reuse"]["ttft_mean"], runs["no reuse"]["ttft_mean"]
             print(f"shared ~400-token system prompt, 32 clients: mean TTFT {on * 1e3:.0f} ms with prefix reuse, "
                   f"{off * 1e3:.0f} ms without: {off / on:.2f}x; failures {runs['reuse']['failed']} / "
                   f"{runs['no reuse']['failed']}")
             results["prefix"] = runs
         if "constrained" in args.parts:
-            runs = {}
-            for name, constrained in (("free", False), ("json_schema", True)):
-                ns = argparse.Namespace(**base, clients=[8], load=json_load(constrained), serve_flags=[])
-                runs[name] = run_server("palm", model, ns)["levels"][0]
+            runs = levels(8, {"free": (json_load(False), []), "json_schema": (json_load(True), [])})
             free, bound = runs["free"]["tokens_per_s"], runs["json_schema"]["tokens_per_s"]
             print(f"8 clients: {free:.1f} output tok/s free, {bound:.1f} with every reply a json_schema: "
                   f"{(1 - bound / free) * 100:.1f}% slower; failures {runs['free']['failed']} / "
