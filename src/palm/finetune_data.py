@@ -100,18 +100,10 @@ def _completion(tok: PalmTokenizer, text: str, max_len: int) -> list[int]:
 
 def _encode_task_row(tok: PalmTokenizer, row: TaskRow, max_len: int) -> tuple[Encoded, bool]:
     completion = _completion(tok, row.completion, max_len)
-    room = max_len - len(completion)
-    prompt = tok.encode(row.prompt(), bos=False)
-    cut = len(prompt) > room
-    if cut:  # the longest head of the document that fits: token counts grow with the characters kept
-        fits = lambda keep: len(tok.encode(row.prompt(keep), bos=False)) <= room  # noqa: E731
-        if not fits(0):
-            raise DataError(f"a row's instruction and completion alone are longer than --seq-len {max_len} allows")
-        lo, hi = 0, len(row.values[row.cut])
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        prompt = tok.encode(row.prompt(lo), bos=False)
+    fitted = row.fitted(tok, max_len - len(completion), bos=False)
+    if fitted is None:
+        raise DataError(f"a row's instruction and completion alone are longer than --seq-len {max_len} allows")
+    prompt, cut = fitted
     return ([tok.bos_id] + prompt + completion, [False] * (1 + len(prompt)) + [True] * len(completion)), cut
 
 

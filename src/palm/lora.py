@@ -79,6 +79,18 @@ def check_adapter_dir(path: str | Path) -> Path:
     return path
 
 
+def adapter_tokenizer(adapter_dir: Path, base: PalmTokenizer, base_dir: str | Path) -> PalmTokenizer | None:
+    """The tokenizer saved with an adapter (None if it has none), checked to be its base model's vocabulary.
+
+    peft checks only the shapes the adapters touch, which any base of the same width passes; the vocabulary
+    saved with the adapter is what names the model it was trained on."""
+    own = PalmTokenizer.load(adapter_dir) if (adapter_dir / "tokenizer.json").is_file() else None
+    if own is not None and own.hf.get_vocab() != base.hf.get_vocab():
+        raise CheckpointError(f"adapter {adapter_dir} was trained on a model with another vocabulary ({len(own)} "
+                              f"pieces) than the one in {base_dir} ({len(base)})")
+    return own
+
+
 def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | None = None, dtype: str = "auto"):
     """(base + adapter, merged into plain weights; its tokenizer): the adapter's own tokenizer when it has
     one (a chat fine-tuning saves its chat template there), else the base's."""
@@ -86,12 +98,7 @@ def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | Non
 
     adapter_dir = check_adapter_dir(adapter_dir)
     model, tokenizer = load_model(base_dir, device=device, dtype=dtype)  # checks base_dir first
-    own = PalmTokenizer.load(adapter_dir) if (adapter_dir / "tokenizer.json").is_file() else None
-    # peft checks only the shapes the adapters touch, which any base of the same width passes; the
-    # vocabulary saved with the adapter is what names the model it was trained on.
-    if own is not None and own.hf.get_vocab() != tokenizer.hf.get_vocab():
-        raise CheckpointError(f"adapter {adapter_dir} was trained on a model with another vocabulary ({len(own)} "
-                              f"pieces) than the one in {base_dir} ({len(tokenizer)})")
+    own = adapter_tokenizer(adapter_dir, tokenizer, base_dir)
     try:
         with quiet_transformers():
             merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, check_adapter_dir
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_tokenizer, check_adapter_dir
 from .tokenizer import PalmTokenizer
 
 
@@ -64,9 +64,7 @@ def _read(name: str, path: Path, tokenizer: PalmTokenizer) -> tuple[dict, dict[s
     for field, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if raw.get(field) == bad:
             raise CheckpointError(f"adapter {name} ({path}) sets {field}, which palm's multi-adapter serving does not run")
-    own = PalmTokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-    if own is not None and own.hf.get_vocab() != tokenizer.hf.get_vocab():
-        raise CheckpointError(f"adapter {name} ({path}) was trained on a model with another vocabulary")
+    adapter_tokenizer(path, tokenizer, "the served model")
     try:
         weights = load_file(str(path / ADAPTER_WEIGHTS))
     except (OSError, SafetensorError) as e:

@@ -64,14 +64,8 @@ def generations(model, tokenizer: PalmTokenizer, rows: Sequence[TaskRow], *, max
 
 
 def _prompt_ids(tokenizer: PalmTokenizer, row: TaskRow, room: int) -> list[int]:
-    ids = tokenizer.encode(row.prompt())
-    if len(ids) <= room:
-        return ids
-    lo, hi = 0, len(row.values[row.cut])
-    while lo < hi:  # the longest head of the document that fits, as training cuts it
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if len(tokenizer.encode(row.prompt(mid))) <= room else (lo, mid - 1)
-    return tokenizer.encode(row.prompt(lo))[-room:]
+    fitted = row.fitted(tokenizer, room, bos=True)  # the document's head kept, as training cuts it
+    return fitted[0] if fitted is not None else tokenizer.encode(row.prompt(0))[-room:]
 
 
 def task_scores(predictions: Sequence[str], rows: Sequence[TaskRow], names: Sequence[str]) -> dict[str, float]:

@@ -67,6 +67,22 @@ class TaskRow:
         values = self.values if keep is None else {**self.values, self.cut: self.values[self.cut][:keep]}
         return self.template.format(**values)
 
+    def fitted(self, tokenizer, room: int, bos: bool) -> tuple[list[int], bool] | None:
+        """(the prompt's ids in at most `room` tokens, whether the cut field lost its tail); None when even the
+        prompt without the cut field is longer. The prompt is tokenized whole, as at inference: the longest
+        head of the field that fits is found by bisection (token counts grow with the characters kept)."""
+        ids = tokenizer.encode(self.prompt(), bos=bos)
+        if len(ids) <= room:
+            return ids, False
+        fits = lambda keep: len(tokenizer.encode(self.prompt(keep), bos=bos)) <= room  # noqa: E731
+        if not fits(0):
+            return None
+        lo, hi = 0, len(self.values[self.cut])
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return tokenizer.encode(self.prompt(lo), bos=bos), True
+
 
 @dataclass(frozen=True)
 class Schema:
