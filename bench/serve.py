@@ -120,12 +120,14 @@ async def level(base: str, model: str, clients: int, per_client: int, timeout: f
                                 http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 4)))
     deadline = time.perf_counter() + timeout
     results: list[Result] = []
+    tokens_of = [[0] * len(reqs) for reqs in requests]  # each request's output tokens, by client and turn
 
     async def run_client(c: int) -> None:
-        for req in requests[c]:
+        for j, req in enumerate(requests[c]):
             if time.perf_counter() > deadline:
                 return  # bounded in time: what is left is not sent
             results.append(await one(client, model, req))
+            tokens_of[c][j] = results[-1].tokens
 
     start = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(run_client(c) for c in range(clients))), timeout + 60)
@@ -138,7 +140,8 @@ async def level(base: str, model: str, clients: int, per_client: int, timeout: f
     return {"clients": clients, "requests": len(results), "failed": len(results) - len(good),
             "errors": sorted({r.error for r in results if not r.ok})[:3], "wall_s": wall,
             "output_tokens": sum(r.tokens for r in good), "tokens_per_s": sum(r.tokens for r in good) / wall,
-            "ttft_mean": mean_ttft, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99)}
+            "ttft_mean": mean_ttft, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
+            "request_tokens": tokens_of}
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -2,10 +2,11 @@
 clients, levels and random `tiny` model; servers and clients share this machine's cores):
 
 - `prefix`: 32 clients whose prompts share a ~400-token system prompt (each with its own question), streamed,
-  with prefix reuse on and off (`--no-prefix-reuse`), both at `--prefill-chunk 64`: mean time to first token,
-  and its ratio.
+  with prefix reuse on and off (`--no-prefix-reuse`), at the default `--prefill-chunk`: mean time to first
+  token, and its ratio.
 - `constrained`: 8 clients, every request a json_schema reply, against the same load unconstrained (the same
-  prompts and budgets, free text): output tokens/s, and the constrained load's cost.
+  prompts, seeds and sampling, free text, each request's max_tokens the length of its constrained reply, so
+  that both loads carry the same requests and tokens): output tokens/s, and the constrained load's cost.
 
     python bench/serve_features.py [--parts prefix,constrained] [--json FILE]
 """
@@ -35,11 +36,13 @@ def shared_prefix(clients: int, per_client: int) -> list[list[dict]]:
               "temperature": 0.0, "seed": None} for j in range(per_client)] for c in range(clients)]
 
 
-def json_load(constrained: bool):
+def json_load(lengths: list[list[int]] | None = None):
+    """Every reply a json_schema (lengths None), or free text with request (c, j)'s max_tokens lengths[c][j]."""
     def load(clients: int, per_client: int) -> list[list[dict]]:
         fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
-        return [[{"prompt": f"item {c}.{j} as JSON:", "max_tokens": 48, "stream": j % 2 == 1, "temperature": 0.8,
-                  "seed": c * 100 + j, **({"extra_body": {"response_format": fmt}} if constrained else {})}
+        return [[{"prompt": f"item {c}.{j} as JSON:", "max_tokens": max(1, lengths[c][j]) if lengths else 48,
+                  "stream": j % 2 == 1, "temperature": 0.8, "seed": c * 100 + j,
+                  **({} if lengths else {"extra_body": {"response_format": fmt}})}
                  for j in range(per_client)] for c in range(clients)]
     return load
 
@@ -63,9 +66,7 @@ def main() -> None:
                     for name, (load, flags) in variants.items()}
 
         if "prefix" in args.parts:
-            # Reuse copies whole prefill chunks (so that the numbers are the ones a prefill would make): chunks of
-            # 64 tokens let it take 384 of the system prompt's ~400, where 256-token chunks take 256.
-            chunk = ["--prefill-chunk", "64"]
+            chunk: list[str] = []  # the default, 256-token chunks
             runs = levels(32, {"reuse": (shared_prefix, chunk), "no reuse": (shared_prefix, [*chunk, "--no-prefix-reuse"])})
             on, off = runs["reuse"]["ttft_mean"], runs["no reuse"]["ttft_mean"]
             print(f"shared ~400-token system prompt, 32 clients: mean TTFT {on * 1e3:.0f} ms with prefix reuse, "
@@ -73,7 +74,8 @@ def main() -> None:
                   f"{runs['no reuse']['failed']}")
             results["prefix"] = runs
         if "constrained" in args.parts:
-            runs = levels(8, {"free": (json_load(False), []), "json_schema": (json_load(True), [])})
+            runs = levels(8, {"json_schema": (json_load(), [])})
+            runs.update(levels(8, {"free": (json_load(runs["json_schema"]["request_tokens"]), [])}))
             free, bound = runs["free"]["tokens_per_s"], runs["json_schema"]["tokens_per_s"]
             print(f"8 clients: {free:.1f} output tok/s free, {bound:.1f} with every reply a json_schema: "
                   f"{(1 - bound / free) * 100:.1f}% slower; failures {runs['free']['failed']} / "

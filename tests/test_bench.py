@@ -204,3 +204,19 @@ def test_scale_runs_a_part_alone_and_keeps_the_others(tmp_path):
     assert checkpoint["bytes"] == sum(checkpoint["files"].values()) and checkpoint["write_rate"] > 0
     text = out.with_suffix(".md").read_text()
     assert "| tiny | failed: kept |" in text and "**checkpoint**" in text
+
+
+def test_structured_bench_checks_each_library_on_a_palm_vocabulary(tokenizer_dir):
+    """bench/structured.py's measure() walks valid replies through a library's masks: xgrammar (palm's) allows
+    every token and the end; a reply its grammar cannot produce is reported wrong, not timed."""
+    structured = load("structured")
+    from palm.tokenizer import PalmTokenizer
+
+    tok = PalmTokenizer.load(tokenizer_dir)
+    texts = structured.replies(3)
+    ids = [tok.encode(t, bos=False) for t in texts]
+    row = structured.measure(structured.XGrammar, tok, tok.eos_id, texts, ids)
+    assert row["wrong"] is None and row["tokens"] == sum(len(i) + 1 for i in ids)
+    spaced = ['{"title": "a", "count": 1, "ok": true}']  # not the compact separators the grammar is set to
+    row = structured.measure(structured.XGrammar, tok, tok.eos_id, spaced, [tok.encode(spaced[0], bos=False)])
+    assert "refused token" in row["wrong"]

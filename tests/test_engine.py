@@ -124,11 +124,12 @@ def test_the_pool_is_allocated_once(generator):
     assert [k.data_ptr() for k in engine.cache.keys] == keys and torch.isfinite(engine.cache.keys[0]).all()
 
 
+@pytest.mark.parametrize("chunk", [8, 24], ids=["one-block-a-step", "three-blocks-a-step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer, dtype):
+def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer, dtype, chunk):
     """Prompts that share a long system prompt, arriving while the first is still being prefilled and after
-    it: with reuse, their whole shared chunks are copied from the row that holds them (only what that row
-    has prefilled so far), and every token equals the run without reuse."""
+    it: with reuse, their whole shared blocks are copied from the row that holds them (only what that row
+    has prefilled so far), and every token equals the run without reuse (cut in the same blocks)."""
     generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
     system = tokenizer.encode("You are a helpful assistant who answers in one short sentence. " * 3)
     prompts = [system + tokenizer.encode(q, bos=False) for q in ("What is 2 + 2?", "Name a colour.", "说一个城市。",
@@ -136,7 +137,7 @@ def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer,
     prompts.append(tokenizer.encode("An unrelated prompt with nothing shared"))
 
     def serve(reuse: bool) -> tuple[list[list[int]], int]:
-        engine = Engine(generator, max_batch=4, prefill_chunk=8, reuse=reuse)
+        engine = Engine(generator, max_batch=4, prefill_chunk=chunk, reuse=reuse, block=8)
         requests = [Request(list(p), SamplingConfig(max_new_tokens=10)) for p in prompts]
         run(engine, list(zip([0, 1, 40, 40, 41], requests)))
         return [r.tokens for r in requests], engine.reused_tokens
@@ -147,3 +148,37 @@ def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer,
     # request 1 arrives after one step (the first 8 tokens are in), requests 2 and 3 once the first two are done
     whole = (len(system) // 8) * 8
     assert reused >= 8 + 2 * whole and len(system) > 16  # (more where "What is 2 + " is shared too)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_choices_of_one_prompt_fork_from_one_prefill(tokenizer, dtype):
+    """OpenAI's n: requests for the same prompt, arriving together or while it is prefilled, take its keys,
+    values and last logits from the row that prefilled it (the prompt runs through the model once), and each
+    samples exactly what it samples alone."""
+    generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
+    prompt = tokenizer.encode("The choices of one prompt share its prefill: " * 3)
+    cfgs = [SamplingConfig(max_new_tokens=8, temperature=0.9, seed=s) for s in (1, 2, 3, 4)] + \
+        [SamplingConfig(max_new_tokens=8, temperature=0.0)]
+
+    def serve(requests: list[Request], arrivals: list[int]) -> Engine:
+        engine = Engine(generator, max_batch=8, prefill_chunk=16)
+        calls = []
+        prefill = generator.step.prefill
+        generator.step.prefill = lambda *a, **k: calls.append(a[1].shape[1]) or prefill(*a, **k)
+        try:
+            run(engine, list(zip(arrivals, requests)))
+        finally:
+            del generator.step.prefill
+        engine.prefilled = sum(calls)
+        return engine
+
+    alone = []
+    for cfg in cfgs:
+        request = Request(list(prompt), cfg)
+        serve([request], [0])
+        alone.append(request.tokens)
+    requests = [Request(list(prompt), cfg) for cfg in cfgs]
+    engine = serve(requests, [0, 0, 0, 1, 40])  # the fourth arrives mid-prefill, the last after all are done
+    assert [r.tokens for r in requests] == alone
+    assert len(set(map(tuple, alone))) > 2  # the seeds differ
+    assert engine.prefilled == len(prompt) and engine.reused_tokens == 4 * len(prompt) and len(prompt) > 32

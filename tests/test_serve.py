@@ -189,7 +189,6 @@ BAD_COMPLETIONS = {
     "negative-temperature": ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     "top_p-over-one": ({"prompt": PROMPT, "top_p": 1.5}, "top_p"),
     "n-over-128": ({"prompt": PROMPT, "n": 129}, "n"),
-    "n-two-streamed": ({"prompt": PROMPT, "n": 2, "stream": True}, "n"),
     "best_of-two": ({"prompt": PROMPT, "best_of": 2}, "best_of"),
     "logprobs-over-20": ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
     "max_tokens-zero-without-echo": ({"prompt": PROMPT, "max_tokens": 0, "logprobs": 1}, "max_tokens"),
@@ -207,7 +206,6 @@ BAD_COMPLETIONS = {
     "suffix": ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     "token-past-vocabulary": ({"prompt": [1, 10**6]}, "prompt"),
     "negative-token": ({"prompt": [1, -2]}, "prompt"),
-    "batch-streamed": ({"prompt": [[1, 5], [1, 6]], "stream": True}, "prompt"),
     "batch-with-a-bad-prompt": ({"prompt": ["a", ""]}, "prompt"),
     "empty-token-list": ({"prompt": []}, "prompt"),
 }
@@ -329,3 +327,33 @@ def test_n_choices_and_a_batch_of_prompts(generator, client):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                           temperature=1.0, seed=3, n=2)
     assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_several_choices_and_prompts_stream_together_as_they_come_whole(generator, client):
+    """Streamed, each choice's deltas (told apart by their index, interleaved) join into the text that the
+    same request returns whole; usage counts each prompt once; chat gives every choice its role first."""
+    ids = generator.encode(PROMPT)
+    asked = dict(model=MODEL, prompt=[PROMPT, "def f(x):"], max_tokens=8, temperature=1.0, seed=5, n=2)
+    whole = client.completions.create(**asked)
+    texts, finishes, order = {}, {}, []
+    for chunk in client.completions.create(**asked, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            order.append(c.index)
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert texts == {c.index: c.text for c in whole.choices} and len(texts) == 4 and len(set(texts.values())) > 2
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert order != sorted(order)  # the four rows decode side by side
+    assert usage.prompt_tokens == whole.usage.prompt_tokens == len(ids) + len(generator.encode("def f(x):"))
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=1.0, seed=3, n=3)
+    whole = client.chat.completions.create(**chat)
+    texts, roles = {}, set()
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        for c in chunk.choices:
+            roles |= {c.index} if c.delta.role == "assistant" else set()
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in whole.choices} and roles == {0, 1, 2}

@@ -80,6 +80,30 @@ def test_a_required_tool_call_is_a_valid_call(served):
                 assert call.function.name == "get_time"
 
 
+def test_a_streamed_tool_call_comes_as_one_tool_calls_delta(served):
+    """Streamed with tools, a call is held back and sent as one `tool_calls` delta (OpenAI's shape: index, id,
+    name, the arguments as JSON), the finish "tool_calls"; the same seed gives the call the whole reply gives."""
+    _, client = served
+    asked = dict(model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER, TIME],
+                 tool_choice="required", max_tokens=64, temperature=1.0, seed=7, n=2)
+    whole = client.chat.completions.create(**asked)
+    calls, finishes, content = {}, {}, ""
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for call in c.delta.tool_calls or []:
+                assert call.index == 0 and call.id.startswith("call_") and call.type == "function"
+                calls[c.index] = (call.function.name, json.loads(call.function.arguments))
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert content == "" and finishes == {0: "tool_calls", 1: "tool_calls"}
+    for c in whole.choices:
+        name, arguments = calls[c.index]
+        assert (name, arguments) == (c.message.tool_calls[0].function.name,
+                                     json.loads(c.message.tool_calls[0].function.arguments))
+        jsonschema.validate(arguments, {"get_weather": WEATHER, "get_time": TIME}[name]["function"]["parameters"])
+
+
 def test_constrained_and_free_rows_batch_together(served):
     generator, client = served
     free_prompts = ["The meaning of life is", "我喜欢编程，因为", "def f(x):"]
@@ -103,9 +127,44 @@ def test_what_cannot_be_constrained_is_a_400_naming_it(served):
            (dict(response_format={"type": "yaml"}), "response_format"),
            (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
            (dict(tool_choice="required"), "tool_choice"),
-           (dict(tools=[{"type": "function"}]), "tools"),
-           (dict(tools=[WEATHER], tool_choice="required", stream=True), "stream")]
+           (dict(tools=[{"type": "function"}]), "tools")]
     for extra, param in bad:
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="m", messages=messages, max_tokens=4, **extra)
         assert info.value.body["param"] == param, (extra, info.value.body)
+
+
+def test_the_batched_mask_is_xgrammars_own_with_control_tokens_out(tokenizer):
+    """restrict() fills every row's mask into one packed bitmask and unpacks it with torch: it must equal
+    xgrammar's own kernel applied a row at a time, minus the control-character tokens, and leave free rows be."""
+    import torch
+    import xgrammar
+
+    from palm.structured import Grammars, restrict
+
+    vocab = tiny_config(tokenizer).vocab_size
+    grammars = Grammars(tokenizer, vocab, [tokenizer.eos_id])
+    schema = grammars.json({"type": "object", "properties": {"note": {"type": "string"}, "n": {"type": "integer"}}})
+    rows = [grammars.constraint(schema) for _ in range(3)]
+    for text, row in zip(['{"note": "a', '{"n": 1'], rows[1:]):  # xgrammar's separators have their space
+        assert all(row.matcher.accept_token(token) for token in tokenizer.encode(text, bos=False))
+    constraints = [rows[0], None, rows[1], rows[2]]
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    got = logits.clone()
+    restrict(got, constraints)
+    want = logits.clone()
+    banned = [i for i in range(vocab) if not (int(grammars.keep[i // 32]) >> (i % 32)) & 1]
+    assert banned and len(banned) < vocab // 4  # the control-character tokens, and not much else
+    for i, c in enumerate(constraints):
+        if c is None:
+            continue
+        bits = xgrammar.allocate_token_bitmask(1, vocab)
+        c.matcher.fill_next_token_bitmask(bits)
+        xgrammar.apply_token_bitmask_inplace(want[i : i + 1], bits)
+        want[i, banned] = float("-inf")
+    assert torch.equal(got, want)
+    assert torch.equal(got[1], logits[1])
+    inside = xgrammar.allocate_token_bitmask(1, vocab)  # inside a string xgrammar itself admits control tokens
+    rows[1].matcher.fill_next_token_bitmask(inside)
+    assert any((int(inside[0, i // 32]) >> (i % 32)) & 1 for i in banned)
+    assert all(0 < int(torch.isfinite(got[i]).sum()) < vocab for i in (0, 2, 3))

@@ -50,8 +50,12 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(info)
         # xgrammar's JSON strings admit raw control characters, which JSON (and Python's json.loads) refuses:
         # tokens holding one are kept out of every JSON reply (no whitespace but spaces is asked for either).
-        self.control = torch.tensor([i for i, piece in enumerate(info.decoded_vocab)
-                                     if i not in stop_ids and any(b < 0x20 or b == 0x7F for b in piece)], dtype=torch.long)
+        # They are cleared from a packed mask of the vocabulary that every row's grammar mask is ANDed with.
+        banned = [i for i, piece in enumerate(info.decoded_vocab)
+                  if i not in stop_ids and any(b < 0x20 or b == 0x7F for b in piece)]
+        keep = torch.ones(_words(vocab_size) * 32, dtype=torch.bool)
+        keep[banned] = False
+        self.keep = _pack(keep)
 
     def json(self, schema: dict | None = None):
         """The grammar of any JSON object (None) or of JSON valid against `schema`, without free whitespace
@@ -63,28 +67,48 @@ class Grammars:
             raise GrammarError(f"the JSON schema cannot be compiled: {detail or type(e).__name__}") from None
 
     def constraint(self, grammar) -> Constraint:
-        return Constraint(grammar, self.vocab_size, self.control)
+        return Constraint(grammar, self.keep)
 
 
 class Constraint:
     """One row's place in its grammar."""
 
-    def __init__(self, grammar, vocab_size: int, banned: torch.Tensor):
-        xgr = _xgrammar()
-        self.banned = banned
-        self.matcher = xgr.GrammarMatcher(grammar)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self._apply = xgr.apply_token_bitmask_inplace
-
-    def restrict(self, logits: torch.Tensor) -> None:
-        """Set to -inf, in place, the logits [1, V] of tokens that would leave the grammar."""
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        self._apply(logits, self.bitmask.to(logits.device))
-        logits[:, self.banned.to(logits.device)] = float("-inf")
+    def __init__(self, grammar, keep: torch.Tensor):
+        self.matcher = _xgrammar().GrammarMatcher(grammar)
+        self.keep = keep  # the packed vocabulary mask of its Grammars
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_terminated():
             self.matcher.accept_token(token)
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def _words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def _pack(allowed: torch.Tensor) -> torch.Tensor:
+    """Bools [.., 32 W] as xgrammar packs them: int32 words [.., W], token 32 w + b at bit b of word w."""
+    bits = allowed.reshape(*allowed.shape[:-1], -1, 32).to(torch.int64) << _SHIFTS.to(torch.int64)
+    return bits.sum(-1).to(torch.int32)  # the sum of distinct bits is their OR; past 2^31 it wraps as int32 does
+
+
+def restrict(logits: torch.Tensor, constraints: list[Constraint | None]) -> None:
+    """Set to -inf, in place, the logits [N, V] of tokens that would take row i out of constraints[i]'s grammar
+    (a row without one is left alone): every row's mask filled into one packed bitmask, then applied at once
+    (xgrammar's own CPU kernel applies a row at a time, six times slower here)."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return
+    bitmask = torch.full((len(rows), _words(logits.shape[-1])), -1, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        constraints[i].matcher.fill_next_token_bitmask(bitmask, j)
+        bitmask[j] &= constraints[i].keep
+    allowed = (bitmask[:, :, None] >> _SHIFTS).bitwise_and_(1).bool().flatten(1)[:, : logits.shape[-1]]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill_(~allowed.to(logits.device), float("-inf"))
 
 
 def tool_schema(tools: list[dict], choice: Any) -> dict:

@@ -47,22 +47,42 @@ def tool_call(text: str, tools: list[dict]) -> dict | None:
             "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}
 
 
-def _delta(delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+def _delta(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
-def _streamed_choices(tokenizer, logprobs: int | None):
-    """The chunks' choice builder for one stream: the reply's first text loses the space the template puts
-    after `Assistant:` (as `reply_text` does for a whole reply); with logprobs, the delta's tokens' own."""
-    first = True
+def _streamed_choices(tokenizer, logprobs: int | None, index: int, tools: list[dict] | None):
+    """Choice `index`'s chunk builder: the reply's first text loses the space the template puts after
+    `Assistant:` (as `reply_text` does for a whole reply); with logprobs, the delta's tokens' own. With tools, a
+    reply that opens with `{` is held back until it ends: a call of one of them goes out as one `tool_calls`
+    delta (finish "tool_calls"), anything else as the text it was."""
+    started, held, held_scores = False, [], []
 
-    def choice(text: str | None, finish: str | None, scores: list = ()) -> dict:
-        nonlocal first
-        if first and text:
-            text, first = reply_text(text), False
+    def content(text: str, scores: list, finish: str | None) -> dict:
         found = chat_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores]) \
             if logprobs is not None and scores else None
-        return _delta({} if text is None else {"content": text}, finish, found)
+        return _delta(index, {"content": text}, finish, found)
+
+    def choice(text: str | None, finish: str | None, scores: list = ()) -> list[dict]:
+        nonlocal started
+        if text is not None:
+            if not started:
+                text = reply_text(text)
+                started = bool(text)
+            if tools and (held or text.startswith("{")):
+                held.append(text)
+                held_scores.extend(scores)
+                return []
+            return [content(text, list(scores), None)] if text or scores else []
+        out = []
+        if held:
+            whole = "".join(held)
+            call = tool_call(whole, tools or [])
+            if call is not None:
+                return [_delta(index, {"tool_calls": [{"index": 0, **call}]}, None),
+                        _delta(index, {}, "tool_calls")]
+            out.append(content(whole, held_scores, None))
+        return [*out, _delta(index, {}, finish)]
 
     return choice
 
@@ -76,10 +96,6 @@ async def chat_completions(body: ChatRequest, request: Request):
         requested, param = body.max_completion_tokens, "max_completion_tokens"
     prompt = render_chat(settings.generator, body.messages)
     calls = body.calls_required()
-    if body.stream and body.choices > 1:
-        raise APIError(400, "a streamed chat completion has n=1 (streaming several choices is not supported yet)", "n")
-    if body.stream and body.tools and body.tool_choice != "none":
-        raise APIError(400, "a streamed chat completion with tools is not supported yet", "stream")
     as_json, schema = body.output_schema()
     try:
         structured = (tool_schema(body.tools, body.tool_choice), "tools") if calls \
@@ -89,19 +105,20 @@ async def chat_completions(body: ChatRequest, request: Request):
     # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
     job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit,
                         structured=structured)
+    jobs = fan_out(job, body.choices)
+    tools = body.tools if body.tools and body.tool_choice != "none" else None
     if job.streamed:
         reply = Reply.new("chatcmpl", "chat.completion.chunk", settings.served_name(body.model))
-        lead = [_delta({"role": "assistant", "content": ""}, None)]
-        return stream(request, worker, job, reply, _streamed_choices(settings.generator.tokenizer, job.logprobs),
-                      body.include_usage, lead)
-    jobs = fan_out(job, body.choices)
+        lead = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(jobs))]
+        builders = [_streamed_choices(settings.generator.tokenizer, job.logprobs, i, tools) for i in range(len(jobs))]
+        return stream(request, worker, jobs, reply, builders, body.include_usage, job.prompt_tokens, lead)
     dones = await asyncio.gather(*(complete(request, worker, j) for j in jobs))
     reply = Reply.new("chatcmpl", "chat.completion", settings.served_name(body.model))
     choices = []
     for index, (j, done) in enumerate(zip(jobs, dones)):
         logprobs = chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
         message, finish = {"role": "assistant", "content": reply_text(done.text)}, done.finish_reason
-        call = tool_call(reply_text(done.text), body.tools) if body.tools and body.tool_choice != "none" else None
+        call = tool_call(reply_text(done.text), tools) if tools else None
         if call is not None:
             message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})

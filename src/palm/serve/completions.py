@@ -15,13 +15,13 @@ router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-def _choices(tokenizer, logprobs: int | None):
-    """The streamed choice builder: text, and with logprobs the log-probabilities of the delta's tokens."""
-    def choice(text: str | None, finish: str | None, scores: list = ()) -> dict:
-        body = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+def _choices(tokenizer, logprobs: int | None, index: int):
+    """Choice `index`'s streamed builder: text, and with logprobs the log-probabilities of the delta's tokens."""
+    def choice(text: str | None, finish: str | None, scores: list = ()) -> list[dict]:
+        body = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
         if logprobs is not None and scores:
             body["logprobs"] = completion_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores])
-        return body
+        return [body]
 
     return choice
 
@@ -31,19 +31,19 @@ async def completions(body: CompletionRequest, request: Request):
     settings, worker = settings_of(request), worker_of(request)
     tokenizer = settings.generator.tokenizer
     prompts = body.prompts
-    if body.stream and (len(prompts) > 1 or body.choices > 1):
-        raise APIError(400, "a streamed completion has one prompt and n=1 (streaming several choices is not "
-                       "supported yet)", "n" if body.choices > 1 else "prompt")
     as_json, schema = body.output_schema()
     structured = (schema, "response_format") if as_json else None
     jobs = [await prepare(settings, body, p, "prompt", body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS,
                           structured=structured) for p in prompts]
     reply = Reply.new("cmpl", "text_completion", settings.served_name(body.model))
-    if jobs[0].streamed and not body.score_only:
-        choice = _choices(tokenizer, jobs[0].logprobs)
-        lead = [choice(body.prompt_text(prompts[0], tokenizer), None)] if body.echo else []
-        return stream(request, worker, jobs[0], reply, choice, body.include_usage, lead)
     runs = [fan_out(job, body.choices) for job in jobs]  # n choices of each prompt, in order
+    prompt_tokens = sum(j.prompt_tokens for j in jobs)  # OpenAI counts each prompt once, whatever n is
+    if jobs[0].streamed and not body.score_only:
+        builders = [_choices(tokenizer, jobs[0].logprobs, i) for i in range(len(jobs) * body.choices)]
+        lead = [builders[i](body.prompt_text(prompts[i // body.choices], tokenizer), None)[0]
+                for i in range(len(builders))] if body.echo else []
+        return stream(request, worker, [j for run in runs for j in run], reply, builders, body.include_usage,
+                      prompt_tokens, lead)
     dones = await asyncio.gather(*(complete(request, worker, j) for run in runs for j in run))
     choices, completion_tokens = [], 0
     for index, (job, done) in enumerate(zip([j for run in runs for j in run], dones)):
@@ -59,5 +59,4 @@ async def completions(body: CompletionRequest, request: Request):
         choices.append({"index": index, "text": echoed + text, "logprobs": logprobs,
                         "finish_reason": "length" if body.score_only else done.finish_reason})
         completion_tokens += len(tokens)
-    # OpenAI counts each prompt once, whatever n is
-    return reply.body(choices, usage=usage(sum(j.prompt_tokens for j in jobs), completion_tokens))
+    return reply.body(choices, usage=usage(prompt_tokens, completion_tokens))

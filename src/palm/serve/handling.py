@@ -28,9 +28,10 @@ from .options import ServeOptions
 from .schemas import APIError, SamplingRequest, error_body
 from .worker import GenerationJob, GenerationWorker, QueueFull, logger
 
-# A streamed choice from (text delta, or None for the closing chunk; finish reason, or None; the Scores of
-# the delta's tokens, when the request asked for log-probabilities).
-ChoiceOf = Callable[[str | None, str | None, list], dict]
+# A stream's choices (one chunk each) from (text delta, or None for the closing chunk; finish reason, or None;
+# the Scores of the delta's tokens, when the request asked for log-probabilities): none while a builder holds
+# text back (a reply that may be a tool call), its own choice index in each.
+ChoiceOf = Callable[[str | None, str | None, list], list[dict]]
 
 TOO_LONG = "context_length_exceeded"  # OpenAI's code for a prompt and completion that do not fit
 RETRY_AFTER_S = 1  # what a 429 tells a client to wait: rows free as requests finish, a step at a time
@@ -182,9 +183,10 @@ async def client_gone(request: Request) -> None:
         pass
 
 
-async def cancel_when_gone(request: Request, job: GenerationJob) -> None:
+async def cancel_when_gone(request: Request, jobs: Sequence[GenerationJob]) -> None:
     await client_gone(request)
-    job.cancel()
+    for job in jobs:
+        job.cancel()
 
 
 async def complete(request: Request, worker: GenerationWorker, job: GenerationJob) -> Completion:
@@ -217,42 +219,69 @@ def _error_event(error: BaseException) -> str:
     return sse(error_body("generation failed", "server_error"))  # the details stay in the server's log
 
 
-def stream(request: Request, worker: GenerationWorker, job: GenerationJob, reply: Reply, choice: ChoiceOf,
-           include_usage: bool, lead: Sequence[dict] = ()) -> StreamingResponse:
-    """The job's text as server-sent events, after a chunk for each `lead` choice."""
-    submit(worker, job)  # before the response starts, so that a full queue is still a 429
+def stream(request: Request, worker: GenerationWorker, jobs: Sequence[GenerationJob], reply: Reply,
+           choices: Sequence[ChoiceOf], include_usage: bool, prompt_tokens: int,
+           lead: Sequence[dict] = ()) -> StreamingResponse:
+    """The jobs' texts as one stream of server-sent events, choice i from jobs[i] through choices[i], each
+    delta sent as it is made, after a chunk for each `lead` choice; `prompt_tokens` for the usage chunk."""
+    try:
+        for job in jobs:  # before the response starts, so that a full queue is still a 429
+            submit(worker, job)
+    except APIError:
+        for job in jobs:
+            job.cancel()
+        raise
     # Watched from now, not from the first event: a client may leave before the response has begun.
-    gone = asyncio.ensure_future(cancel_when_gone(request, job))
-    return stream_response(stream_events(job, gone, reply, choice, include_usage, lead))
+    gone = asyncio.ensure_future(cancel_when_gone(request, jobs))
+    return stream_response(stream_events(jobs, gone, reply, choices, include_usage, prompt_tokens, lead))
 
 
-async def stream_events(job: GenerationJob, gone: asyncio.Future, reply: Reply, choice: ChoiceOf,
-                        include_usage: bool, lead: Sequence[dict]) -> AsyncIterator[str]:
+async def stream_events(jobs: Sequence[GenerationJob], gone: asyncio.Future, reply: Reply,
+                        choices: Sequence[ChoiceOf], include_usage: bool, prompt_tokens: int,
+                        lead: Sequence[dict]) -> AsyncIterator[str]:
     # With stream_options.include_usage every chunk carries "usage": null, and a last one the counts.
     extra = {"usage": None} if include_usage else {}
-    assert job.events is not None
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: GenerationJob) -> None:
+        assert job.events is not None
+        while True:
+            kind, value = await job.events.get()
+            await merged.put((i, kind, value))
+            if kind != "delta":
+                return
+
+    pumps = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
     try:
         for first in lead:
             yield sse(reply.body([first], **extra))
-        while True:
-            kind, value = await job.events.get()
+        running, completion_tokens = len(jobs), 0
+        while running:
+            i, kind, value = await merged.get()
             if kind == "delta":
                 text, scores = value
-                yield sse(reply.body([choice(text, None, scores)], **extra))
+                for body in choices[i](text, None, scores):
+                    yield sse(reply.body([body], **extra))
                 continue
             if kind == "cancelled":
                 return  # the client is gone: there is no one to tell
-            if kind == "done":
-                yield sse(reply.body([choice(None, value.finish_reason, [])], **extra))
-                if include_usage:
-                    yield sse(reply.body([], usage=usage(job.prompt_tokens, len(value.token_ids))))
-            else:
+            if kind != "done":
                 yield _error_event(value)
-            break
+                break
+            running -= 1
+            completion_tokens += len(value.token_ids)
+            for body in choices[i](None, value.finish_reason, []):
+                yield sse(reply.body([body], **extra))
+        else:
+            if include_usage:
+                yield sse(reply.body([], usage=usage(prompt_tokens, completion_tokens)))
         yield sse("[DONE]")
     finally:
         gone.cancel()
-        job.cancel()  # closing the response (the client is gone) stops the generation; after the end, a no-op
+        for task in pumps:
+            task.cancel()
+        for job in jobs:
+            job.cancel()  # closing the response (the client is gone) stops the generations; after the end, a no-op
 
 
 def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
