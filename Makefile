@@ -2,11 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup hf-tests test test-matrix test-bf16 test-fp32 gpu-check demo bench-setup bench clean
+.PHONY: setup setup-core hf-tests lint typecheck test test-matrix test-bf16 test-fp32 gpu-check demo bench-setup bench clean
 
+# What the demo needs and nothing more: torch and palm's own dependencies (no compiler runs).
+setup-core: $(CORE)
+# Everything the tests need: the dev extra (which compiles llama-cpp-python) and Transformers' test sources.
 setup: $(STAMP) hf-tests
 
 # llama-cpp-python (in the dev extra, for the GGUF export tests) is compiled from source by pip: ~9 minutes
@@ -16,10 +20,14 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF 
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 # torch first, pinned: it is the CPU wheel on local disk; letting pip choose pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP): $(CORE)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
@@ -38,7 +46,16 @@ hf-tests: $(STAMP)
 	  touch $(HF_TESTS)/$$v.part/__init__.py && mv $(HF_TESTS)/$$v.part $(HF_TESTS)/$$v && \
 	  rm $(HF_TESTS)/transformers-$$v.tar.gz; }
 
-test: setup
+# ruff: the lint rules and the format of pyproject.toml's [tool.ruff]; `ruff format` rewrites what `lint` refuses.
+lint: setup
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+
+# mypy on src/palm, at the level pyproject.toml's [tool.mypy] sets.
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 # Every combination of the training options (tests/test_matrix.py); `make test` runs its pairwise subset.
@@ -59,7 +76,7 @@ gpu-check:
 # validation bits per byte against a unigram baseline, and where the model, metrics and plot are.
 # STEPS=N trains longer. The demo replaces its own previous output in $(DEMO)/run.
 STEPS ?= 1400
-demo: setup
+demo: setup-core
 	$(BIN)/python examples/demo.py --out $(DEMO)/run --steps $(STEPS)
 
 # The benchmark peers (the `bench` extra), then litgpt with --no-deps: litgpt pins huggingface-hub<1.4,

@@ -29,18 +29,18 @@ from pathlib import Path
 
 import torch
 
-from palm.plan import make_plan
-from palm.runtime import pick_dtype
+from palm.training.plan import make_plan
+from palm.core.runtime import pick_dtype
 
 GIB = 2**30
 PALM = [sys.executable, "-m", "palm.cli"]
 # What `palm train` has imported before it builds anything: the interpreter's share of its peak RSS,
 # which palm plan leaves out (it counts the run's tensors).
-BASELINE = "import torch, transformers, tokenizers, safetensors, palm.cli, palm.train, palm.loop, palm.model"
+BASELINE = "import torch, transformers, tokenizers, safetensors, palm.cli, palm.training.train, palm.training.loop, palm.model.model"
 
 
 def write_corpus(path: Path) -> None:
-    from palm.corpora import NAMED_CORPORA
+    from palm.data.corpora import NAMED_CORPORA
 
     path.write_text("\n\n".join(NAMED_CORPORA["python-docs"]()), encoding="utf-8")
 

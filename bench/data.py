@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
-    from palm.corpora import NAMED_CORPORA
+    from palm.data.corpora import NAMED_CORPORA
 
     docs = [d for make in NAMED_CORPORA.values() for d in make()]
     rng, size, target = random.Random(seed), 0, int(megabytes * 1e6)
@@ -48,9 +48,9 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
 
 
 def train_tokenizer(corpus: Path, out: Path) -> None:
-    from palm.corpora import CorpusPart
-    from palm.subsample import sample_corpora
-    from palm.tokenizer import train_tokenizer as train
+    from palm.data.corpora import CorpusPart
+    from palm.data.subsample import sample_corpora
+    from palm.text.tokenizer import train_tokenizer as train
 
     sample = sample_corpora([CorpusPart(str(corpus), 1.0, "path")], 20_000_000)
     train(lambda: sample.texts, 8192).save(out)
@@ -60,9 +60,9 @@ def train_tokenizer(corpus: Path, out: Path) -> None:
 
 
 def run_palm(corpus: Path, tokenizer: Path, workers: int, scratch: Path) -> dict:
-    from palm.corpora import CorpusPart
-    from palm.shards import prepare_data
-    from palm.tokenizer import PalmTokenizer
+    from palm.data.corpora import CorpusPart
+    from palm.data.shards import prepare_data
+    from palm.text.tokenizer import PalmTokenizer
 
     tok = PalmTokenizer.load(tokenizer)
     start = time.perf_counter()
@@ -186,7 +186,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(CANDIDATES[args.worker](args.corpus, args.tokenizer, args.processes, args.scratch)))
         return
-    from palm.workers import default_workers
+    from palm.data.workers import default_workers
 
     many = args.workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="palm-bench-data-") as tmp:

@@ -9,7 +9,7 @@ small: weights read from memory), the model in the dtype palm picks (`--dtype au
 native, as on AVX512-BF16 or AMX CPUs and recent GPUs, else fp32), the same model for every path.
 Batch-1 greedy decoding, every path interleaved round by round after a warm-up (so drift in the load of
 a shared machine hits all alike); the best round of each is reported. A path is palm's decoder with its
-weights in one format (palm.quant: `none` = the model's dtype, transposed on a CPU; `int8`; `fp16`),
+weights in one format (palm.inference.quant: `none` = the model's dtype, transposed on a CPU; `int8`; `fp16`),
 `+compile` adding the compiled step, or `transformers`, `model.generate()` on the unmodified model.
 
 Memory-bandwidth utilisation, as nanochat's inference benchmark reports it: the bytes a token reads
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from palm import PalmConfig, PalmForCausalLM
-from palm.generate import Generator, KVCache, SamplingConfig
-from palm.quant import fbgemm_available, weight_bytes
+from palm.inference.generate import Generator, KVCache, SamplingConfig
+from palm.inference.quant import fbgemm_available, weight_bytes
 
 PATHS = ("palm", "palm+compile", "palm+int8", "palm+int8+compile", "palm+fp16", "palm+fp16+compile", "transformers")
 
@@ -275,7 +275,7 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, pa
 
 
 def main() -> None:
-    from palm.runtime import pick_dtype
+    from palm.core.runtime import pick_dtype
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small", help="comma-separated, each run in turn (default: tiny,small)")

@@ -27,7 +27,7 @@ CORPORA = ("zh-news", "zh-reviews", "python-docs", "python-code")
 def load(train_bytes: int, eval_bytes: int) -> tuple[list[str], dict[str, list[str]]]:
     """(training documents of all corpora, held-out non-empty lines per corpus): each corpus's last
     documents, `eval_bytes` of them or a fifth of what it has if that is less, are held out."""
-    from palm.corpora import named_documents
+    from palm.data.corpora import named_documents
 
     train, lines = [], {}
     for name in CORPORA:
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from palm.export.bytelevel import train_byte_level
-    from palm.tokenizer import PalmTokenizer, train_tokenizer
+    from palm.text.tokenizer import PalmTokenizer, train_tokenizer
 
     train, lines = load(args.train_bytes, args.eval_bytes)
     vocabularies = {}

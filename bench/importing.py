@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from checkpointing import PALM, baseline_rss, cpu_name, measured
-from palm.atomic import write_json
+from palm.core.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "importing.json"
 # Aya Expanse 8B (Cohere layout): d 4096, 32 layers, 32 heads of 128, 8 K/V heads, d_ff 14336, vocab 256000.

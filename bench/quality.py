@@ -6,7 +6,7 @@ Both train on the demo's corpus mixture (examples/demo.py's MIXTURE, one shared 
 token shards) for the same wall-clock budget each, with the same width, depth, heads, multi-query
 attention, SwiGLU width, tied embeddings, sequence length and batch:
 
-    palm    PalmForCausalLM, the PaLM recipe: Adafactor (palm.optim), lr held then 1/sqrt(k),
+    palm    PalmForCausalLM, the PaLM recipe: Adafactor (palm.training.optim), lr held then 1/sqrt(k),
             z-loss 1e-4, batch ramp, global-norm clip 1.0
     llama   Transformers LlamaForCausalLM (serial block, RMSNorm), one KV head: a nanoGPT-style
             recipe, AdamW (beta2 0.95, weight decay 0.1) with warmup and cosine decay, clip 1.0
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from palm import PalmConfig, PalmForCausalLM
-from palm.corpora import parse_corpus_spec
-from palm.data import get_batch, val_windows
-from palm.shards import prepare_data, token_byte_lengths
-from palm.model import lm_loss
-from palm.optim import build_optimizer, lr_at
-from palm.runtime import pick_dtype
-from palm.compute import ComputeCopies
-from palm.heldout import summed_nll
-from palm.loop import LoopConfig
+from palm.data.corpora import parse_corpus_spec
+from palm.data.data import get_batch, val_windows
+from palm.data.shards import prepare_data, token_byte_lengths
+from palm.model.model import lm_loss
+from palm.training.optim import build_optimizer, lr_at
+from palm.core.runtime import pick_dtype
+from palm.training.compute import ComputeCopies
+from palm.core.heldout import summed_nll
+from palm.training.loop import LoopConfig
 
 MIXTURE = "zh-news:0.35,zh-reviews:0.2,python-docs:0.3,python-code:0.15"  # as examples/demo.py
 
@@ -146,8 +146,8 @@ def run(args) -> dict:
     budget = args.budget or (60.0 if args.quick else 600.0)
     cache = Path(args.cache_dir)
     parts = parse_corpus_spec([MIXTURE])
-    from palm.corpora import part_documents
-    from palm.tokenizer import PalmTokenizer, train_tokenizer
+    from palm.data.corpora import part_documents
+    from palm.text.tokenizer import PalmTokenizer, train_tokenizer
 
     tok_dir = cache / f"tokenizer-{s.vocab}"
     if (tok_dir / "tokenizer.json").is_file():

@@ -1,12 +1,12 @@
-"""Run the benchmarks and publish them: JSON, a markdown table, a PNG chart and the README's table.
+"""Run the benchmarks and publish them: JSON, a markdown table, a PNG chart and docs/performance.md's table.
 
-    python bench/report.py [--quick] [--only train,tokenizer,quality] [--threads N] [--no-readme]
+    python bench/report.py [--quick] [--only train,tokenizer,quality] [--threads N] [--no-page]
 
 --quick takes a few minutes (training steps on the tiny and small presets, 1 MB per corpus for the
 tokenizers, 60 s per candidate for quality); the full run adds the base preset and longer budgets.
 Writes bench/results/<UTC time>.json, bench/results/latest.json (under "train": one object per
 candidate and shape with name, shape, tokens_per_s and mfu as a fraction), latest.md, latest.png,
-and replaces the part of README.md between the bench markers with latest.md.
+and replaces the part of docs/performance.md between the bench markers with latest.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-README = HERE.parent / "README.md"
+PAGE = HERE.parent / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin (bench/report.py writes this part) -->", "<!-- bench:end -->"
 PARTS = ("train", "tokenizer", "quality")
 
@@ -109,14 +109,14 @@ def chart(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def update_readme(md: str, readme: Path = README) -> bool:
-    """Put `md` between the bench markers of the README; False when the markers are missing."""
-    text = readme.read_text()
+def update_page(md: str, page: Path = PAGE) -> bool:
+    """Put `md` between the bench markers of the page; False when the markers are missing."""
+    text = page.read_text()
     if BEGIN not in text or END not in text:
         return False
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    write_atomic(readme, head + BEGIN + "\n" + md + END + tail)
+    write_atomic(page, head + BEGIN + "\n" + md + END + tail)
     return True
 
 
@@ -161,7 +161,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def publish(result: dict, out: Path = RESULTS, readme: Path | None = README) -> str:
+def publish(result: dict, out: Path = RESULTS, page: Path | None = PAGE) -> str:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     body = json.dumps(result, indent=1)
@@ -171,8 +171,8 @@ def publish(result: dict, out: Path = RESULTS, readme: Path | None = README) -> 
     write_atomic(out / "latest.md", md)
     if result.get("train"):
         chart(result, out / "latest.png")
-    if readme is not None and not update_readme(md, readme):
-        print(f"{readme} has no bench markers; the table is in {out / 'latest.md'}", file=sys.stderr)
+    if page is not None and not update_page(md, page):
+        print(f"{page} has no bench markers; the table is in {out / 'latest.md'}", file=sys.stderr)
     return md
 
 
@@ -183,14 +183,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="training-step dtype (auto: bf16 where it is native)")
-    ap.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    ap.add_argument("--no-page", action="store_true", help="leave docs/performance.md alone")
     args = ap.parse_args(argv)
     args.only = [p for p in args.only.split(",") if p]
     for p in args.only:
         if p not in PARTS:
             ap.error(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
     result = run(args)
-    md = publish(result, readme=None if args.no_readme else README)
+    md = publish(result, page=None if args.no_page else PAGE)
     print()
     print(md)
     print(f"(took {result['wall_s'] / 60:.1f} min; results in {RESULTS})")

@@ -48,12 +48,12 @@ from pathlib import Path
 
 from checkpointing import PALM, cpu_name, measured, train_tokenizer, write_corpus
 
-from palm.atomic import write_json, write_text
+from palm.core.atomic import write_json, write_text
 
 GB = 1e9
 PROMPT = "我喜欢编程，因为"
-BASELINE = "import torch, transformers, palm.cli, palm.generate, palm.modeldir, palm.quant"
-EXPORT_BASELINE = "import torch, transformers, palm.cli, palm.export, palm.modeldir"
+BASELINE = "import torch, transformers, palm.cli, palm.inference.generate, palm.weights.modeldir, palm.inference.quant"
+EXPORT_BASELINE = "import torch, transformers, palm.cli, palm.export, palm.weights.modeldir"
 EXPORTS = (("cohere", "bf16"), ("gguf", "f16"), ("gguf", "q8_0"))
 PARTS = ("train", "decode", "serve", "generate", "export", "checkpoint", "resume")
 BENCH = Path(__file__).resolve().parent
@@ -63,8 +63,8 @@ PROBE_LAYERS = 8  # the second depth at the 1b width, for the largest model that
 
 
 def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[dict]:
-    from palm.config import PalmConfig
-    from palm.runtime import pick_device, pick_dtype
+    from palm.model.config import PalmConfig
+    from palm.core.runtime import pick_device, pick_dtype
 
     config = PalmConfig.from_pretrained(str(model_dir))
     dtype = pick_dtype("auto", pick_device(None))
@@ -95,8 +95,8 @@ def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[
 def decoding_bytes(model_dir: Path, fmt: str) -> int:
     """Bytes of the decoding model's weights: every tensor it holds, the embedding looked up included."""
     code, out, err, _ = measured([sys.executable, "-c", textwrap.dedent(f"""
-        from palm.generate import Generator
-        from palm.quant import weight_bytes
+        from palm.inference.generate import Generator
+        from palm.inference.quant import weight_bytes
         g = Generator.load({str(model_dir)!r}, quantize={fmt!r})
         embed = g.model.model.embed_tokens.weight
         print(weight_bytes(g.step.decoder) + embed.numel() * embed.element_size())
@@ -135,11 +135,11 @@ def export_rows(model_dir: Path, scratch: Path) -> list[dict]:
 SAVE = """
 import json, sys, time, torch
 from pathlib import Path
-from palm.checkpoint import save_training_checkpoint
-from palm.config import PalmConfig
-from palm.model import PalmForCausalLM
-from palm.optim import build_optimizer
-from palm.rundir import RunLayout
+from palm.training.checkpoint import save_training_checkpoint
+from palm.model.config import PalmConfig
+from palm.model.model import PalmForCausalLM
+from palm.training.optim import build_optimizer
+from palm.core.rundir import RunLayout
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -243,7 +243,7 @@ def is_palm(name: str) -> bool:
 def planned(r: dict) -> dict:
     """`palm plan --device cpu --param-bytes 4 [--compute-copies]` for a training row's run: its memory (what the
     bench measures: the run's tensors, above the process's baseline) and its step at the row's MFU."""
-    from palm.plan import make_plan
+    from palm.training.plan import make_plan
 
     preset, _, layers = r["shape"].partition("@")
     tokens = r["batch"] * r["seq"]
@@ -257,7 +257,7 @@ def largest_rows(rows: list[dict], available: int) -> list[dict]:
     """The deepest model at the `1b` width each candidate can train here: its peak grows by the same amount
     per layer, so the peaks at PROBE_LAYERS and 16 layers give that amount and the part that does not grow
     (embedding, logits); `available` (memory free to a new process) less the process's baseline is the room."""
-    from palm.config import PalmConfig
+    from palm.model.config import PalmConfig
 
     out = []
     config = PalmConfig.from_preset("1b")

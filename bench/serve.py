@@ -176,8 +176,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, seconds: float, path: str = 
 def make_model(root: Path) -> Path:
     import pydoc_data.topics
 
-    from palm.modeldir import init_model_dir
-    from palm.tokenizer import train_tokenizer
+    from palm.weights.modeldir import init_model_dir
+    from palm.text.tokenizer import train_tokenizer
 
     texts = list(pydoc_data.topics.topics.values())
     train_tokenizer(lambda: texts, vocab_size=8192).save(root / "tokenizer")
@@ -189,7 +189,7 @@ def dtype_name() -> str:
     """The dtype `palm serve` computes in here (bf16 where it is native), for the peer to match."""
     import torch
 
-    from palm.runtime import pick_dtype
+    from palm.core.runtime import pick_dtype
 
     return str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
@@ -284,7 +284,7 @@ def generate_batch_peer(model_dir: Path, clients: int, per_client: int) -> dict:
 
     import palm  # noqa: F401 - registers palm with the Auto classes
 
-    from palm.runtime import pick_dtype
+    from palm.core.runtime import pick_dtype
 
     requests = [r for client in workload(clients, per_client) for r in client]
     tok = AutoTokenizer.from_pretrained(model_dir)

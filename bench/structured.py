@@ -191,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     import pydoc_data.topics
 
-    from palm.tokenizer import train_tokenizer
+    from palm.text.tokenizer import train_tokenizer
 
     torch.set_num_threads(1)
     texts = replies(args.replies)

@@ -25,7 +25,7 @@ LANGUAGE = {"zh-news": "Chinese", "zh-reviews": "Chinese", "python-docs": "Engli
 
 
 def load(cap_bytes: int | None) -> dict[str, list[str]]:
-    from palm.corpora import named_documents
+    from palm.data.corpora import named_documents
 
     out = {}
     for name in CORPORA:
@@ -65,7 +65,7 @@ class PalmCandidate:
     name = "palm"
 
     def train(self, docs: list[str], vocab_size: int) -> None:
-        from palm.tokenizer import train_tokenizer
+        from palm.text.tokenizer import train_tokenizer
 
         self.tok = train_tokenizer(lambda: iter(docs), vocab_size)
 

@@ -18,7 +18,7 @@ All use tied input/output embeddings, head size 64 and d_ff = 4 d (Falcon's unga
 A B C A B C ... and the best of the rounds is reported, so drift in machine load hits all alike.
 Model FLOPs per token are PaLM's Appendix B formula 6N + 12 L H Q T with N counted from each
 model's own weight matrices; MFU is against the matmul peak of the step's dtype measured in this
-run. bf16 is used where bf16 matmuls are native (palm.runtime.fast_bf16), fp32 elsewhere: palm computes
+run. bf16 is used where bf16 matmuls are native (palm.core.runtime.fast_bf16), fp32 elsewhere: palm computes
 on bf16 compute copies of its fp32 weights, as `palm train` does, the peers under bf16 autocast.
 Peak memory comes from a fresh process per candidate (CPU: peak RSS growth over the step, model,
 gradients and optimizer state included; GPU: peak allocated).
@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from palm import PalmConfig, PalmForCausalLM
-from palm.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
-from palm.flops import measure_matmul_peak
-from palm.optim import build_optimizer
-from palm.runtime import fast_bf16
+from palm.training.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
+from palm.training.flops import measure_matmul_peak
+from palm.training.optim import build_optimizer
+from palm.core.runtime import fast_bf16
 
 CANDIDATES = ("palm", "falcon", "llama-mqa", "litgpt", "palm-pytorch")
 

@@ -23,7 +23,7 @@ import yaml
 
 from palm.evaluate import evaluate_task, load_model, load_task
 from palm.evaluate.metrics import GENERATION_METRICS
-from palm.taskdata import Schema, TaskRow, read_task_rows
+from palm.data.taskdata import Schema, TaskRow, read_task_rows
 
 RECIPES = {
     "full": ["--lr", "1e-2", "--dropout", "0"],

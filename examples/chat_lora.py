@@ -1,7 +1,7 @@
 """Chat fine-tuning of the demo model on a two-turn task, with LoRA and with every weight, each scored on
 held-out conversations by `palm eval` (a chat task).
 
-The task (palm.synthetic.chat_recall_task): the user gives two numbers in words, the assistant repeats
+The task (palm.data.synthetic.chat_recall_task): the user gives two numbers in words, the assistant repeats
 them in digits, the user asks for the first or the second in Chinese numerals, and the answer can only
 come from the first turn. Test pairs are trained on in neither order.
 
@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from palm.errors import PalmError
+from palm.core.errors import PalmError
 from palm.evaluate import evaluate_task, load_model, load_task
-from palm.finetune import FinetuneConfig, finetune
-from palm.lora import parameter_counts
-from palm.synthetic import chat_recall_task, write_chat_task
+from palm.training.finetune import FinetuneConfig, finetune
+from palm.weights.lora import parameter_counts
+from palm.data.synthetic import chat_recall_task, write_chat_task
 
 RECIPES = {
     # AdamW for the adapters: Adafactor's step is relative to a tensor's own scale, and peft starts every

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from palm.corpora import parse_corpus_spec
-from palm.data import unigram_bits_per_byte
-from palm.errors import PalmError
-from palm.plot import plot_run
-from palm.shards import prepare_data, token_byte_lengths
-from palm.tokenizer import PalmTokenizer
-from palm.train import TrainConfig, train
+from palm.data.corpora import parse_corpus_spec
+from palm.data.data import unigram_bits_per_byte
+from palm.core.errors import PalmError
+from palm.training.plot import plot_run
+from palm.data.shards import prepare_data, token_byte_lengths
+from palm.text.tokenizer import PalmTokenizer
+from palm.training.train import TrainConfig, train
 
 # Table 2 of the paper in miniature: mostly conversation-like and web text, some books, a little code.
 MIXTURE = "zh-news:0.35,zh-reviews:0.2,python-docs:0.3,python-code:0.15"

@@ -20,8 +20,8 @@ import json
 import random
 from pathlib import Path
 
-from palm.corpora import named_documents
-from palm.shards import in_validation  # the held-out rule of `palm train`: a hash of the document's position
+from palm.data.corpora import named_documents
+from palm.data.shards import in_validation  # the held-out rule of `palm train`: a hash of the document's position
 
 CORPORA = ["zh-news", "zh-reviews", "python-docs", "python-code"]
 VAL_FRACTION = 0.05  # palm train's default

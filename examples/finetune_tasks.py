@@ -3,7 +3,7 @@ it on each with `palm finetune`, and score the result on the held-out test set.
 
     python examples/finetune_tasks.py --model demo/run/final --out runs/tasks [--threads 1]
 
-Tasks (palm.synthetic, fixed seed): number words <-> Chinese numerals over 1..9999, and two-number
+Tasks (palm.data.synthetic, fixed seed): number words <-> Chinese numerals over 1..9999, and two-number
 addition ("What is 37 + 48?" -> "85"). Test questions never appear in training.
 """
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from palm.evaluate import evaluate_task, load_model, load_task
-from palm.synthetic import arithmetic_task, number_task, write_task
+from palm.data.synthetic import arithmetic_task, number_task, write_task
 
 # name -> (how to build it, --task template, fine-tuning flags). Tuned on this CPU for a few minutes each.
 TASKS = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import palm
-from palm.tokenizer import PalmTokenizer, train_tokenizer
+from palm.text.tokenizer import PalmTokenizer, train_tokenizer
 
 ZH = [
     "我喜欢编程，因为它让我的大脑跳跃。",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from palm import PalmConfig
-from palm.flops import flops_per_token, matrix_params
-from palm.runtime import fast_bf16
+from palm.training.flops import flops_per_token, matrix_params
+from palm.core.runtime import fast_bf16
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -144,21 +144,21 @@ def test_quality_table_marks_the_best_per_corpus():
     assert "| llama (serial) | r2 | 8 | 80 | 2.100 | **1.400** |" in text
 
 
-def test_report_publishes_json_table_chart_and_readme(tmp_path):
-    readme = tmp_path / "README.md"
+def test_report_publishes_json_table_chart_and_the_performance_page(tmp_path):
+    readme = tmp_path / "performance.md"
     readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
     result = {"when": "now", "quick": True, "threads": 1, "machine": {"cpu": "cpu"}, "dtype": "fp32",
               "dtype_note": "fp32", "peak_flops": {"fp32": 1e11, "bf16": 3e8},
               "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW"},
               "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)], "profile": {}}
-    md = report.publish(result, out=tmp_path / "results", readme=readme)
+    md = report.publish(result, out=tmp_path / "results", page=readme)
     text = readme.read_text()
     assert "old table" not in text and "| tiny | falcon | 250 |" in text and text.endswith("after\n")
     assert "(forward, backward, clip, fused AdamW; batch 2 x 512;" in text  # the optimizer the run used
     assert (tmp_path / "results" / "latest.json").read_text().count('"tokens_per_s"') == 2
     assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert md == (tmp_path / "results" / "latest.md").read_text()
-    assert not report.update_readme("x", tmp_path / "results" / "latest.md")  # no markers: left alone
+    assert not report.update_page("x", tmp_path / "results" / "latest.md")  # no markers: left alone
 
 
 sys.modules.setdefault("checkpointing", load("checkpointing"))  # scale.py imports its sibling by that name
@@ -210,7 +210,7 @@ def test_structured_bench_checks_each_library_on_a_palm_vocabulary(tokenizer_dir
     """bench/structured.py's measure() walks valid replies through a library's masks: xgrammar (palm's) allows
     every token and the end; a reply its grammar cannot produce is reported wrong, not timed."""
     structured = load("structured")
-    from palm.tokenizer import PalmTokenizer
+    from palm.text.tokenizer import PalmTokenizer
 
     tok = PalmTokenizer.load(tokenizer_dir)
     texts = structured.replies(3)

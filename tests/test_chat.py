@@ -7,8 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli
-from palm.chat import ChatError, check_messages, encode_conversation, encode_prompt, render
-from palm.finetune_data import collate
+from palm.text.chat import ChatError, check_messages, encode_conversation, encode_prompt, render
+from palm.training.finetune_data import collate
 
 CONVERSATION = [
     {"role": "system", "content": "You add numbers."},

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from palm.checkpoint import list_checkpoints, save_training_checkpoint
-from palm.rundir import RunLayout, checkpoint_step
-from palm.runlock import RunLock
+from palm.training.checkpoint import list_checkpoints, save_training_checkpoint
+from palm.core.rundir import RunLayout, checkpoint_step
+from palm.training.runlock import RunLock
 from test_finetune import settings as finetune_settings
 from test_train import config, losses
 
@@ -43,7 +43,7 @@ def plant_pickle(checkpoint, canary, fmt):
 
 @pytest.fixture(scope="module")
 def trained(corpus_dir, tokenizer_dir, tmp_path_factory):
-    from palm.train import train
+    from palm.training.train import train
 
     tmp = tmp_path_factory.mktemp("trained")
     train(config(corpus_dir, tokenizer_dir, tmp, "run"))
@@ -71,7 +71,7 @@ def test_a_crafted_sharded_checkpoint_runs_no_code_on_resume(capsys, trained, tm
 
 
 def test_a_crafted_checkpoint_runs_no_code_on_finetune_resume(capsys, model_dir, tmp_path):
-    from palm.finetune import finetune
+    from palm.training.finetune import finetune
 
     cfg = finetune_settings(tmp_path, model_dir, "ft", max_steps=4)
     finetune(cfg)
@@ -141,7 +141,7 @@ def test_a_second_process_on_a_running_run_refuses(capsys, trained, tmp_path):
 
 
 def test_a_changed_corpus_is_refused_unless_allowed(capsys, corpus_dir, tokenizer_dir, tmp_path):
-    from palm.train import train
+    from palm.training.train import train
 
     corpus = tmp_path / "corpus"
     shutil.copytree(corpus_dir, corpus)
@@ -160,7 +160,7 @@ def test_a_changed_corpus_is_refused_unless_allowed(capsys, corpus_dir, tokenize
 # the weights are on disk, the optimizer state half written, and then the process is gone at once.
 KILLED_DURING_SAVE = """
 import os, runpy, signal, sys
-from palm import checkpoint
+from palm.training import checkpoint
 real = checkpoint.save_file
 def dying(tensors, filename, metadata=None):
     real(tensors, filename, metadata)

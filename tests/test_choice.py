@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from palm.choice import in_validation, position_hash
+from palm.data.choice import in_validation, position_hash
 
 
 def test_the_hash_of_a_position_is_fixed_and_tells_positions_apart():

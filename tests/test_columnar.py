@@ -13,9 +13,9 @@ import pytest
 import zstandard
 
 from conftest import assert_one_line_error, run_cli
-from palm.corpora import CorpusPart, parse_corpus_spec
-from palm.documents import iter_documents
-from palm.shards import prepare_data
+from palm.data.corpora import CorpusPart, parse_corpus_spec
+from palm.data.documents import iter_documents
+from palm.data.shards import prepare_data
 
 DOCS = [f"Document {i}: {'我们一起去公园散步吧。' if i % 3 == 0 else 'the owl reads the fox a story.'} " * (1 + i % 4)
         for i in range(60)]

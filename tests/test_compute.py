@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from conftest import lively_model, tiny_config
 from palm import PalmForCausalLM
-from palm.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
-from palm.train import train
+from palm.training.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
+from palm.training.train import train
 from test_train import Killed, config, losses
 
 

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from palm import corpora
-from palm.corpora import CorpusPart, parse_corpus_spec, part_documents, part_fingerprint
-from palm.errors import CorpusError
+from palm.data import corpora
+from palm.data.corpora import CorpusPart, parse_corpus_spec, part_documents, part_fingerprint
+from palm.core.errors import CorpusError
 
 NAMED = list(corpora.NAMED_CORPORA)
 CJK = re.compile(r"[\u4e00-\u9fff]")

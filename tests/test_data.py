@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from palm import corpora, shardbuild
-from palm.corpora import CorpusPart
-from palm.data import TokenData, get_batch, unigram_bits_per_byte, val_bytes_for, val_windows
-from palm.shards import prepare_data, token_byte_lengths, token_dtype
-from palm.errors import CorpusError
+from palm.data import corpora, shardbuild
+from palm.data.corpora import CorpusPart
+from palm.data.data import TokenData, get_batch, unigram_bits_per_byte, val_bytes_for, val_windows
+from palm.data.shards import prepare_data, token_byte_lengths, token_dtype
+from palm.core.errors import CorpusError
 
 SEQ = 16
 ANIMALS = ["cat", "dog", "owl", "fox", "eel", "yak", "emu", "ant"]

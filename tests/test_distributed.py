@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from palm.checkpoint import list_checkpoints
+from palm.training.checkpoint import list_checkpoints
 
 STEPS = 6  # checkpoints at 0, 3 and 6; the resume tests continue from 3
 
@@ -145,7 +145,7 @@ def test_one_process_checkpoint_resumes_on_two(single, tmp_path):
 def test_a_failed_sharded_save_keeps_the_last_good_checkpoint(single, tmp_path, capsys, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    from palm import distributed
+    from palm.training import distributed
 
     real_save = dcp.save
 

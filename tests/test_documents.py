@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from palm import documents, textio
-from palm.documents import corpus_files, iter_documents, iter_pieces, jsonl_rows, jsonl_texts
-from palm.errors import CorpusError
+from palm.data import documents, textio
+from palm.data.documents import corpus_files, iter_documents, iter_pieces, jsonl_rows, jsonl_texts
+from palm.core.errors import CorpusError
 
 
 def test_a_long_text_document_comes_in_pieces_that_are_exactly_it(tmp_path):

@@ -1,11 +1,11 @@
-"""Continuous batching (palm.engine): requests that join and leave a running batch at any step."""
+"""Continuous batching (palm.inference.engine): requests that join and leave a running batch at any step."""
 
 import pytest
 import torch
 
 from conftest import lively_model, tiny_config
-from palm.engine import Engine, Request, bucket
-from palm.generate import GenerationError, Generator, SamplingConfig
+from palm.inference.engine import Engine, Request, bucket
+from palm.inference.generate import GenerationError, Generator, SamplingConfig
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps over the lazy dog. " * 4, "x = 12",
            "def f(a, b):\n    return", "hello", "自然语言处理是计算机科学的一个分支"]

@@ -30,7 +30,7 @@ from palm.evaluate import (
     score_text,
     sliding_windows,
 )
-from palm.generate import Generator, SamplingConfig
+from palm.inference.generate import Generator, SamplingConfig
 
 TEXT = "The quick brown fox jumps over the lazy dog. 我喜欢编程，因为它让我的大脑跳跃。 x = 12"
 
@@ -479,8 +479,8 @@ def test_lm_eval_loads_a_palm_directory_by_remote_code_alone(offline, model_dir,
 
 
 def test_a_chat_task_scores_the_greedy_next_assistant_turn(model, tokenizer, tmp_path):
-    from palm.chat import encode_prompt
-    from palm.templates import reply_text
+    from palm.text.chat import encode_prompt
+    from palm.text.templates import reply_text
 
     conversations = [[{"role": "user", "content": f"Say {w}."}] for w in ("yes", "no", "maybe")]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m, "answer": "yes"} for m in conversations])

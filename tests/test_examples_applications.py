@@ -1,5 +1,5 @@
 """The three application examples (examples/summarize.py, qa.py, translate.py): their data is in the public
-schema it claims and reads back through palm.taskdata, and one runs end to end on a tiny model."""
+schema it claims and reads back through palm.data.taskdata, and one runs end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.taskdata import Schema, read_task_rows
+from palm.data.taskdata import Schema, read_task_rows
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 KEYS = {"summarize": {"id", "article", "highlights"}, "qa": {"id", "context", "question", "answers"},

@@ -18,7 +18,7 @@ from palm.export import export
 from palm.export.cohere import cohere_weights, rope_pairs_permutation
 from palm.export.gguf import check_runnable
 from palm.export.formats import ExportError
-from palm.modeldir import load_model
+from palm.weights.modeldir import load_model
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "run" / "final"
 TEXTS = ["我喜欢编程，因为它让我的大脑跳跃。", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)",
@@ -57,7 +57,7 @@ def trained_model_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> tuple[Path
         return DEMO, "demo/run/final"
     out = tmp_path_factory.getbasetemp() / "export-trained"
     if not (out / "final" / "config.json").is_file():
-        from palm.train import TrainConfig, train
+        from palm.training.train import TrainConfig, train
 
         train(TrainConfig.from_settings(dict(
             corpus=[str(corpus_dir)], out=str(out), tokenizer=tokenizer_dir, preset="small",

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ZH, corpus_texts, lively_model, tiny_config
 from palm.export import export
-from palm.tokenizer import PalmTokenizer, train_tokenizer
+from palm.text.tokenizer import PalmTokenizer, train_tokenizer
 from test_export import TEXTS, palm_reference, tiny_dir, trained  # noqa: F401  (fixtures)
 
 llama_cpp = pytest.importorskip(

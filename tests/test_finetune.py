@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import FinetuneConfig, finetune
-from palm.finetune_data import collate, encode_row
-from palm.taskdata import Schema, task_row
-from palm.templates import format_prompt
-from palm.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
+from palm.training.finetune import FinetuneConfig, finetune
+from palm.training.finetune_data import collate, encode_row
+from palm.data.taskdata import Schema, task_row
+from palm.text.templates import format_prompt
+from palm.model.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
 ROWS = [
     {"prompt": "What is 3 + 4?", "completion": "7"},

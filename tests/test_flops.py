@@ -1,7 +1,7 @@
 import pytest
 
 from palm import PalmConfig
-from palm.flops import flops_per_token, matrix_params, mfu
+from palm.training.flops import flops_per_token, matrix_params, mfu
 from test_config import count_params
 
 

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from conftest import lively_model, run_cli, tiny_config
 from palm.cli import main
-from palm.generate import GenerationError, Generator, KVCache, SamplingConfig
-from palm.sampling import sample_rows
+from palm.inference.generate import GenerationError, Generator, KVCache, SamplingConfig
+from palm.inference.sampling import sample_rows
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
 

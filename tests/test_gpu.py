@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import lively_model, tiny_config
-from palm.generate import Generator, SamplingConfig
-from palm.runtime import autocast, fast_bf16, pick_dtype
+from palm.inference.generate import Generator, SamplingConfig
+from palm.core.runtime import autocast, fast_bf16, pick_dtype
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -1,7 +1,7 @@
 import torch
 
 from conftest import lively_model, tiny_config
-from palm.heldout import summed_nll
+from palm.core.heldout import summed_nll
 
 
 def test_summed_nll_is_the_sum_over_scored_targets(tokenizer):

@@ -38,7 +38,7 @@ def test_auto_classes_after_import_palm(model_dir, tmp_path):
         "print(type(c).__name__, type(m).__module__, type(t).__name__)\n",
         tmp_path,
     )
-    assert out == "PalmConfig palm.model TokenizersBackend"
+    assert out == "PalmConfig palm.model.model TokenizersBackend"
 
 
 def test_remote_code_without_palm_generates_the_same_tokens(model_dir, tmp_path):

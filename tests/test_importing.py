@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
-from palm.chat import encode_prompt
+from palm.text.chat import encode_prompt
 from palm.export import export, import_model
 from palm.export.importing import write_shards
-from palm.generate import Generator, SamplingConfig
-from palm.modeldir import load_model, quiet_transformers
+from palm.inference.generate import Generator, SamplingConfig
+from palm.weights.modeldir import load_model, quiet_transformers
 
 TEXTS = ["我喜欢编程，因为它让我的大脑跳跃。", "the theme of the thesis", "x = 42;  y = x * 7"]
 COHERE_SPECIALS = ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>",

@@ -114,11 +114,61 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     assert find_cycle() == ["palm.a", "palm.b", "palm.a"]
 
 
-def test_the_readme_layout_names_every_module_and_package():
-    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    listed = {line.split()[0] for line in section.splitlines() if line.startswith("src/palm/")}
-    present = {f"src/palm/{p.name}" for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
-    present |= {f"src/palm/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert sorted(present - listed) == [], "modules the README's layout does not describe"
-    assert sorted(listed - present) == [], "the README's layout describes modules that are gone"
+MAX_ENTRIES = 12  # what `ls src/palm` shows besides __init__.py: the architecture, not a heap of modules
+
+
+def packages() -> dict[str, set[str]]:
+    """Each package of palm -> the packages its docstring says it may import ("May import: a, b.")."""
+    table = {}
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        line = next((ln for ln in doc.splitlines() if ln.startswith("May import:")), None)
+        assert line is not None, f"{init} does not say which packages it may import"
+        names = line.removeprefix("May import:").strip().rstrip(".")
+        allowed = {p.parent.name for p in PACKAGE.glob("*/__init__.py")} if names.startswith("every package") else \
+            set() if names == "nothing" else {n.strip() for n in names.split(",")}
+        table[init.parent.name] = allowed
+    return table
+
+
+def upward_imports(graph: dict, table: dict[str, set[str]]) -> list[str]:
+    """"module -> module" for each import of a package its own package may not import."""
+    wrong = []
+    for name, (edges, _) in graph.items():
+        parts = name.split(".")
+        if len(parts) < 2 or parts[1] not in table:
+            continue  # palm's own __init__ gathers the public names
+        for target in sorted(edges):
+            other = target.split(".")[1] if target.count(".") else None
+            if other is not None and other != parts[1] and other not in table[parts[1]]:
+                wrong.append(f"{name} -> {target}")
+    return wrong
+
+
+def test_src_palm_shows_the_architecture():
+    entries = sorted(p.name for p in PACKAGE.iterdir() if p.name not in ("__init__.py", "__pycache__"))
+    assert len(entries) <= MAX_ENTRIES, entries
+    assert all((PACKAGE / e / "__init__.py").exists() for e in entries), "only packages beside __init__.py"
+
+
+def test_every_package_imports_only_what_its_docstring_allows():
+    table = packages()
+    assert set(table) >= {"model", "core", "text", "data", "weights", "inference", "training", "evaluate", "export",
+                          "serve", "cli"}
+    for pkg, allowed in table.items():
+        assert allowed <= set(table), f"palm/{pkg} names packages that do not exist: {allowed - set(table)}"
+    assert upward_imports(GRAPH, table) == []
+
+
+def test_the_package_check_can_fail():
+    """A planted import of training from core, which sits below it, is caught."""
+    planted = {**GRAPH, "palm.core.errors": ({"palm.training.loop"}, [])}
+    assert upward_imports(planted, packages()) == ["palm.core.errors -> palm.training.loop"]
+
+
+def test_the_architecture_page_names_every_package():
+    page = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    listed = {line.split("`")[1] for line in page.splitlines() if line.startswith("| `palm/")}
+    present = {f"palm/{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
+    assert sorted(present - listed) == [], "packages the architecture page does not describe"
+    assert sorted(listed - present) == [], "the architecture page describes packages that are gone"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from palm.loop import LoopConfig, Run, TrainingError
-from palm.rundir import RunLayout
+from palm.training.loop import LoopConfig, Run, TrainingError
+from palm.core.rundir import RunLayout
 
 
 def test_the_batch_ramp_of_palm_540b():

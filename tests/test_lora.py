@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import finetune
-from palm.lora import load_merged, merge
+from palm.training.finetune import finetune
+from palm.weights.lora import load_merged, merge
 from test_chat import CONVERSATION
 from test_finetune import Killed, losses, settings
 
@@ -50,8 +50,8 @@ def test_adding_adapters_warns_the_user_of_nothing(model_dir):
     # peft reads Transformers' deprecated is_gradient_checkpointing; its FutureWarning reached palm finetune's stderr
     import warnings
 
-    from palm.lora import add_adapters
-    from palm.modeldir import load_model
+    from palm.weights.lora import add_adapters
+    from palm.weights.modeldir import load_model
 
     model, _ = load_model(model_dir, dtype="fp32")
     with warnings.catch_warnings(record=True) as seen:
@@ -83,7 +83,7 @@ def test_peft_loads_the_adapter_without_palms_fine_tuning_code(lora_run, model_d
         expected = merged(input_ids=torch.tensor([ids])).logits[0, -1].tolist()
     code = (
         "import sys, json, torch\n"
-        "for name in ('palm.finetune', 'palm.lora', 'palm.loop', 'palm.train'):\n"
+        "for name in ('palm.training.finetune', 'palm.weights.lora', 'palm.training.loop', 'palm.training.train'):\n"
         "    sys.modules[name] = None  # palm's training code cannot be imported here\n"
         "from transformers import AutoModelForCausalLM\n"
         "from peft import PeftModel\n"
@@ -150,7 +150,7 @@ def test_an_adapter_refuses_a_base_of_another_vocabulary(capsys, lora_run, model
     # Same width, so peft's shape checks pass; only the vocabulary says the adapter was not trained on it.
     import shutil
 
-    from palm.tokenizer import train_tokenizer
+    from palm.text.tokenizer import train_tokenizer
 
     run_dir, _ = lora_run
     other = tmp_path / "other-base"
@@ -171,7 +171,7 @@ def test_palm_serve_with_an_adapter_chats_as_palm_generate_chat(capsys, lora_run
     import openai
     from fastapi.testclient import TestClient
 
-    from palm.generate import Generator
+    from palm.inference.generate import Generator
     from palm.serve import create_app
 
     adapter = str(lora_run[0] / "adapter")

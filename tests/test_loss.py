@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palm.loss import IGNORE_INDEX, fused_lm_loss, lm_loss
+from palm.model.loss import IGNORE_INDEX, fused_lm_loss, lm_loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from palm.finetune import FinetuneConfig, finetune
-from palm.train import TrainConfig, train
+from palm.training.finetune import FinetuneConfig, finetune
+from palm.training.train import TrainConfig, train
 from test_finetune import ROWS, write_rows
 
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16)

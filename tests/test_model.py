@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import lively_model, tiny_config
 from palm import PalmConfig, PalmForCausalLM
-from palm.model import CACHE_FIELD, lm_loss
+from palm.model.model import CACHE_FIELD, lm_loss
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox", "x = 12"]
 

@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from conftest import lively_model, tiny_config
-from palm.generate import KVCache, forward_step
-from palm.kvcache import attention_mask, decode_mask
+from palm.inference.generate import KVCache, forward_step
+from palm.inference.kvcache import attention_mask, decode_mask
 
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox", "x = 12"]
 

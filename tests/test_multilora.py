@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from palm.engine import Engine, Request
-from palm.generate import Generator, SamplingConfig
-from palm.lora import add_adapters, save_adapter
-from palm.modeldir import load_model
+from palm.inference.engine import Engine, Request
+from palm.inference.generate import Generator, SamplingConfig
+from palm.weights.lora import add_adapters, save_adapter
+from palm.weights.modeldir import load_model
 from palm.serve import create_app
 from test_serve import running
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from palm.config import ConfigError
-from palm.optim import PalmAdafactor, build_optimizer, cosine_lr, lr_at, palm_beta2, palm_lr
+from palm.model.config import ConfigError
+from palm.training.optim import PalmAdafactor, build_optimizer, cosine_lr, lr_at, palm_beta2, palm_lr
 
 EPS1 = 1e-30
 

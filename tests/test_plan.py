@@ -7,8 +7,8 @@ import pytest
 
 from conftest import assert_one_line_error
 from conftest import run_cli as palm
-from palm.config import ConfigError
-from palm.plan import format_sci, format_tflops, make_plan, render
+from palm.model.config import ConfigError
+from palm.training.plan import format_sci, format_tflops, make_plan, render
 
 PAPER = dict(seq_len=2048, tokens=780e9)
 PAPER_540B_RUN = dict(device="tpu-v4", devices=6144, dp=2, fsdp=256, tp=12, tokens_per_s=238.3e3)
@@ -181,7 +181,7 @@ def measured_runs(tmp_path_factory):
 def test_plan_is_within_15_percent_of_palm_trains_peak_memory(measured_runs, preset, seq_len, batch, mode, dtype):
     import torch
 
-    from palm.runtime import pick_dtype
+    from palm.core.runtime import pick_dtype
 
     bench, scratch, baseline = measured_runs
     row = bench.run(scratch, scratch / "tok", preset, seq_len, mode, steps=2, batch=batch, dtype=dtype)

@@ -1,11 +1,11 @@
-"""The decoder's weight formats (palm.quant): the same function in fewer bytes, compilable whole."""
+"""The decoder's weight formats (palm.inference.quant): the same function in fewer bytes, compilable whole."""
 
 import pytest
 import torch
 
 from conftest import lively_model, tiny_config
-from palm.generate import Generator, SamplingConfig
-from palm.quant import QuantizeError, decoding_model, fbgemm_available, weight_bytes
+from palm.inference.generate import Generator, SamplingConfig
+from palm.inference.quant import QuantizeError, decoding_model, fbgemm_available, weight_bytes
 
 CPU = torch.device("cpu")
 PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps", "x = 12"]
@@ -49,9 +49,9 @@ def test_quantized_weights_read_fewer_bytes_and_mostly_agree(model, tokenizer, q
 
 
 def test_weight_only_int8_off_fbgemm_dequantizes_in_the_matmul(model, tokenizer, monkeypatch):
-    import palm.quant
+    import palm.inference.quant
 
-    monkeypatch.setattr(palm.quant, "fbgemm_available", lambda device: False)
+    monkeypatch.setattr(palm.inference.quant, "fbgemm_available", lambda device: False)
     decoder = decoding_model(model, "int8")
     assert decoder.lm_head.weight.dtype == torch.int8
     assert agreement(model, decoder, tokenizer) >= 0.85
@@ -83,7 +83,7 @@ def test_the_generator_decodes_int8_weights_repeatably(model, tokenizer):
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
                     reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only")
 def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenizer):
-    from palm.quant import Int8PackLinear
+    from palm.inference.quant import Int8PackLinear
 
     bf16 = lively_model(tiny_config(tokenizer)).to(torch.bfloat16)
     decoder = decoding_model(bf16, "int8")
@@ -96,7 +96,7 @@ def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenize
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels here")
 def test_bf16_weights_prepacked_for_onednn_give_the_models_own_numbers(tokenizer):
-    from palm.quant import OneDNNLinear
+    from palm.inference.quant import OneDNNLinear
 
     bf16 = lively_model(tiny_config(tokenizer)).to(torch.bfloat16)
     decoder = decoding_model(bf16, "none")
@@ -130,7 +130,7 @@ def test_decoding_in_place_frees_the_models_weights_and_decodes_the_same(tokeniz
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
                     reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only")
 def test_int8_prefills_of_many_rows_compute_the_same_product(tokenizer):
-    from palm.quant import MANY_ROWS, Int8PackLinear
+    from palm.inference.quant import MANY_ROWS, Int8PackLinear
 
     w = torch.randn(96, 64)
     layer = Int8PackLinear(w.to(torch.bfloat16))

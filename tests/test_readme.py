@@ -1,6 +1,6 @@
-"""README.md is a tested contract: every fenced `python` and `bash` block runs, in a folder laid out as
-`make demo` leaves it (demo/run/final is a small model trained here), so a README whose commands,
-flags or paths drift from the code fails `make test`.
+"""README.md and the pages of docs/ are a tested contract: every fenced `python` and `bash` block runs, in a
+folder laid out as `make demo` leaves it (demo/run/final is a small model trained here), so a page whose
+commands, flags or paths drift from the code fails `make test`; and every relative link resolves.
 
 A block preceded by `<!-- readme-test: scale -->` may have its step counts and sizes scaled down
 (each distinct value of a flag below becomes a small one, keeping their order, so a resumed run still
@@ -25,11 +25,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+# In the order a reader goes, which is the order the blocks run in (a later page may use what an earlier one made).
+DOCS = ["pretraining", "data", "scaling-out", "finetuning", "generation-and-serving", "evaluation", "export",
+        "performance", "model-and-tokenizer", "architecture"]
+PAGES = [README, *(ROOT / "docs" / f"{name}.md" for name in DOCS), ROOT / "CONTRIBUTING.md"]
 BIN = Path(sys.executable).parent
 
 NOT_RUN = {
     "make demo": "this is the README's own quick start: it takes minutes and rebuilds demo/ (CI runs make test)",
-    "make test": "the test suite itself",
+    "make test": "the test suite itself (make test-bf16, test-fp32, test-matrix too)",
+    "make setup": "the set-up make test has already done",
+    "make lint": "make test runs it",
+    "make typecheck": "make test runs it",
+    ".venv/bin/python -m pytest": "the test suite itself",
+    ".venv/bin/ruff": "rewrites the checkout's sources; make lint runs ruff in check mode",
     "make bench-setup": "installs the benchmark peers from the package registry",
     "python bench/": "benchmarks: minutes of CPU each, run by hand; tests/test_bench.py checks their helpers",
     "python examples/finetune_tasks.py --model": "about 13 minutes of CPU; its task files and the two palm finetune "
@@ -57,10 +66,11 @@ class Block:
     code: str
     line: int
     directive: str = ""
+    page: str = "README.md"
 
 
-def blocks() -> list[Block]:
-    out, lines, directive = [], README.read_text(encoding="utf-8").splitlines(), ""
+def blocks(page: Path = README) -> list[Block]:
+    out, lines, directive = [], page.read_text(encoding="utf-8").splitlines(), ""
     i = 0
     while i < len(lines):
         note = re.fullmatch(r"<!-- readme-test: (.*) -->", lines[i].strip())
@@ -70,7 +80,8 @@ def blocks() -> list[Block]:
         if fence:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
             if fence.group(1) in ("python", "bash"):
-                out.append(Block(fence.group(1), "\n".join(lines[i + 1 : end]), i + 1, directive))
+                out.append(Block(fence.group(1), "\n".join(lines[i + 1 : end]), i + 1, directive,
+                                 str(page.relative_to(ROOT))))
             directive, i = "", end
         elif lines[i].strip() and not note:
             directive = ""  # a directive applies to the block right after it
@@ -116,7 +127,7 @@ def free_port() -> int:
 def workspace(tmp_path_factory, corpus_dir):
     """A folder laid out as `make demo` leaves one: demo/run/final is a small model, trained here for the
     blocks to use (the real demo's 1,400 steps would take minutes)."""
-    from palm.train import TrainConfig, train
+    from palm.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("readme")
     for name in ("examples", "bench"):
@@ -135,13 +146,44 @@ def run(command: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProc
                           executable="/bin/bash")
 
 
+ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
+
+
 def test_every_line_that_is_not_run_is_still_in_the_readme():
-    every = [c for b in blocks() for c in commands(b.code)]
+    every = [c for b in ALL_BLOCKS for c in commands(b.code)]
+    text = "".join(page.read_text(encoding="utf-8") for page in PAGES)
     for prefix in NOT_RUN:
-        assert any(c.startswith(prefix) for c in every) or prefix in README.read_text(), prefix
+        assert any(c.startswith(prefix) for c in every) or prefix in text, prefix
 
 
-@pytest.mark.parametrize("block", blocks(), ids=lambda b: f"line{b.line}")
+def links(page: Path) -> list[str]:
+    """The relative targets of the page's markdown links (outside code blocks), anchors dropped."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    found = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in found if not re.match(r"[a-z]+:", t) and t.split("#")[0]]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_resolves(page):
+    missing = [t for t in links(page) if not (page.parent / t).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to what is not there: {missing}"
+
+
+def test_the_link_check_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[here](here.md) [there](https://example.com) `[x](y)`\n```\n[not](a-link.md)\n```\n")
+    assert links(page) == ["here.md"]
+
+
+def test_every_page_of_docs_is_tested():
+    assert sorted(p.stem for p in (ROOT / "docs").glob("*.md")) == sorted(DOCS)
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 300
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda b: f"{b.page}:{b.line}")
 def test_block_runs(block, workspace):
     seen: dict[str, list[str]] = {}
     if block.lang == "python":
@@ -163,7 +205,7 @@ def test_block_runs(block, workspace):
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
-        assert done.returncode == 0, f"README line {block.line}:\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{block.page} line {block.line}:\n{done.stderr[-3000:]}"
         return
     for command in commands(block.code):
         if reason(command):
@@ -171,7 +213,7 @@ def test_block_runs(block, workspace):
         if block.directive == "scale":
             command = scale(command, seen)
         done = run(command, workspace)
-        assert done.returncode == 0, f"README line {block.line}: {command}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{block.page} line {block.line}: {command}\n{done.stderr[-3000:]}"
 
 
 def wait_until_serving(port: int, server: subprocess.Popen, timeout: float = 120) -> None:

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from palm.errors import CheckpointError
-from palm.runlog import MetricsLog, read_metrics
+from palm.core.errors import CheckpointError
+from palm.training.runlog import MetricsLog, read_metrics
 
 
 def test_a_torn_last_line_is_dropped_and_later_steps_cut(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from palm.runtime import FAST_BF16_ENV, RuntimeSettingError, fast_bf16, pick_device, pick_dtype, torch_threads
+from palm.core.runtime import FAST_BF16_ENV, RuntimeSettingError, fast_bf16, pick_device, pick_dtype, torch_threads
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""palm.sampling: OpenAI's frequency and presence penalties and logit bias, as its API reference defines them,
+"""palm.inference.sampling: OpenAI's frequency and presence penalties and logit bias, as its API reference defines them,
 against the formula written out per row; with palm's repetition penalty and per-row settings beside them."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palm.sampling import GenerationError, SamplingConfig, sample_rows
+from palm.inference.sampling import GenerationError, SamplingConfig, sample_rows
 
 
 def openai_formula(logits, seen, start, cfg):

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune import FinetuneConfig, finetune
-from palm.modeldir import load_model
-from palm.selection import generations, metric_name, task_scores
-from palm.taskdata import Schema, read_task_rows
+from palm.training.finetune import FinetuneConfig, finetune
+from palm.weights.modeldir import load_model
+from palm.training.selection import generations, metric_name, task_scores
+from palm.data.taskdata import Schema, read_task_rows
 
 ROWS = [{"article": f"item {i} costs {i + 3} coins today.", "highlights": f"item {i}: {i + 3} coins"} for i in range(8)]
 
@@ -41,7 +41,7 @@ def test_best_is_chosen_by_the_metric_where_the_lowest_loss_is_elsewhere(model_d
     # The generations are scripted (right at the second evaluation only) so that the metric's best step is
     # known; the validation loss keeps falling, so the loss's best would be the last step.
     script = iter([["wrong"] * 3, [r["highlights"] for r in ROWS[:3]], ["wrong"] * 3])
-    monkeypatch.setattr("palm.finetune.generations", lambda *a, **k: next(script))
+    monkeypatch.setattr("palm.training.finetune.generations", lambda *a, **k: next(script))
     run = finetune(config(model_dir, tmp_path, "three", 3, select="rouge2"))
     logged = records(tmp_path / "three")
     assert [r["eval/rouge2"] for r in logged] == [0.0, 1.0, 0.0]

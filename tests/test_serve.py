@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from palm.cli import main
-from palm.generate import Generator, SamplingConfig
+from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app, listen, uvicorn_config
 
 MODEL = "palm-test"

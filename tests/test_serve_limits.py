@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_one_line_error, run_cli
-from palm.generate import Generator, SamplingConfig
+from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app
 from test_serve import ERROR_KEYS, MODEL, PROMPT, assert_openai_error, running
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from palm.evaluate import loglikelihoods, split_for_scoring
-from palm.generate import Generator, SamplingConfig
+from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app
 from test_serve import running
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from palm.config import ConfigError
-from palm.finetune import FinetuneConfig
-from palm.loop import LoopConfig
-from palm.settings import build, flatten, read_file, route
-from palm.train import TrainConfig
+from palm.model.config import ConfigError
+from palm.training.finetune import FinetuneConfig
+from palm.training.loop import LoopConfig
+from palm.core.settings import build, flatten, read_file, route
+from palm.training.train import TrainConfig
 
 
 def test_flat_settings_go_to_the_recipe_or_its_loop():

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from palm import workers as pool
-from palm.corpora import CorpusPart
-from palm.data import get_batch
-from palm.errors import PalmError
-from palm.shards import prepare_data, tokenize_corpora
-from palm.units import plan
+from palm.data import workers as pool
+from palm.data.corpora import CorpusPart
+from palm.data.data import get_batch
+from palm.core.errors import PalmError
+from palm.data.shards import prepare_data, tokenize_corpora
+from palm.data.units import plan
 
 UNIT = 3000  # bytes: small, so that a small corpus makes many units
 
@@ -112,10 +112,10 @@ def test_ranks_tokenize_their_shares_and_one_joins(tokenizer, corpus, reference,
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from palm import shardbuild
-    from palm.corpora import CorpusPart
-    from palm.shards import prepare_data
-    from palm.tokenizer import PalmTokenizer
+    from palm.data import shardbuild
+    from palm.data.corpora import CorpusPart
+    from palm.data.shards import prepare_data
+    from palm.text.tokenizer import PalmTokenizer
 
     real, written = shardbuild._write, []
     def write(path, fn):  # killed while the fourth unit's table is half-written, before its rename
@@ -164,9 +164,9 @@ def test_a_worker_error_is_raised_in_the_parent(tokenizer, tmp_path):
 RANKS = textwrap.dedent("""
     import sys
     import torch.distributed as dist
-    from palm.corpora import CorpusPart
-    from palm.shards import prepare_data, tokenize_corpora
-    from palm.tokenizer import PalmTokenizer
+    from palm.data.corpora import CorpusPart
+    from palm.data.shards import prepare_data, tokenize_corpora
+    from palm.text.tokenizer import PalmTokenizer
 
     dist.init_process_group("gloo")
     corpus, tokenizer, cache, unit = sys.argv[1], PalmTokenizer.load(sys.argv[2]), sys.argv[3], int(sys.argv[4])

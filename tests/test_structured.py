@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import lively_model, tiny_config
-from palm.generate import Generator, SamplingConfig
+from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app
 from test_serve import running
 
@@ -140,7 +140,7 @@ def test_the_batched_mask_is_xgrammars_own_with_control_tokens_out(tokenizer):
     import torch
     import xgrammar
 
-    from palm.structured import Grammars, restrict
+    from palm.inference.structured import Grammars, restrict
 
     vocab = tiny_config(tokenizer).vocab_size
     grammars = Grammars(tokenizer, vocab, [tokenizer.eos_id])

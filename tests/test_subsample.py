@@ -7,11 +7,11 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, corpus_texts, run_cli
-from palm.choice import position_hash
-from palm.corpora import CorpusPart, part_pieces
-from palm.errors import CorpusError
-from palm.subsample import parse_size, sample_corpora
-from palm.tokenizer import train_tokenizer
+from palm.data.choice import position_hash
+from palm.data.corpora import CorpusPart, part_pieces
+from palm.core.errors import CorpusError
+from palm.data.subsample import parse_size, sample_corpora
+from palm.text.tokenizer import train_tokenizer
 
 
 @pytest.fixture

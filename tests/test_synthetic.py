@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from palm.finetune_data import read_rows
-from palm.templates import TEMPLATES
-from palm.synthetic import arithmetic_task, chinese, english, number_task, write_task
+from palm.training.finetune_data import read_rows
+from palm.text.templates import TEMPLATES
+from palm.data.synthetic import arithmetic_task, chinese, english, number_task, write_task
 
 KNOWN = {
     1: ("one", "一"),
@@ -86,7 +86,7 @@ def test_same_seed_same_files_and_the_eval_format(tmp_path):
 
 def test_the_chat_task_holds_pairs_out_in_both_orders_and_scores_with_palm_eval(tmp_path):
     from palm.evaluate import load_task
-    from palm.synthetic import RECALL_QUESTIONS, chat_recall_task, write_chat_task
+    from palm.data.synthetic import RECALL_QUESTIONS, chat_recall_task, write_chat_task
 
     split = chat_recall_task(seed=3, low=1, high=20, n_test=30)
     assert split == chat_recall_task(seed=3, low=1, high=20, n_test=30)  # deterministic

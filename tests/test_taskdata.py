@@ -13,8 +13,8 @@ import pytest
 import zstandard
 
 from conftest import assert_one_line_error, run_cli
-from palm.finetune_data import encode_row, read_rows
-from palm.taskdata import Schema, TaskDataError, read_task_rows
+from palm.training.finetune_data import encode_row, read_rows
+from palm.data.taskdata import Schema, TaskDataError, read_task_rows
 
 ARTICLE = "The city council met on Monday. It approved a new park. Work starts in May."
 SCHEMAS = {
@@ -90,7 +90,7 @@ def test_every_schema_reads_the_same_from_every_container(name, container, tmp_p
 
 
 def test_prompt_completion_rows_read_as_before(tmp_path):
-    from palm.templates import format_prompt
+    from palm.text.templates import format_prompt
 
     path = write(SCHEMAS["prompt_completion"][1], tmp_path / "pc", "jsonl")
     for task in ("summarize", "qa", "translate"):

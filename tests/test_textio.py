@@ -10,9 +10,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palm import textio
-from palm.errors import CorpusError
-from palm.textio import BinaryFileError
+from palm.data import textio
+from palm.core.errors import CorpusError
+from palm.data.textio import BinaryFileError
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 LINES = st.lists(

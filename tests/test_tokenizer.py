@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from palm import PalmTokenizer, TokenizerError, train_tokenizer
-from palm.documents import iter_documents
-from palm.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS
+from palm.data.documents import iter_documents
+from palm.text.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS
 
 from conftest import corpus_texts
 

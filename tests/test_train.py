@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from palm.train import TrainConfig, train
+from palm.training.train import TrainConfig, train
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from palm.corpora import CorpusPart
-from palm.documents import iter_pieces
-from palm.errors import CorpusError
-from palm.units import plan, unit_pieces
+from palm.data.corpora import CorpusPart
+from palm.data.documents import iter_pieces
+from palm.core.errors import CorpusError
+from palm.data.units import plan, unit_pieces
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import gc
 import os
 
-from palm.workers import frozen_heap
+from palm.data.workers import frozen_heap
 
 
 def test_a_process_forked_in_a_frozen_heap_keeps_it_frozen_and_the_parent_gets_it_back():

@@ -6,10 +6,10 @@ Importing palm registers the model with Transformers' Auto classes, so `AutoConf
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .config import PRESETS, PalmConfig
-from .errors import CheckpointError, ConfigError, CorpusError, PalmError, TokenizerError
-from .model import PalmForCausalLM, PalmModel
-from .tokenizer import PalmTokenizer, train_tokenizer
+from .model.config import PRESETS, PalmConfig
+from .core.errors import CheckpointError, ConfigError, CorpusError, PalmError, TokenizerError
+from .model.model import PalmForCausalLM, PalmModel
+from .text.tokenizer import PalmTokenizer, train_tokenizer
 
 AutoConfig.register(PalmConfig.model_type, PalmConfig, exist_ok=True)
 AutoModel.register(PalmConfig, PalmModel, exist_ok=True)

@@ -5,6 +5,8 @@ state (threads). Commands turn flags into the library's config dataclasses and c
     inference.py  palm generate, eval, serve
     adapters.py   palm merge
     export.py     palm export
+
+May import: every package (it is the top).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import sys
 
 import typer
 
-from ..config import ConfigError
-from ..errors import PalmError
+from ..model.config import ConfigError
+from ..core.errors import PalmError
 from .app import app
 from . import adapters, export, inference, training  # noqa: F401  (their commands register themselves on `app`)
 

@@ -18,6 +18,6 @@ def merge_command(
     force: Force = False,
 ) -> None:
     """Merge a LoRA adapter into its base: a plain palm directory, loadable by AutoModelForCausalLM."""
-    from ..lora import merge
+    from ..weights.lora import merge
 
     typer.echo(f"wrote {merge(base, adapter, out, overwrite=force)}: {base} with the adapter {adapter} merged in")

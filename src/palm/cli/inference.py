@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -31,11 +31,11 @@ def generate_command(
 ) -> None:
     """Stream a model's continuation of a prompt (or with --chat, its reply) to the terminal; a summary goes
     to stderr. Sampling settings not given are the ones saved with the model (generation_config.json)."""
-    from ..errors import GenerationInputError
-    from ..generate import Generator, SamplingConfig
+    from ..core.errors import GenerationInputError
+    from ..inference.generate import Generator, SamplingConfig
 
     prompts = read_prompts(prompt, file)
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    given: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     SamplingConfig(**{k: v for k, v in given.items() if v is not None}).validate()  # before the model loads
     if system is not None and not chat:
@@ -57,10 +57,10 @@ def generate_command(
 
 def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     """The prompts of `palm generate`: the argument, the lines of --file, or standard input."""
-    from ..errors import GenerationInputError
+    from ..core.errors import GenerationInputError
 
     if file is not None:
-        from ..documents import BinaryFileError, read_text
+        from ..data.documents import BinaryFileError, read_text
 
         if not file.is_file():
             raise GenerationInputError(f"prompt file {file} does not exist")
@@ -83,7 +83,7 @@ def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
 
 def chat_prompt(generator, text: str, system: str | None) -> list[int]:
     """The ids that ask for the assistant's reply to `text` (after `system`), as chat fine-tuning trained."""
-    from ..chat import check_messages, encode_prompt
+    from ..text.chat import check_messages, encode_prompt
 
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
     return encode_prompt(generator.tokenizer, check_messages(messages))
@@ -91,7 +91,7 @@ def chat_prompt(generator, text: str, system: str | None) -> list[int]:
 
 def reply_pieces(pieces):
     """A streamed reply without the space the chat template puts after `Assistant:` (templates.reply_text)."""
-    from ..templates import reply_text
+    from ..text.templates import reply_text
 
     first = True
     for piece in pieces:
@@ -131,7 +131,7 @@ def eval_command(
 ) -> None:
     """Measure a model: bits/byte on held-out text, few-shot tasks, lm-evaluation-harness tasks."""
     from ..evaluate import EvalRequest, eval_report, write_json
-    from ..runtime import torch_threads
+    from ..core.runtime import torch_threads
 
     request = EvalRequest(corpus=corpus, tasks=tasks, harness=harness, include_path=include_path or [], shots=shots,
                           seed=seed, limit=limit, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
@@ -180,7 +180,7 @@ def serve_command(
 
 def served_adapters(specs: list[str], base_name: str) -> tuple[Path | None, dict[str, Path]]:
     """(an adapter to merge in, adapters to serve by name) from `--adapter` values: one bare DIR, or NAME=DIR each."""
-    from ..errors import CheckpointError
+    from ..core.errors import CheckpointError
 
     named = [s for s in specs if "=" in s]
     if named and len(named) != len(specs) or len(specs) > 1 and not named:
@@ -201,7 +201,7 @@ def served_adapters(specs: list[str], base_name: str) -> tuple[Path | None, dict
 
 def check_quantize(quantize: str) -> None:
     """Before a model loads: a misspelt format fails at once."""
-    from ..quant import QUANTIZE, QuantizeError
+    from ..inference.quant import QUANTIZE, QuantizeError
 
     if quantize not in QUANTIZE:
         raise QuantizeError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError
-from ..runtime import torch_threads
+from ..model.config import ConfigError
+from ..core.runtime import torch_threads
 from .app import Force, app, given, tokenizer_app
 
 
@@ -37,11 +37,11 @@ def tokenizer_train(
     force: Force = False,
 ) -> None:
     """Train a lossless PaLM vocabulary (digits split, UTF-8 byte fallback) on a sample of a corpus."""
-    from ..atomic import atomic_directory
-    from ..corpora import CorpusPart
-    from ..documents import corpus_files
-    from ..subsample import DEFAULT_SAMPLE_BYTES, parse_size, sample_corpora
-    from ..tokenizer import train_tokenizer
+    from ..core.atomic import atomic_directory
+    from ..data.corpora import CorpusPart
+    from ..data.documents import corpus_files
+    from ..data.subsample import DEFAULT_SAMPLE_BYTES, parse_size, sample_corpora
+    from ..text.tokenizer import train_tokenizer
 
     budget = parse_size(sample_bytes, "--sample-bytes") if sample_bytes is not None else DEFAULT_SAMPLE_BYTES
     corpus_files(corpus)  # every path exists, before any is read
@@ -89,7 +89,7 @@ def init_model(
     force: Force = False,
 ) -> None:
     """Write a randomly initialised model with its tokenizer, loadable by AutoModelForCausalLM."""
-    from ..modeldir import init_model_dir
+    from ..weights.modeldir import init_model_dir
 
     n_params = init_model_dir(preset, tokenizer, out, seed=seed, overwrite=force)
     typer.echo(f"wrote a {n_params / 1e6:.1f}M-parameter {preset} model to {out}")
@@ -129,9 +129,10 @@ def train_command(
 ) -> None:
     """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
     flags = given(locals(), "resume", "config", "allow_data_change")  # first, while locals() holds only the options
-    from .. import distributed, settings
-    from ..subsample import parse_size
-    from ..train import TrainConfig, TrainingError, load_run_config, train
+    from ..core import settings
+    from ..training import distributed
+    from ..data.subsample import parse_size
+    from ..training.train import TrainConfig, TrainingError, load_run_config, train
 
     if "sample_bytes" in flags:
         flags["sample_bytes"] = parse_size(flags["sample_bytes"], "--sample-bytes")
@@ -197,7 +198,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
     flags = given(locals(), "resume", "allow_data_change", rename={"model": "base_model", "steps": "max_steps"})
-    from ..finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
+    from ..training.finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
 
     if "lora_targets" in flags:
         flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
@@ -231,7 +232,7 @@ def plot_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default RUN/curves.png).")] = None,
 ) -> None:
     """Draw a run's loss, validation and learning-rate curves to a PNG."""
-    from ..plot import plot_run
+    from ..training.plot import plot_run
 
     typer.echo(f"wrote {plot_run(run, out)}")
 
@@ -258,7 +259,7 @@ def plan_command(
     """Parameters, FLOPs (PaLM Appendix B), per-device memory and training time for a model and a layout."""
     import json
 
-    from ..plan import make_plan, render
+    from ..training.plan import make_plan, render
 
     overrides: dict = {}
     if config is not None:
@@ -267,7 +268,7 @@ def plan_command(
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}".splitlines()[0]) from None
-        from ..config import PalmConfig
+        from ..model.config import PalmConfig
 
         fields = set(PalmConfig.__annotations__)
         overrides = {k: v for k, v in raw.items() if k in fields} if isinstance(raw, dict) else {}

@@ -31,9 +31,11 @@ file names such a file and says how to use it:
     fewshot_delimiter: "\\n\\n"   # between examples of a k-shot prompt
     max_new_tokens: 16          # generation only
     stop: ["\\n"]                # generation stops at any of these (default: a newline)
+
+May import: model, core, text, data, weights, inference.
 """
 
-from ..atomic import write_json
+from ..core.atomic import write_json
 from .errors import EXTRAS_HINT, EvaluationError, TaskError
 from .harness import HarnessConfig, run_harness
 from .metrics import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..errors import PalmError
+from ..core.errors import PalmError
 
 # ROUGE, chrF/BLEU and lm-eval are the `eval` extra, so that a plain install stays small.
 EXTRAS_HINT = "pip install 'palm[eval]'"

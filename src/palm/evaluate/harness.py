@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..modeldir import check_model_dir
-from ..runtime import pick_device, pick_dtype
+from ..weights.modeldir import check_model_dir
+from ..core.runtime import pick_device, pick_dtype
 from .errors import EvaluationError, TaskError, require
 from .tasks import split_names
 

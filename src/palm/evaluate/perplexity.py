@@ -1,7 +1,7 @@
 """Perplexity and bits per byte: the negative log-likelihood of a token stream, windowed.
 
 Every token is predicted once, and once the window slides each sees at least `seq_len - stride`
-tokens of context. The loss itself comes from `palm.heldout.summed_nll`, the same sum pretraining's
+tokens of context. The loss itself comes from `palm.core.heldout.summed_nll`, the same sum pretraining's
 validation takes, so `palm eval --corpus` and a run's validation curve measure the same thing.
 """
 
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..corpora import parse_corpus_spec
-from ..data import val_bytes_for
-from ..heldout import summed_nll
-from ..loss import IGNORE_INDEX
-from ..rundir import RunLayout
-from ..shards import prepare_data
+from ..data.corpora import parse_corpus_spec
+from ..data.data import val_bytes_for
+from ..core.heldout import summed_nll
+from ..model.loss import IGNORE_INDEX
+from ..core.rundir import RunLayout
+from ..data.shards import prepare_data
 from .errors import EvaluationError
 
 if TYPE_CHECKING:
-    from ..model import PalmForCausalLM
-    from ..tokenizer import PalmTokenizer
+    from ..model.model import PalmForCausalLM
+    from ..text.tokenizer import PalmTokenizer
 
 DEFAULT_VAL_FRACTION = 0.05  # palm train's
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import modeldir
+from ..weights import modeldir
 from .errors import EvaluationError, require
 from .harness import HarnessConfig, run_harness
 from .perplexity import CorpusEvalConfig, TextScore, evaluate_corpora
@@ -15,8 +15,8 @@ from .scoring import evaluate_task
 from .tasks import load_tasks
 
 if TYPE_CHECKING:
-    from ..model import PalmForCausalLM
-    from ..tokenizer import PalmTokenizer
+    from ..model.model import PalmForCausalLM
+    from ..text.tokenizer import PalmTokenizer
 
 # lm-eval's results also carry its whole configuration and (when asked) every request: large, and
 # not all of it JSON. These are the parts a report needs to be read and compared later.

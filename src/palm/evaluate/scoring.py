@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..chat import encode_prompt
-from ..generate import Generator, SamplingConfig
-from ..templates import reply_text
+from ..text.chat import encode_prompt
+from ..inference.generate import Generator, SamplingConfig
+from ..text.templates import reply_text
 from .errors import EvaluationError
 from .metrics import GENERATION_METRICS, signature
 from .tasks import Task, build_prompt, fewshot_examples
 
 if TYPE_CHECKING:
-    from ..model import PalmForCausalLM
-    from ..tokenizer import PalmTokenizer
+    from ..model.model import PalmForCausalLM
+    from ..text.tokenizer import PalmTokenizer
 
 
 def split_for_scoring(tokenizer: PalmTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

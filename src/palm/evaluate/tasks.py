@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from ..chat import ChatError, check_messages
-from ..documents import jsonl_rows
+from ..text.chat import ChatError, check_messages
+from ..data.documents import jsonl_rows
 from .errors import EvaluationError, TaskError
 from .metrics import GENERATION_METRICS
 
@@ -41,7 +41,7 @@ class Example:
 
     @property
     def target(self) -> str:
-        return self.choices[self.answer] if self.choices else self.answer  # type: ignore[index,return-value]
+        return self.choices[self.answer] if self.choices else self.answer  # type: ignore[return-value]
 
     @property
     def references(self) -> tuple[str, ...]:

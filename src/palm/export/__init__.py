@@ -8,6 +8,8 @@
     vocab.py     palm's vocabulary as llama.cpp's tokenizer reads it, and how closely it matches palm's ids
     bytelevel.py a byte-level palm vocabulary whose pre-tokenizer llama.cpp knows by name (exact ids there)
     llamacpp.py  running an exported GGUF with llama-cpp-python: ids in, ids and logits out
+
+May import: model, core, text, weights.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..tokenizer import BOS, EOD, EOS, PAD, SPECIAL_TOKENS, UNK, PalmTokenizer, check_vocab_size
+from ..text.tokenizer import BOS, EOD, EOS, PAD, SPECIAL_TOKENS, UNK, PalmTokenizer, check_vocab_size
 
 # The name llama.cpp gives this regex (`tokenizer.ggml.pre`), and the regex as Qwen2's tokenizer.json has it.
 LLAMA_CPP_PRE = "qwen2"

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_directory
-from ..config import PalmConfig
-from ..errors import CheckpointError
-from ..modeldir import WEIGHTS, WEIGHTS_INDEX, check_config, check_model_dir, quiet_transformers
-from ..tokenizer import PalmTokenizer
+from ..core.atomic import atomic_directory
+from ..model.config import PalmConfig
+from ..core.errors import CheckpointError
+from ..weights.modeldir import WEIGHTS, WEIGHTS_INDEX, check_config, check_model_dir, quiet_transformers
+from ..text.tokenizer import PalmTokenizer
 from .formats import check_type
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

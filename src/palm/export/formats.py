@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..errors import PalmError
+from ..core.errors import PalmError
 
 FORMATS = ("cohere", "gguf")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import OutputError, atomic_file
-from ..config import PalmConfig
-from ..tokenizer import PalmTokenizer
+from ..core.atomic import OutputError, atomic_file
+from ..model.config import PalmConfig
+from ..text.tokenizer import PalmTokenizer
 from .cohere import iter_cohere_weights, read_config, read_palm
 from .formats import GGUF_TYPES, ExportError, check_type
 from .vocab import LlamaVocab, llama_vocab

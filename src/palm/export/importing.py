@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..atomic import atomic_directory
-from ..config import ConfigError, PalmConfig
-from ..errors import CheckpointError, TokenizerError
-from ..modeldir import (
+from ..core.atomic import atomic_directory
+from ..model.config import ConfigError, PalmConfig
+from ..core.errors import CheckpointError, TokenizerError
+from ..weights.modeldir import (
     PICKLED_WEIGHTS, WEIGHTS, WEIGHTS_INDEX, generation_defaults, quiet_transformers, read_config_json,
 )
-from ..tokenizer import PalmTokenizer
+from ..text.tokenizer import PalmTokenizer
 from .cohere import GENERATION_CONFIG, rope_pairs_permutation
 
 SHARD_BYTES = 2 << 30  # Transformers' default shard size is 5 GB; smaller shards keep an import's peak lower
@@ -190,7 +190,7 @@ def import_cohere(model: str | Path, out: str | Path, overwrite: bool = False) -
     from transformers import GenerationConfig
     from transformers.dynamic_module_utils import custom_object_save
 
-    from ..model import PalmForCausalLM
+    from ..model.model import PalmForCausalLM
 
     src = Path(model)
     config = palm_config(src)
@@ -201,7 +201,7 @@ def import_cohere(model: str | Path, out: str | Path, overwrite: bool = False) -
         write_shards(tmp, palm_weights(config, tensors))
         config.architectures, config.dtype = ["PalmForCausalLM"], dtype
         with torch.device("meta"):
-            custom_object_save(PalmForCausalLM(config), tmp, config=config)  # the code, and auto_map in config
+            custom_object_save(PalmForCausalLM(config), tmp, config=config)  # type: ignore[arg-type]  # the code, and auto_map in config
         config.save_pretrained(str(tmp))
         if (src / GENERATION_CONFIG).is_file():
             generation = GenerationConfig.from_pretrained(str(src))

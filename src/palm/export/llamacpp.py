@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tokenizer import PalmTokenizer
+from ..text.tokenizer import PalmTokenizer
 from .formats import ExportError
 
 

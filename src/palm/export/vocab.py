@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..errors import TokenizerError
-from ..tokenizer import BYTE_TOKENS, PRETOKENIZE, PalmTokenizer
+from ..core.errors import TokenizerError
+from ..text.tokenizer import BYTE_TOKENS, PRETOKENIZE, PalmTokenizer
 from .bytelevel import LLAMA_CPP_PRE, byte_alphabet, is_byte_level
 
 DEFAULT_PRE = "trillion"

@@ -1,7 +1,7 @@
 """`palm serve`: an OpenAI-compatible HTTP server (completions, chat completions, models) over a Generator.
 
 The model is not thread-safe, so every generation runs on ONE worker thread (`worker`), which
-batches continuously (palm.engine): a request takes a free row of the KV-cache pool (`max_batch`
+batches continuously (palm.inference.engine): a request takes a free row of the KV-cache pool (`max_batch`
 rows of `max_model_len` slots) at whatever step one is free, has its prompt prefilled a chunk per
 step between decode steps, decodes next to every other row under its own sampling settings, and
 leaves at eos, a stop string, max_tokens or when its client goes. A stream's text deltas travel to
@@ -17,6 +17,8 @@ error shape), `decoding` (one row's text as its tokens arrive), `worker` (the th
 engine), `middleware` (the request guard: key, size, read deadline), `handling` (what the routes
 share: settings, checks, jobs, replies and streams), the routes `models`, `completions` and `chat`,
 `app` (`create_app`) and `server` (`listen`, `serve`, the pool's memory check).
+
+May import: model, core, text, weights, inference.
 """
 
 from .app import create_app

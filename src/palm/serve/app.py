@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import Generator
+from ..inference.generate import Generator
 from . import chat, completions, models
 from .handling import ServeSettings
 from .middleware import RequestGuard
@@ -74,9 +74,9 @@ def create_app(generator: Generator, model_name: str, options: ServeOptions | No
     # large or too slow.
     app.add_middleware(RequestGuard, max_body_bytes=options.max_body_bytes, read_timeout=options.read_timeout,
                        api_key=options.api_key)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _crash)
     for routes in (models, completions, chat):
         app.include_router(routes.router)

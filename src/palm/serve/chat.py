@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..chat import ChatError, check_messages, encode_prompt
-from ..generate import Generator
-from ..structured import GrammarError, tool_schema
-from ..templates import reply_text
+from ..text.chat import ChatError, check_messages, encode_prompt
+from ..inference.generate import Generator
+from ..inference.structured import GrammarError, tool_schema
+from ..text.templates import reply_text
 from .handling import Reply, complete, fan_out, prepare, settings_of, stream, usage, worker_of
 from .logprobs import chat_logprobs
 from .schemas import APIError, ChatMessage, ChatRequest
@@ -56,14 +58,14 @@ def _streamed_choices(tokenizer, logprobs: int | None, index: int, tools: list[d
     `Assistant:` (as `reply_text` does for a whole reply); with logprobs, the delta's tokens' own. With tools, a
     reply that opens with `{` is held back until it ends: a call of one of them goes out as one `tool_calls`
     delta (finish "tool_calls"), anything else as the text it was."""
-    started, held, held_scores = False, [], []
+    started, held, held_scores = False, list[str](), list[Any]()
 
     def content(text: str, scores: list, finish: str | None) -> dict:
         found = chat_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores]) \
             if logprobs is not None and scores else None
         return _delta(index, {"content": text}, finish, found)
 
-    def choice(text: str | None, finish: str | None, scores: list = ()) -> list[dict]:
+    def choice(text: str | None, finish: str | None, scores: Sequence = ()) -> list[dict]:
         nonlocal started
         if text is not None:
             if not started:
@@ -117,7 +119,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     choices = []
     for index, (j, done) in enumerate(zip(jobs, dones)):
         logprobs = chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
-        message, finish = {"role": "assistant", "content": reply_text(done.text)}, done.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": reply_text(done.text)}
+        finish = done.finish_reason
         call = tool_call(reply_text(done.text), tools) if tools else None
         if call is not None:
             message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 
@@ -17,7 +18,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 def _choices(tokenizer, logprobs: int | None, index: int):
     """Choice `index`'s streamed builder: text, and with logprobs the log-probabilities of the delta's tokens."""
-    def choice(text: str | None, finish: str | None, scores: list = ()) -> list[dict]:
+    def choice(text: str | None, finish: str | None, scores: Sequence = ()) -> list[dict]:
         body = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
         if logprobs is not None and scores:
             body["logprobs"] = completion_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores])

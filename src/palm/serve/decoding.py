@@ -1,14 +1,14 @@
 """One request's text as its tokens arrive, a token at a time.
 
 `Generator.generate` and `Generator.stream` run a whole generation per call; the worker feeds each
-job the tokens the engine (palm.engine) makes for it, step by step, so that jobs can join and leave
+job the tokens the engine (palm.inference.engine) makes for it, step by step, so that jobs can join and leave
 between two steps. `Row` is the per-job bookkeeping (end of sequence, stop strings, text safe to
 show), with the generator's results: the tests compare the server's outputs with the generator's own.
 """
 
 from __future__ import annotations
 
-from ..generate import Completion, Generator, cut_at_stop, printable, settled
+from ..inference.generate import Completion, Generator, cut_at_stop, printable, settled
 
 
 class Row:

@@ -21,9 +21,9 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from ..generate import Completion, GenerationError, Generator
-from ..sampling import MAX_SEED
-from ..structured import GrammarError
+from ..inference.generate import Completion, GenerationError, Generator
+from ..inference.sampling import MAX_SEED
+from ..inference.structured import GrammarError
 from .options import ServeOptions
 from .schemas import APIError, SamplingRequest, error_body
 from .worker import GenerationJob, GenerationWorker, QueueFull, logger

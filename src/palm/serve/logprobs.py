@@ -1,4 +1,4 @@
-"""Log-probabilities in the two shapes of OpenAI's API, from palm.engine's Scores (a token's raw
+"""Log-probabilities in the two shapes of OpenAI's API, from palm.inference.engine's Scores (a token's raw
 log-softmax under the model, and the k most likely tokens with theirs):
 
 - completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, the prompt's tokens first with
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..engine import Score
-from ..tokenizer import PalmTokenizer
+from ..inference.engine import Score
+from ..text.tokenizer import PalmTokenizer
 
 
 def token_text(tokenizer: PalmTokenizer, token: int) -> str:
     text = tokenizer.decode([token])
-    return text if "\ufffd" not in text else tokenizer.hf.convert_ids_to_tokens(token)
+    return text if "\ufffd" not in text else str(tokenizer.hf.convert_ids_to_tokens(token))
 
 
 def completion_logprobs(tokenizer: PalmTokenizer, tokens: Sequence[int], scores: Sequence[Score | None],

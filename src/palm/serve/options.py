@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PalmError
+from ..core.errors import PalmError
 
 MAX_PORT = 65535
 

@@ -8,13 +8,14 @@ is not Unicode) is refused here, with a 400 that names the field, rather than as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..generate import GenerationError, SamplingConfig
-from ..sampling import MAX_SEED
+from ..inference.generate import GenerationError, SamplingConfig
+from ..inference.sampling import MAX_SEED
 from .options import ServeOptions
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -193,7 +194,11 @@ class SamplingRequest(BaseModel):
                 raise APIError(400, f"a stop string is {len(s)} characters; this server allows at most "
                                f"{options.max_stop_length}", "stop")
 
-    def sampling(self, max_tokens: int, extra_stops: list[str] = (), defaults: dict | None = None,
+    def top_count(self) -> int | None:
+        """How many most likely tokens each generated token lists with its log-probability (None: none)."""
+        return None
+
+    def sampling(self, max_tokens: int, extra_stops: Sequence[str] = (), defaults: dict | None = None,
                  vocab_size: int = 0) -> SamplingConfig:
         """The request's settings; those it leaves unsaid are the model's saved `defaults` (its
         generation_config.json), else OpenAI's (temperature 1, no top-k or top-p, no penalty)."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ..engine import pool_bytes
-from ..generate import Generator
+from ..inference.engine import pool_bytes
+from ..inference.generate import Generator
 from .app import create_app
 from .options import ServeError, ServeOptions, check_port
 from .worker import logger
@@ -66,7 +66,7 @@ def header_deadline(seconds: float) -> type[asyncio.Protocol]:
     that sees no byte at all, and the app sees nothing before the headers are complete, so a client
     sending a header byte now and then would hold its connection forever."""
 
-    class HeaderDeadline(AutoHTTPProtocol):
+    class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self.arm_header_deadline()
@@ -82,8 +82,9 @@ def header_deadline(seconds: float) -> type[asyncio.Protocol]:
                 if self.cycle is waited_on and not self.transport.is_closing():
                     self.transport.close()
 
-            if getattr(self, "header_timer", None) is not None:
-                self.header_timer.cancel()
+            timer = getattr(self, "header_timer", None)
+            if timer is not None:
+                timer.cancel()
             self.header_timer = self.loop.call_later(seconds, expire)
 
     return HeaderDeadline

@@ -1,4 +1,4 @@
-"""The one thread that touches the model, batching continuously (palm.engine).
+"""The one thread that touches the model, batching continuously (palm.inference.engine).
 
 The model is not thread-safe, so every generation runs on ONE worker thread. It loops: admit waiting
 jobs while the engine has free cache rows, drop the jobs whose clients have gone, run one engine
@@ -22,8 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Engine, Request
-from ..generate import Completion, Generator, SamplingConfig
+from ..inference.engine import Engine, Request
+from ..inference.generate import Completion, Generator, SamplingConfig
 from .decoding import Row
 
 logger = logging.getLogger("uvicorn.error")
@@ -51,8 +51,8 @@ class GenerationJob:
     adapter: int = 0  # the served LoRA adapter the request's `model` names (0: the base model)
     logprobs: int | None = None  # each generated token's log-probability and the top k (None: not asked for)
     prompt_logprobs: bool = False  # the prompt's tokens scored too (echo)
-    grammar: Any = None  # structured output: the compiled grammar the reply must follow (palm.structured)
-    scores: list = field(default_factory=list)  # palm.engine's Scores of the tokens returned, set when it ends
+    grammar: Any = None  # structured output: the compiled grammar the reply must follow (palm.inference.structured)
+    scores: list = field(default_factory=list)  # palm.inference.engine's Scores of the tokens returned, set when it ends
     prompt_scores: list = field(default_factory=list)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
@@ -245,7 +245,7 @@ def _settle(job: GenerationJob, result: Completion | BaseException) -> None:
         job.events.put_nowait(("error" if failed else "done", result))
     elif job.future.done():
         return
-    elif failed:
+    elif isinstance(result, BaseException):
         job.future.set_exception(result)
     else:
         job.future.set_result(result)
