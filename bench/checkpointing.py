@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from palm.training.plan import make_plan
 from palm.core.runtime import pick_dtype
+from palm.training.plan import make_plan
 
 GIB = 2**30
 PALM = [sys.executable, "-m", "palm.cli"]
@@ -46,8 +46,11 @@ def write_corpus(path: Path) -> None:
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab: int) -> None:
-    done = subprocess.run([*PALM, "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(vocab), "--out",
-                           str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [*PALM, "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(vocab), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         sys.exit(f"training the tokenizer failed: {done.stderr.strip().splitlines()[-1]}")
 
@@ -73,8 +76,9 @@ def measured(cmd: list[str]) -> tuple[int, str, str, int]:
     """(exit code, stdout, stderr, peak RSS in bytes) of `cmd` in a fresh process."""
     read, write = os.pipe()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(write), *cmd], stdout=out, stderr=err,
-                                text=True, pass_fds=(write,))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(write), *cmd], stdout=out, stderr=err, text=True, pass_fds=(write,)
+        )
         os.close(write)
         with os.fdopen(read) as f:
             peak = f.read()  # until the launcher exits
@@ -89,19 +93,35 @@ def baseline_rss() -> int:
     return measured([sys.executable, "-c", BASELINE])[3]
 
 
-def run(scratch: Path, tokenizer: Path, preset: str, seq_len: int, mode: str, steps: int, batch: int = 1,
-        dtype: str = "auto") -> dict:
+def run(
+    scratch: Path,
+    tokenizer: Path,
+    preset: str,
+    seq_len: int,
+    mode: str,
+    steps: int,
+    batch: int = 1,
+    dtype: str = "auto",
+) -> dict:
     out = scratch / f"run-{mode}-{seq_len}"
     conf = scratch / f"{mode}-{seq_len}.toml"
-    conf.write_text(f'corpus = ["{scratch / "python-docs.txt"}"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
-                    f"seq-len = {seq_len}\nbatch-size = {batch}\nmax-steps = {steps}\n"
-                    f'activation-checkpointing = "{mode}"\ndtype = "{dtype}"\neval-every = 100000\ncheckpoint-every = 100000\n'
-                    f'eval-tokens = {seq_len}\ncache-dir = "{scratch / "cache"}"\n')
+    conf.write_text(
+        f'corpus = ["{scratch / "python-docs.txt"}"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
+        f"seq-len = {seq_len}\nbatch-size = {batch}\nmax-steps = {steps}\n"
+        f'activation-checkpointing = "{mode}"\ndtype = "{dtype}"\neval-every = 100000\ncheckpoint-every = 100000\n'
+        f'eval-tokens = {seq_len}\ncache-dir = "{scratch / "cache"}"\n'
+    )
     start = time.perf_counter()
     code, out_text, err_text, peak = measured([*PALM, "train", "--config", str(conf)])
     output = out_text + err_text
-    row = {"mode": mode, "seq_len": seq_len, "batch": batch, "wall_s": time.perf_counter() - start,
-           "returncode": code, "peak_rss": peak}
+    row = {
+        "mode": mode,
+        "seq_len": seq_len,
+        "batch": batch,
+        "wall_s": time.perf_counter() - start,
+        "returncode": code,
+        "peak_rss": peak,
+    }
     if code != 0:
         row["error"] = output.strip().splitlines()[-1] if output.strip() else f"exit {code}"
         return row
@@ -118,8 +138,16 @@ def run(scratch: Path, tokenizer: Path, preset: str, seq_len: int, mode: str, st
 
 def predicted(preset: str, seq_len: int, mode: str, copies: bool, batch: int = 1, vocab_size: int | None = None) -> int:
     """`palm plan --device cpu --param-bytes 4 [--compute-copies]`'s memory for one process's run."""
-    plan = make_plan(preset, seq_len, 1.0, device="cpu", param_bytes=4, compute_copies=copies,
-                     batch_tokens=batch * seq_len, overrides={"vocab_size": vocab_size} if vocab_size else None)
+    plan = make_plan(
+        preset,
+        seq_len,
+        1.0,
+        device="cpu",
+        param_bytes=4,
+        compute_copies=copies,
+        batch_tokens=batch * seq_len,
+        overrides={"vocab_size": vocab_size} if vocab_size else None,
+    )
     key = {"none": "total_no_remat", "full": "total_remat", "selective": "total_selective"}[mode]
     return plan.memory[key]
 
@@ -147,8 +175,7 @@ def main() -> None:
                 row["baseline_rss"] = baseline
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{args.preset}, batch 1, {args.steps} steps, {cpu_name()}, "
-          f"{os.cpu_count()} cores\n")
+    print(f"\n{args.preset}, batch 1, {args.steps} steps, {cpu_name()}, {os.cpu_count()} cores\n")
     print(f"interpreter baseline (peak RSS of a process importing what palm train imports): {baseline / GIB:.2f} GiB\n")
     print("| sequence | checkpointing | peak RSS | less the baseline | palm plan | plan / measured | tokens/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
@@ -157,12 +184,23 @@ def main() -> None:
             print(f"| {r['seq_len']} | {r['mode']} | failed: {r['error']} | | {r['plan'] / GIB:.1f} GiB | | | |")
             continue
         run_rss = r["peak_rss"] - baseline
-        print(f"| {r['seq_len']} | {r['mode']} | {r['peak_rss'] / GIB:.1f} GiB | {run_rss / GIB:.1f} GiB | "
-              f"{r['plan'] / GIB:.1f} GiB | {r['plan'] / run_rss:.2f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} |")
+        print(
+            f"| {r['seq_len']} | {r['mode']} | {r['peak_rss'] / GIB:.1f} GiB | {run_rss / GIB:.1f} GiB | "
+            f"{r['plan'] / GIB:.1f} GiB | {r['plan'] / run_rss:.2f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} |"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                           "cpu": cpu_name(), "preset": args.preset, "steps": args.steps,
-                                           "rows": rows}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "cpu": cpu_name(),
+                "preset": args.preset,
+                "steps": args.steps,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 def cpu_name() -> str:
@@ -177,8 +215,19 @@ def cpu_name() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         return name
-    isa = next((label for flag, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
-                                           ("avx512f", "AVX-512"), ("avx2", "AVX2 only")) if flag in flags), None)
+    isa = next(
+        (
+            label
+            for flag, label in (
+                ("amx_bf16", "AMX-BF16"),
+                ("avx512_bf16", "AVX512-BF16"),
+                ("avx512f", "AVX-512"),
+                ("avx2", "AVX2 only"),
+            )
+            if flag in flags
+        ),
+        None,
+    )
     return f"{name} ({isa})" if isa else name
 
 

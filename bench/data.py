@@ -66,8 +66,9 @@ def run_palm(corpus: Path, tokenizer: Path, workers: int, scratch: Path) -> dict
 
     tok = PalmTokenizer.load(tokenizer)
     start = time.perf_counter()
-    data = prepare_data([CorpusPart(str(corpus), 1.0, "path")], tok, scratch / "cache", 256, progress=False,
-                        workers=workers)
+    data = prepare_data(
+        [CorpusPart(str(corpus), 1.0, "path")], tok, scratch / "cache", 256, progress=False, workers=workers
+    )
     seconds = time.perf_counter() - start
     (report,) = data.reports
     return {"seconds": seconds, "tokens": report.tokens, "bytes": report.bytes}
@@ -89,15 +90,16 @@ def run_datasets(corpus: Path, tokenizer: Path, workers: int, scratch: Path) -> 
 
     start = time.perf_counter()
     dataset = load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(scratch / "hf"))
-    tokenized = dataset.map(process, batched=True, batch_size=1000, remove_columns=["text"],
-                            num_proc=workers if workers > 1 else None)
+    tokenized = dataset.map(
+        process, batched=True, batch_size=1000, remove_columns=["text"], num_proc=workers if workers > 1 else None
+    )
     total = int(np.sum(tokenized["len"], dtype=np.uint64))
     arr = np.memmap(scratch / "train.bin", dtype=np.uint16, mode="w+", shape=(total,))
     index, shards = 0, min(1024, len(tokenized))
     for k in range(shards):  # nanoGPT's prepare.py: 1024 contiguous shards, concatenated into the memmap
         batch = tokenized.shard(num_shards=shards, index=k, contiguous=True).with_format("numpy")
         ids = np.concatenate(batch["ids"])
-        arr[index:index + len(ids)] = ids
+        arr[index : index + len(ids)] = ids
         index += len(ids)
     arr.flush()
     seconds = time.perf_counter() - start
@@ -162,13 +164,18 @@ def measure(cmd: list[str]) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = {r["processes"]: r for r in rows if r["name"] == "datasets.map"}
-    out = ["| candidate | processes | MB/s | peak memory, all processes (PSS) | largest process (RSS) | "
-           "speed vs datasets.map | memory vs datasets.map |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "| candidate | processes | MB/s | peak memory, all processes (PSS) | largest process (RSS) | "
+        "speed vs datasets.map | memory vs datasets.map |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b = base[r["processes"]]
-        out.append(f"| {r['name']} | {r['processes']} | {r['mb_s']:.2f} | {r['peak_pss'] / 2**20:,.0f} MiB | "
-                   f"{r['peak_rss'] / 2**20:,.0f} MiB | {r['mb_s'] / b['mb_s']:.2f}x | "
-                   f"{r['peak_pss'] / b['peak_pss']:.2f}x |")
+        out.append(
+            f"| {r['name']} | {r['processes']} | {r['mb_s']:.2f} | {r['peak_pss'] / 2**20:,.0f} MiB | "
+            f"{r['peak_rss'] / 2**20:,.0f} MiB | {r['mb_s'] / b['mb_s']:.2f}x | "
+            f"{r['peak_pss'] / b['peak_pss']:.2f}x |"
+        )
     return "\n".join(out)
 
 
@@ -203,18 +210,35 @@ def main() -> None:
         for processes in sorted({1, many}):
             for name in CANDIDATES:  # interleaved, so drift in machine load hits both alike
                 scratch = Path(tempfile.mkdtemp(dir=tmp))
-                cmd = [sys.executable, __file__, "--worker", name, "--processes", str(processes), "--corpus",
-                       str(corpus), "--tokenizer", str(tokenizer), "--scratch", str(scratch)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    "--processes",
+                    str(processes),
+                    "--corpus",
+                    str(corpus),
+                    "--tokenizer",
+                    str(tokenizer),
+                    "--scratch",
+                    str(scratch),
+                ]
                 result = measure(cmd)
                 text_bytes = result.setdefault("bytes", rows[0]["bytes"] if rows else 0)  # palm counts it, first
                 result.update(name=name, processes=processes, mb_s=text_bytes / 1e6 / result["seconds"])
                 rows.append(result)
-                print(f"{name} x{processes}: {result['mb_s']:.2f} MB/s, {result['tokens']:,} tokens, "
-                      f"peak {result['peak_pss'] / 2**20:,.0f} MiB", file=sys.stderr)
+                print(
+                    f"{name} x{processes}: {result['mb_s']:.2f} MB/s, {result['tokens']:,} tokens, "
+                    f"peak {result['peak_pss'] / 2**20:,.0f} MiB",
+                    file=sys.stderr,
+                )
                 subprocess.run(["rm", "-rf", str(scratch)], check=False)
     same = len({r["tokens"] for r in rows}) == 1
-    print(f"\n{corpus.name}: {rows[0]['bytes'] / 1e6:,.1f} MB of text, {rows[0]['tokens']:,} tokens "
-          f"({'the same' if same else 'DIFFERENT'} token count for every candidate)\n")
+    print(
+        f"\n{corpus.name}: {rows[0]['bytes'] / 1e6:,.1f} MB of text, {rows[0]['tokens']:,} tokens "
+        f"({'the same' if same else 'DIFFERENT'} token count for every candidate)\n"
+    )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "corpus": str(corpus)}, indent=1) + "\n")

@@ -82,7 +82,7 @@ def hf_decode(model: PalmForCausalLM, prompt: list[int], n: int) -> tuple[float,
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     total = time.perf_counter() - start
-    return prefill, (n - 1) / max(total - prefill, 1e-9), out[0, len(prompt):].tolist()
+    return prefill, (n - 1) / max(total - prefill, 1e-9), out[0, len(prompt) :].tolist()
 
 
 def read_bandwidth(device: torch.device) -> float:
@@ -142,8 +142,9 @@ def llama_cpp_decode(llm, prompt: list[int], n: int) -> tuple[float, float, list
     return prefill, (len(tokens) - 1) / (time.perf_counter() - start), tokens
 
 
-def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: list[int], hf_rate: float,
-                    bandwidth: float) -> list[dict]:
+def llama_cpp_table(
+    model: PalmForCausalLM, prompt: list[int], args, reference: list[int], hf_rate: float, bandwidth: float
+) -> list[dict]:
     """The same model written as GGUF files (f32, f16, q8_0) and decoded by llama.cpp on as many threads;
     a row per file type."""
     import tempfile
@@ -177,8 +178,9 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
             choices = llamacpp.logits(scorer, prompt + reference)[len(prompt) - 1 : -1].argmax(-1)
             same[kind] = float((choices == np.array(reference)).mean())
             scorer.close()
-            llms[kind] = llamacpp.open_gguf(path, n_ctx=args.prompt_len + args.new_tokens, threads=threads,
-                                            exact=False, all_logits=False)
+            llms[kind] = llamacpp.open_gguf(
+                path, n_ctx=args.prompt_len + args.new_tokens, threads=threads, exact=False, all_logits=False
+            )
             llama_cpp_decode(llms[kind], prompt, 8)  # warm-up
         results = {kind: [] for kind in args.llama_types}
         for _ in range(args.rounds):
@@ -193,14 +195,25 @@ def llama_cpp_table(model: PalmForCausalLM, prompt: list[int], args, reference: 
     for kind in args.llama_types:
         rate = max(r for _, r, _ in results[kind])
         prefill = min(s for s, _, _ in results[kind])
-        print(f"| llama.cpp {kind} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | "
-              f"{sizes[kind] / 1e6:.1f} | {same[kind]:.0%} |")
+        print(
+            f"| llama.cpp {kind} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | "
+            f"{sizes[kind] / 1e6:.1f} | {same[kind]:.0%} |"
+        )
         # llama.cpp reads the file's tensors (the embedding row aside) and its F16 KV cache
         kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * (args.prompt_len + args.new_tokens // 2)
-        rows.append({"preset": args.preset, "path": f"llama.cpp {kind}", "decode_tok_s": rate,
-                     "prefill_tok_s": args.prompt_len / prefill, "weights_bytes": sizes[kind],
-                     "bytes_per_token": sizes[kind] + kv, "bandwidth_share": (sizes[kind] + kv) * rate / bandwidth,
-                     "greedy_teacher_forced": same[kind], "new_tokens": len(reference)})
+        rows.append(
+            {
+                "preset": args.preset,
+                "path": f"llama.cpp {kind}",
+                "decode_tok_s": rate,
+                "prefill_tok_s": args.prompt_len / prefill,
+                "weights_bytes": sizes[kind],
+                "bytes_per_token": sizes[kind] + kv,
+                "bandwidth_share": (sizes[kind] + kv) * rate / bandwidth,
+                "greedy_teacher_forced": same[kind],
+                "new_tokens": len(reference),
+            }
+        )
     return rows
 
 
@@ -215,13 +228,16 @@ def candidates(device: torch.device, compile_only: bool) -> list[str]:
 PEERS = {"llama.cpp": llama_cpp_table}
 
 
-def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, paths: list[str],
-                 bandwidth: float) -> tuple[float, list[dict]]:
+def bench_preset(
+    preset: str, args, device: torch.device, dtype: torch.dtype, paths: list[str], bandwidth: float
+) -> tuple[float, list[dict]]:
     """One preset's table; returns the fastest palm path's ratio to Transformers generate(), and a row per
     path (the peers' included) for --json."""
     rows: list[dict] = []
     model = build(preset).to(device=device, dtype=dtype)
-    prompt = torch.randint(10, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(
+        10, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     gens = {p: make(model, p) for p in paths}
     warm = {}
     for p, g in gens.items():  # warm-up, compiling where asked
@@ -231,17 +247,23 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, pa
     results: dict[str, list[tuple[float, float, list[int]]]] = {p: [] for p in paths}
     for _ in range(args.rounds):
         for p, g in gens.items():
-            results[p].append(palm_decode(g, prompt, args.new_tokens) if g else hf_decode(model, prompt, args.new_tokens))
+            results[p].append(
+                palm_decode(g, prompt, args.new_tokens) if g else hf_decode(model, prompt, args.new_tokens)
+            )
 
     c = model.config
     per_slot = KVCache(c, 1, 1, dtype, device).nbytes()
     reference = results["transformers"][0][2]  # the model as it is, in its dtype
     cpu = platform.processor() or platform.machine()
-    print(f"\n{preset}: {model.num_parameters() / 1e6:.1f}M parameters, {device.type} ({cpu}, "
-          f"{torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')} weights and compute, batch 1, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} interleaved rounds\n")
-    print("| path | decode tok/s | vs transformers | prefill tok/s | weights MB | bytes/token MB | bandwidth used "
-          "| greedy = transformers | same tokens free-running | warm-up s |")
+    print(
+        f"\n{preset}: {model.num_parameters() / 1e6:.1f}M parameters, {device.type} ({cpu}, "
+        f"{torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')} weights and compute, batch 1, "
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} interleaved rounds\n"
+    )
+    print(
+        "| path | decode tok/s | vs transformers | prefill tok/s | weights MB | bytes/token MB | bandwidth used "
+        "| greedy = transformers | same tokens free-running | warm-up s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     hf_rate = max(r for _, r, _ in results["transformers"])
     for p in paths:
@@ -250,27 +272,45 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, pa
         prefill = min(s for s, _, _ in results[p])
         weights = weight_bytes(g.step.decoder if g else model)
         # palm attends over its whole cache line (fixed shapes); Transformers over the tokens so far.
-        slots = (args.prompt_len + args.new_tokens) if g is None or not g.compiled else \
-            max(64, 1 << (args.prompt_len + args.new_tokens - 1).bit_length())
+        slots = (
+            (args.prompt_len + args.new_tokens)
+            if g is None or not g.compiled
+            else max(64, 1 << (args.prompt_len + args.new_tokens - 1).bit_length())
+        )
         kv = per_slot * (slots if g else args.prompt_len + args.new_tokens // 2)
         per_token = weights + kv
         same = agreement(g.step.decoder if g else model, prompt, reference)
         run = common_prefix(results[p][0][2], reference)
-        print(f"| {p} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | {weights / 1e6:.1f} | "
-              f"{per_token / 1e6:.1f} | {per_token * rate / bandwidth:.0%} | {same:.0%} | {run}/{len(reference)} | "
-              f"{warm[p]:.1f} |")
-        rows.append({"preset": preset, "path": p, "dtype": str(dtype).removeprefix("torch."), "decode_tok_s": rate,
-                     "prefill_tok_s": args.prompt_len / prefill, "weights_bytes": weights, "bytes_per_token": per_token,
-                     "bandwidth_share": per_token * rate / bandwidth, "greedy_teacher_forced": same,
-                     "greedy_free_running": run, "new_tokens": len(reference), "warmup_s": warm[p]})
+        print(
+            f"| {p} | {rate:.1f} | {rate / hf_rate:.2f}x | {args.prompt_len / prefill:.0f} | {weights / 1e6:.1f} | "
+            f"{per_token / 1e6:.1f} | {per_token * rate / bandwidth:.0%} | {same:.0%} | {run}/{len(reference)} | "
+            f"{warm[p]:.1f} |"
+        )
+        rows.append(
+            {
+                "preset": preset,
+                "path": p,
+                "dtype": str(dtype).removeprefix("torch."),
+                "decode_tok_s": rate,
+                "prefill_tok_s": args.prompt_len / prefill,
+                "weights_bytes": weights,
+                "bytes_per_token": per_token,
+                "bandwidth_share": per_token * rate / bandwidth,
+                "greedy_teacher_forced": same,
+                "greedy_free_running": run,
+                "new_tokens": len(reference),
+                "warmup_s": warm[p],
+            }
+        )
     best = max((p for p in paths if p != "transformers"), key=lambda p: max(r for _, r, _ in results[p]))
     ratio = max(r for _, r, _ in results[best]) / hf_rate
     print(f"\n{preset}: fastest palm path {best}, {ratio:.2f}x Transformers generate()")
     mqa, mha = per_slot, per_slot * c.num_attention_heads // c.num_key_value_heads
     print(f"KV cache per token: multi-query {mqa} bytes, multi-head of the same width {mha} bytes ({mha // mqa}x)")
     for name in args.peers:
-        rows += PEERS[name](model, prompt, argparse.Namespace(**{**vars(args), "preset": preset}), reference, hf_rate,
-                            bandwidth)
+        rows += PEERS[name](
+            model, prompt, argparse.Namespace(**{**vars(args), "preset": preset}), reference, hf_rate, bandwidth
+        )
     return ratio, rows
 
 
@@ -283,12 +323,19 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--paths", default=None,
-                    help="comma-separated (default: palm, and palm+compile in each format this device has, and transformers)")
+    ap.add_argument(
+        "--paths",
+        default=None,
+        help="comma-separated (default: palm, and palm+compile in each format this device has, and transformers)",
+    )
     ap.add_argument("--compile", action="store_true", help="only the compiled palm paths (and transformers)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
-                    help="also decode the same weights with llama.cpp (f32, f16, q8_0 GGUF files)")
+    ap.add_argument(
+        "--llama-cpp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode the same weights with llama.cpp (f32, f16, q8_0 GGUF files)",
+    )
     ap.add_argument("--llama-types", default=",".join(LLAMA_TYPES), help="the GGUF types llama.cpp decodes")
     ap.add_argument("--json", help="also write every row here")
     args = ap.parse_args()
@@ -313,10 +360,21 @@ def main() -> None:
     print("\nsummary: " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items()) + " Transformers generate() at batch 1")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "read_bandwidth": bandwidth,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "rounds": args.rounds,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

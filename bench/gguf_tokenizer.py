@@ -51,9 +51,16 @@ def measure(tokenizer, lines: dict[str, list[str]], tmp: Path, label: str) -> di
     from palm.export import export, llamacpp
 
     model_dir, path = tmp / label, tmp / f"{label}.gguf"
-    config = palm.PalmConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             head_dim=32, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
-                             eos_token_id=[tokenizer.eos_id, tokenizer.eod_id])
+    config = palm.PalmConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=32,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=[tokenizer.eos_id, tokenizer.eod_id],
+    )
     palm.PalmForCausalLM(config).save_pretrained(str(model_dir))
     tokenizer.save(model_dir)
     vocab = export("gguf", model_dir, path, "f32")
@@ -63,8 +70,12 @@ def measure(tokenizer, lines: dict[str, list[str]], tmp: Path, label: str) -> di
         for name, texts in lines.items():
             start = time.perf_counter()
             result = llamacpp.agreement(tokenizer, llm, texts)
-            out["corpora"][name] = dict(lines=result.lines, same_ids=result.same_ids, lost_text=result.lost_text,
-                                        seconds=round(time.perf_counter() - start, 2))
+            out["corpora"][name] = dict(
+                lines=result.lines,
+                same_ids=result.same_ids,
+                lost_text=result.lost_text,
+                seconds=round(time.perf_counter() - start, 2),
+            )
     finally:
         llm.close()
     return out
@@ -95,10 +106,15 @@ def main() -> None:
             results[label] = measure(tok, lines, Path(tmp), f"v{i}")
             results[label]["vocab_size"] = len(tok)
 
-    print(f"\nllama.cpp's tokenizer against palm's, lines of held-out documents ({args.eval_bytes / 1e6:g} MB per "
-          f"corpus; vocabularies trained on {args.train_bytes / 1e6:g} MB per corpus unless given):\n")
-    print("| vocabulary | llama.cpp pre-tokenizer | " + " | ".join(f"{c}: same ids" for c in CORPORA)
-          + " | lines losing text |")
+    print(
+        f"\nllama.cpp's tokenizer against palm's, lines of held-out documents ({args.eval_bytes / 1e6:g} MB per "
+        f"corpus; vocabularies trained on {args.train_bytes / 1e6:g} MB per corpus unless given):\n"
+    )
+    print(
+        "| vocabulary | llama.cpp pre-tokenizer | "
+        + " | ".join(f"{c}: same ids" for c in CORPORA)
+        + " | lines losing text |"
+    )
     print("|---|---|" + "---|" * (len(CORPORA) + 1))
     for label, r in results.items():
         cells = [f"{c['same_ids'] / max(c['lines'], 1):.2%} of {c['lines']}" for c in r["corpora"].values()]

@@ -20,14 +20,20 @@ import time
 from pathlib import Path
 
 import torch
-
 from checkpointing import PALM, baseline_rss, cpu_name, measured
+
 from palm.core.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "importing.json"
 # Aya Expanse 8B (Cohere layout): d 4096, 32 layers, 32 heads of 128, 8 K/V heads, d_ff 14336, vocab 256000.
-SHAPE = dict(vocab_size=256000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8)
+SHAPE = dict(
+    vocab_size=256000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
 
 
 def write_random_cohere(out: Path, shape: dict, dtype=torch.bfloat16) -> int:
@@ -42,8 +48,12 @@ def write_random_cohere(out: Path, shape: dict, dtype=torch.bfloat16) -> int:
     config = CohereConfig(**shape, tie_word_embeddings=True)
     config.save_pretrained(str(out))
     cohere_tokenizer().save_pretrained(str(out))
-    d, f, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], \
-        shape["num_key_value_heads"]
+    d, f, heads, kv = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+    )
     dh = d // heads
     gen = torch.Generator().manual_seed(0)
 
@@ -51,15 +61,32 @@ def write_random_cohere(out: Path, shape: dict, dtype=torch.bfloat16) -> int:
         return (torch.randn(*dims, generator=gen) * dims[-1] ** -0.5).to(dtype)
 
     weight_map, total = {}, 0
-    files = [("model-embed.safetensors", {"model.embed_tokens.weight": rand(shape["vocab_size"], d),
-                                          "model.norm.weight": torch.ones(d, dtype=dtype)})]
+    files = [
+        (
+            "model-embed.safetensors",
+            {
+                "model.embed_tokens.weight": rand(shape["vocab_size"], d),
+                "model.norm.weight": torch.ones(d, dtype=dtype),
+            },
+        )
+    ]
     for i in range(shape["num_hidden_layers"]):
         at = f"model.layers.{i}."
-        files.append((f"model-layer{i:03d}.safetensors", {
-            at + "input_layernorm.weight": torch.ones(d, dtype=dtype), at + "self_attn.q_proj.weight": rand(heads * dh, d),
-            at + "self_attn.k_proj.weight": rand(kv * dh, d), at + "self_attn.v_proj.weight": rand(kv * dh, d),
-            at + "self_attn.o_proj.weight": rand(d, heads * dh), at + "mlp.gate_proj.weight": rand(f, d),
-            at + "mlp.up_proj.weight": rand(f, d), at + "mlp.down_proj.weight": rand(d, f)}))
+        files.append(
+            (
+                f"model-layer{i:03d}.safetensors",
+                {
+                    at + "input_layernorm.weight": torch.ones(d, dtype=dtype),
+                    at + "self_attn.q_proj.weight": rand(heads * dh, d),
+                    at + "self_attn.k_proj.weight": rand(kv * dh, d),
+                    at + "self_attn.v_proj.weight": rand(kv * dh, d),
+                    at + "self_attn.o_proj.weight": rand(d, heads * dh),
+                    at + "mlp.gate_proj.weight": rand(f, d),
+                    at + "mlp.up_proj.weight": rand(f, d),
+                    at + "mlp.down_proj.weight": rand(d, f),
+                },
+            )
+        )
         name, tensors = files.pop()  # made and written one at a time
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
@@ -69,8 +96,9 @@ def write_random_cohere(out: Path, shape: dict, dtype=torch.bfloat16) -> int:
     save_file(tensors, str(out / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
     total += sum(t.nbytes for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -87,26 +115,46 @@ def main() -> None:
         made = time.perf_counter() - start
         baseline = baseline_rss()
         start = time.perf_counter()
-        code, out, err, peak = measured([*PALM, "import", "--format", "cohere", "--model", str(scratch / "cohere"),
-                                         "--out", str(scratch / "palm")])
+        code, out, err, peak = measured(
+            [*PALM, "import", "--format", "cohere", "--model", str(scratch / "cohere"), "--out", str(scratch / "palm")]
+        )
         seconds = time.perf_counter() - start
         if code:
             raise SystemExit(f"palm import failed: {err.strip().splitlines()[-1]}")
         gen_code, gen_out, gen_err, gen_peak = measured(
-            [*PALM, "generate", "我喜欢编程，因为", "--model", str(scratch / "palm"), "--max-new-tokens", "4",
-             "--temperature", "0"])
+            [
+                *PALM,
+                "generate",
+                "我喜欢编程，因为",
+                "--model",
+                str(scratch / "palm"),
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]
+        )
         row = {
-            "processor": cpu_name(), "date": time.strftime("%Y-%m-%d"), "shape": shape,
-            "parameters": size // 2, "weights_bytes": size, "write_source_s": round(made, 1),
-            "import_s": round(seconds, 1), "import_peak_rss": peak, "baseline_rss": baseline,
+            "processor": cpu_name(),
+            "date": time.strftime("%Y-%m-%d"),
+            "shape": shape,
+            "parameters": size // 2,
+            "weights_bytes": size,
+            "write_source_s": round(made, 1),
+            "import_s": round(seconds, 1),
+            "import_peak_rss": peak,
+            "baseline_rss": baseline,
             "peak_over_baseline_per_model": round((peak - baseline) / size, 3),
-            "generate_ok": gen_code == 0, "generate_peak_rss": gen_peak,
+            "generate_ok": gen_code == 0,
+            "generate_peak_rss": gen_peak,
         }
         print(json.dumps(row, indent=2))
-        print(f"import of {size / 1e9:.1f} GB ({size // 2 / 1e9:.2f}B parameters, bf16): {seconds:.0f} s, peak RSS "
-              f"{peak / 2**30:.2f} GiB ({(peak - baseline) / 2**30:.2f} GiB above the interpreter's "
-              f"{baseline / 2**30:.2f}) = {peak / size:.2f}x the model; generate ok: {gen_code == 0} "
-              f"(peak {gen_peak / 2**30:.1f} GiB)")
+        print(
+            f"import of {size / 1e9:.1f} GB ({size // 2 / 1e9:.2f}B parameters, bf16): {seconds:.0f} s, peak RSS "
+            f"{peak / 2**30:.2f} GiB ({(peak - baseline) / 2**30:.2f} GiB above the interpreter's "
+            f"{baseline / 2**30:.2f}) = {peak / size:.2f}x the model; generate ok: {gen_code == 0} "
+            f"(peak {gen_peak / 2**30:.1f} GiB)"
+        )
         if gen_code:
             print(gen_err.strip().splitlines()[-1])
         RESULTS.parent.mkdir(exist_ok=True)

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from palm import PalmConfig, PalmForCausalLM
+from palm.core.heldout import summed_nll
+from palm.core.runtime import pick_dtype
 from palm.data.corpora import parse_corpus_spec
 from palm.data.data import get_batch, val_windows
 from palm.data.shards import prepare_data, token_byte_lengths
 from palm.model.model import lm_loss
-from palm.training.optim import build_optimizer, lr_at
-from palm.core.runtime import pick_dtype
 from palm.training.compute import ComputeCopies
-from palm.core.heldout import summed_nll
 from palm.training.loop import LoopConfig
+from palm.training.optim import build_optimizer, lr_at
 
 MIXTURE = "zh-news:0.35,zh-reviews:0.2,python-docs:0.3,python-code:0.15"  # as examples/demo.py
 
@@ -63,18 +63,36 @@ class Trainee:
         self.name, self.s, self.budget, self.dtype = name, s, budget, dtype
         torch.manual_seed(0)
         if name == "palm":
-            self.model = PalmForCausalLM(PalmConfig(
-                vocab_size=vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                head_dim=s.head_dim, use_cache=False))
+            self.model = PalmForCausalLM(
+                PalmConfig(
+                    vocab_size=vocab,
+                    hidden_size=s.d,
+                    num_hidden_layers=s.layers,
+                    num_attention_heads=s.heads,
+                    head_dim=s.head_dim,
+                    use_cache=False,
+                )
+            )
             self.optimizer = build_optimizer("palm", self.model.named_parameters(), lr=s.palm_lr)
             self.lr, self.opt_name = s.palm_lr, "palm"
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            self.model = LlamaForCausalLM(LlamaConfig(
-                vocab_size=vocab, hidden_size=s.d, intermediate_size=4 * s.d, num_hidden_layers=s.layers,
-                num_attention_heads=s.heads, num_key_value_heads=1, head_dim=s.head_dim, tie_word_embeddings=True,
-                max_position_embeddings=2048, use_cache=False, attn_implementation="sdpa"))
+            self.model = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=vocab,
+                    hidden_size=s.d,
+                    intermediate_size=4 * s.d,
+                    num_hidden_layers=s.layers,
+                    num_attention_heads=s.heads,
+                    num_key_value_heads=1,
+                    head_dim=s.head_dim,
+                    tie_word_embeddings=True,
+                    max_position_embeddings=2048,
+                    use_cache=False,
+                    attn_implementation="sdpa",
+                )
+            )
             self.optimizer = build_optimizer("adamw", self.model.named_parameters(), lr=s.adamw_lr)
             self.lr, self.opt_name = s.adamw_lr, "adamw"
         self.model.train()
@@ -102,7 +120,9 @@ class Trainee:
         x, y = batch[:, :-1], batch[:, 1:]
         self.optimizer.zero_grad(set_to_none=True)
         with self.copies.in_use() if self.copies is not None else contextlib.nullcontext():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16 and self.copies is None):
+            with torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16 and self.copies is None
+            ):
                 if self.name == "palm":
                     loss = self.model(input_ids=x, shift_labels=y, skip_logits=True).loss
                 else:
@@ -129,7 +149,9 @@ class Trainee:
         return self.elapsed >= self.budget
 
 
-def bits_per_byte(model, data, max_tokens: int, table: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def bits_per_byte(
+    model, data, max_tokens: int, table: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
     """Validation bits per byte per corpus; `table` holds the UTF-8 bytes each token stands for."""
     out = {}
     for i, name in enumerate(data.names):
@@ -159,8 +181,11 @@ def run(args) -> dict:
     byte_table = torch.as_tensor(token_byte_lengths(tok))
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
     trainees = [Trainee("palm", s, len(tok), budget, dtype), Trainee("llama", s, len(tok), budget, dtype)]
-    print(f"quality: {budget:.0f} s of training each, d={s.d} layers={s.layers} heads={s.heads} "
-          f"seq={s.seq} batch={s.batch}, torch threads: {torch.get_num_threads()}", flush=True)
+    print(
+        f"quality: {budget:.0f} s of training each, d={s.d} layers={s.layers} heads={s.heads} "
+        f"seq={s.seq} batch={s.batch}, torch threads: {torch.get_num_threads()}",
+        flush=True,
+    )
     while not all(t.done for t in trainees):
         for t in trainees:  # interleaved
             if not t.done:
@@ -168,30 +193,50 @@ def run(args) -> dict:
     results = []
     for t in trainees:
         bpb = bits_per_byte(t.model, data, args.eval_tokens, byte_table, dtype)
-        results.append({
-            "name": t.name, "block": "parallel" if t.name == "palm" else "serial",
-            "recipe": "PaLM Adafactor, lr hold + 1/sqrt(k), z-loss, batch ramp" if t.name == "palm"
-            else "AdamW + warmup + cosine",
-            "peak_lr": t.lr, "steps": t.step, "tokens": t.tokens, "train_s": t.elapsed,
-            "tokens_per_s": t.tokens / t.elapsed, "final_loss": sum(t.losses[-10:]) / len(t.losses[-10:]),
-            "val_bpb": bpb, "params": t.model.num_parameters(),
-        })
+        results.append(
+            {
+                "name": t.name,
+                "block": "parallel" if t.name == "palm" else "serial",
+                "recipe": "PaLM Adafactor, lr hold + 1/sqrt(k), z-loss, batch ramp"
+                if t.name == "palm"
+                else "AdamW + warmup + cosine",
+                "peak_lr": t.lr,
+                "steps": t.step,
+                "tokens": t.tokens,
+                "train_s": t.elapsed,
+                "tokens_per_s": t.tokens / t.elapsed,
+                "final_loss": sum(t.losses[-10:]) / len(t.losses[-10:]),
+                "val_bpb": bpb,
+                "params": t.model.num_parameters(),
+            }
+        )
         print(f"{t.name}: {t.step} steps, {t.tokens:,} tokens in {t.elapsed:.0f} s", flush=True)
-    return {"budget_s": budget, "setting": vars(s), "mixture": MIXTURE, "eval_tokens": args.eval_tokens,
-            "dtype": str(dtype).removeprefix("torch."),
-            "quality": results}
+    return {
+        "budget_s": budget,
+        "setting": vars(s),
+        "mixture": MIXTURE,
+        "eval_tokens": args.eval_tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quality": results,
+    }
 
 
 def table(result: dict) -> str:
     names = list(result["quality"][0]["val_bpb"])
-    lines = ["| model | recipe | steps | tokens/s | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(names)]
+    lines = [
+        "| model | recipe | steps | tokens/s | " + " | ".join(names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
+    ]
     best = {n: min(r["val_bpb"][n] for r in result["quality"]) for n in names}
     for r in result["quality"]:
-        cells = [f"**{r['val_bpb'][n]:.3f}**" if r["val_bpb"][n] == best[n] else f"{r['val_bpb'][n]:.3f}"
-                 for n in names]
-        lines.append(f"| {r['name']} ({r['block']}) | {r['recipe']} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
-                     + " | ".join(cells) + " |")
+        cells = [
+            f"**{r['val_bpb'][n]:.3f}**" if r["val_bpb"][n] == best[n] else f"{r['val_bpb'][n]:.3f}" for n in names
+        ]
+        lines.append(
+            f"| {r['name']} ({r['block']}) | {r['recipe']} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -202,10 +247,17 @@ def parse_args(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per corpus")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="auto: bf16 where bf16 matmuls are native, else fp32")
-    ap.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / ".palm-cache" / "bench"),
-                    help="tokenizer and token shards, reused between runs")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="auto: bf16 where bf16 matmuls are native, else fp32",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        default=str(Path(__file__).resolve().parent.parent / ".palm-cache" / "bench"),
+        help="tokenizer and token shards, reused between runs",
+    )
     ap.add_argument("--json")
     return ap.parse_args(argv)
 

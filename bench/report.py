@@ -25,7 +25,6 @@ BEGIN, END = "<!-- bench:begin (bench/report.py writes this part) -->", "<!-- be
 PARTS = ("train", "tokenizer", "quality")
 
 
-
 def load(name: str):
     """bench/<name>.py as a module (bench/ is scripts, not a package; `tokenizer` is too common a name)."""
     import importlib.util
@@ -50,29 +49,49 @@ def markdown(result: dict) -> str:
     threads = result.get("threads")
     threads = f"{threads} thread" + ("s" if threads != 1 else "")
     flags = " --quick" if result["quick"] else ""
-    out = [f"Measured {result['when']} with `python bench/report.py{flags}` "
-           f"({result.get('machine', {}).get('cpu', 'this machine')}, {threads})."]
+    out = [
+        f"Measured {result['when']} with `python bench/report.py{flags}` "
+        f"({result.get('machine', {}).get('cpu', 'this machine')}, {threads})."
+    ]
     if "train" in result:
         t, s = result, result["settings"]
-        out += ["", f"**Training step** (forward, backward, clip, {s['optimizer']}; batch {s['batch']} x "
-                f"{s['seq']}; {t['dtype_note']}; matmul peak measured in the run: "
-                f"fp32 {t['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, bf16 {t['peak_flops']['bf16'] / 1e9:.1f} GFLOP/s; "
-                f"{s['timing']}):", "", train_bench.table(t), ""]
+        out += [
+            "",
+            f"**Training step** (forward, backward, clip, {s['optimizer']}; batch {s['batch']} x "
+            f"{s['seq']}; {t['dtype_note']}; matmul peak measured in the run: "
+            f"fp32 {t['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, bf16 {t['peak_flops']['bf16'] / 1e9:.1f} GFLOP/s; "
+            f"{s['timing']}):",
+            "",
+            train_bench.table(t),
+            "",
+        ]
         out += [f"- {line}" for line in train_bench.summary(t)]
         for shape, p in t.get("profile", {}).items():
             top = ", ".join(f"`{e['op']}` {e['share']:.0%}" for e in p["top"][:6])
-            out.append(f"- palm's step on {shape}, profiled: matmuls {p['matmul_share']:.0%}, attention "
-                       f"{p['attention_share']:.0%}, everything else {p['other_share']:.0%} (top: {top})")
+            out.append(
+                f"- palm's step on {shape}, profiled: matmuls {p['matmul_share']:.0%}, attention "
+                f"{p['attention_share']:.0%}, everything else {p['other_share']:.0%} (top: {top})"
+            )
     if "tokenizer" in result:
-        out += ["", f"**Tokenizers** (vocabulary {result['tokenizer']['vocab_size']}, trained on "
-                f"{result['tokenizer']['train_mb']:.1f} MB of the four corpora, measured on held-out text; "
-                "speeds are means over the corpora):", "", tokenizer_bench.table(result["tokenizer"])]
+        out += [
+            "",
+            f"**Tokenizers** (vocabulary {result['tokenizer']['vocab_size']}, trained on "
+            f"{result['tokenizer']['train_mb']:.1f} MB of the four corpora, measured on held-out text; "
+            "speeds are means over the corpora):",
+            "",
+            tokenizer_bench.table(result["tokenizer"]),
+        ]
     if "quality" in result:
         q = result["quality"]
         s = q["setting"]
-        out += ["", f"**Quality per second** ({q['budget_s']:.0f} s of training each on the demo mixture, "
-                f"d={s['d']}, {s['layers']} layers, {s['heads']} heads, seq {s['seq']}, batch {s['batch']}; "
-                "validation bits per byte, lower is better):", "", quality_bench.table(q)]
+        out += [
+            "",
+            f"**Quality per second** ({q['budget_s']:.0f} s of training each on the demo mixture, "
+            f"d={s['d']}, {s['layers']} layers, {s['heads']} heads, seq {s['seq']}, batch {s['batch']}; "
+            "validation bits per byte, lower is better):",
+            "",
+            quality_bench.table(q),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -128,8 +147,12 @@ def run(args) -> dict:
     threads = ["--threads", str(args.threads)] if args.threads else []
     quick = ["--quick"] if args.quick else []
     dtype = ["--dtype", args.dtype]
-    result: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
-                    "threads": torch.get_num_threads(), "machine": {"cpu": cpu_name()}}
+    result: dict = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name()},
+    }
     start = time.perf_counter()
     if "train" in args.only:
         train_bench = load("train")
@@ -181,8 +204,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated: train, tokenizer, quality")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="training-step dtype (auto: bf16 where it is native)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="training-step dtype (auto: bf16 where it is native)",
+    )
     ap.add_argument("--no-page", action="store_true", help="leave docs/performance.md alone")
     args = ap.parse_args(argv)
     args.only = [p for p in args.only.split(",") if p]

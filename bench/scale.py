@@ -63,18 +63,37 @@ PROBE_LAYERS = 8  # the second depth at the 1b width, for the largest model that
 
 
 def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[dict]:
-    from palm.model.config import PalmConfig
     from palm.core.runtime import pick_device, pick_dtype
+    from palm.model.config import PalmConfig
 
     config = PalmConfig.from_pretrained(str(model_dir))
     dtype = pick_dtype("auto", pick_device(None))
     *_, baseline = measured([sys.executable, "-c", BASELINE])
     rows = []
     for fmt in formats:
-        code, out, err, peak = measured([*PALM, "generate", "--model", str(model_dir), PROMPT, "--max-new-tokens",
-                                         str(new_tokens), "--temperature", "0", "--quantize", fmt])
-        row = {"part": "generate", "format": fmt, "dtype": str(dtype).removeprefix("torch."), "peak_rss": peak,
-               "baseline_rss": baseline, "returncode": code}
+        code, out, err, peak = measured(
+            [
+                *PALM,
+                "generate",
+                "--model",
+                str(model_dir),
+                PROMPT,
+                "--max-new-tokens",
+                str(new_tokens),
+                "--temperature",
+                "0",
+                "--quantize",
+                fmt,
+            ]
+        )
+        row = {
+            "part": "generate",
+            "format": fmt,
+            "dtype": str(dtype).removeprefix("torch."),
+            "peak_rss": peak,
+            "baseline_rss": baseline,
+            "returncode": code,
+        }
         if code != 0:
             row["error"] = (err.strip().splitlines() or [f"exit {code}"])[-1]
             rows.append(row)
@@ -83,8 +102,9 @@ def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[
         row["tokens_per_s"] = float(summary.split(",")[1].split()[0])
         row["weights"] = decoding_bytes(model_dir, fmt)
         tokens = len(PROMPT) + 1 + new_tokens  # at most one id per character, BOS first
-        row["kv_cache"] = (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * tokens
-                           * dtype.itemsize)
+        row["kv_cache"] = (
+            config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * tokens * dtype.itemsize
+        )
         row["needed"] = row["weights"] + row["kv_cache"] + baseline
         row["ratio"] = peak / row["needed"]
         rows.append(row)
@@ -94,13 +114,19 @@ def generate_rows(model_dir: Path, formats: list[str], new_tokens: int) -> list[
 
 def decoding_bytes(model_dir: Path, fmt: str) -> int:
     """Bytes of the decoding model's weights: every tensor it holds, the embedding looked up included."""
-    code, out, err, _ = measured([sys.executable, "-c", textwrap.dedent(f"""
+    code, out, err, _ = measured(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         from palm.inference.generate import Generator
         from palm.inference.quant import weight_bytes
         g = Generator.load({str(model_dir)!r}, quantize={fmt!r})
         embed = g.model.model.embed_tokens.weight
         print(weight_bytes(g.step.decoder) + embed.numel() * embed.element_size())
-    """)])
+    """),
+        ]
+    )
     if code != 0:
         sys.exit(f"reading {model_dir} failed: {(err.strip().splitlines() or ['?'])[-1]}")
     return int(out.split()[-1])
@@ -117,10 +143,18 @@ def export_rows(model_dir: Path, scratch: Path) -> list[dict]:
     for fmt, kind in EXPORTS:
         out = scratch / (f"export-{kind}" if fmt == "cohere" else f"export-{kind}.gguf")
         start = time.perf_counter()
-        code, _, err, peak = measured([*PALM, "export", "--format", fmt, "--type", kind, "--model", str(model_dir),
-                                       "--out", str(out)])
-        row = {"part": "export", "format": f"{fmt} {kind}", "returncode": code, "seconds": time.perf_counter() - start,
-               "peak_rss": peak, "baseline_rss": baseline, "model_bytes": stored}
+        code, _, err, peak = measured(
+            [*PALM, "export", "--format", fmt, "--type", kind, "--model", str(model_dir), "--out", str(out)]
+        )
+        row = {
+            "part": "export",
+            "format": f"{fmt} {kind}",
+            "returncode": code,
+            "seconds": time.perf_counter() - start,
+            "peak_rss": peak,
+            "baseline_rss": baseline,
+            "model_bytes": stored,
+        }
         if code != 0:
             row["error"] = (err.strip().splitlines() or [f"exit {code}"])[-1]
         else:
@@ -193,8 +227,12 @@ def disk_write_rate(folder: Path, size: int) -> float:
 def checkpoint_row(preset: str, scratch: Path) -> dict:
     code, out, err, _ = measured([sys.executable, "-c", SAVE, preset, str(scratch / f"ckpt-{preset}")])
     if code != 0:
-        return {"part": "checkpoint", "preset": preset, "returncode": code,
-                "error": (err.strip().splitlines() or [f"exit {code}"])[-1]}
+        return {
+            "part": "checkpoint",
+            "preset": preset,
+            "returncode": code,
+            "error": (err.strip().splitlines() or [f"exit {code}"])[-1],
+        }
     row = {"part": "checkpoint", "preset": preset, "returncode": 0, **json.loads(out.splitlines()[-1])}
     row["bytes"] = sum(row["files"].values())
     row["write_rate"] = row["bytes"] / row["seconds"]
@@ -222,14 +260,43 @@ def train_rows(presets: list[str], args, scratch: Path) -> list[dict]:
     """bench/train.py --apart on each preset (and `1b` with PROBE_LAYERS layers); palm's rows get the plan."""
     shapes = [s for p in presets for s in ([f"{p}@{PROBE_LAYERS}", p] if p == "1b" else [p])]
     out = scratch / "train.json"
-    code = run_streamed([sys.executable, str(BENCH / "train.py"), "--apart", "--shapes", ",".join(shapes),
-                         "--seq", str(args.train_seq), "--batch", "1", "--warmup", "1", "--rounds", str(args.train_rounds),
-                         "--candidates", TRAIN_CANDIDATES, "--json", str(out)])
+    code = run_streamed(
+        [
+            sys.executable,
+            str(BENCH / "train.py"),
+            "--apart",
+            "--shapes",
+            ",".join(shapes),
+            "--seq",
+            str(args.train_seq),
+            "--batch",
+            "1",
+            "--warmup",
+            "1",
+            "--rounds",
+            str(args.train_rounds),
+            "--candidates",
+            TRAIN_CANDIDATES,
+            "--json",
+            str(out),
+        ]
+    )
     if code != 0 or not out.exists():
-        return [{"part": "train", "returncode": code or 1, "preset": ",".join(presets), "error": "bench/train.py failed"}]
+        return [
+            {"part": "train", "returncode": code or 1, "preset": ",".join(presets), "error": "bench/train.py failed"}
+        ]
     result = json.loads(out.read_text())
-    rows = [{"part": "train", "returncode": 0, "preset": r["shape"], "dtype": result["dtype"],
-             "peak_flops": result["peak_flops"][result["dtype"]], **r} for r in result["train"]]
+    rows = [
+        {
+            "part": "train",
+            "returncode": 0,
+            "preset": r["shape"],
+            "dtype": result["dtype"],
+            "peak_flops": result["peak_flops"][result["dtype"]],
+            **r,
+        }
+        for r in result["train"]
+    ]
     for r in rows:
         if r["status"] == "ok" and is_palm(r["name"]):
             r.update(planned(r))
@@ -247,9 +314,18 @@ def planned(r: dict) -> dict:
 
     preset, _, layers = r["shape"].partition("@")
     tokens = r["batch"] * r["seq"]
-    plan = make_plan(preset, r["seq"], tokens, device="cpu", param_bytes=4, compute_copies=r["dtype"] == "bf16",
-                     batch_tokens=tokens, peak_tflops=r["peak_flops"] / 1e12, mfu=min(r["mfu"], 1.0),
-                     overrides={"num_hidden_layers": int(layers)} if layers else None)
+    plan = make_plan(
+        preset,
+        r["seq"],
+        tokens,
+        device="cpu",
+        param_bytes=4,
+        compute_copies=r["dtype"] == "bf16",
+        batch_tokens=tokens,
+        peak_tflops=r["peak_flops"] / 1e12,
+        mfu=min(r["mfu"], 1.0),
+        overrides={"num_hidden_layers": int(layers)} if layers else None,
+    )
     return {"plan_memory": plan.memory["total_no_remat"], "plan_step_s": plan.time_s}
 
 
@@ -276,8 +352,13 @@ def largest_rows(rows: list[dict], available: int) -> list[dict]:
             room = available - whole.get("baseline_rss", 0)
             layers = int((room - fixed) // per_layer)
             params_per_layer = (whole["matmul_params"] - probe["matmul_params"]) / (full - PROBE_LAYERS)
-            row.update(per_layer=per_layer, fixed=fixed, room=room, layers=layers,
-                       params=whole["matmul_params"] + (layers - full) * params_per_layer)
+            row.update(
+                per_layer=per_layer,
+                fixed=fixed,
+                room=room,
+                layers=layers,
+                params=whole["matmul_params"] + (layers - full) * params_per_layer,
+            )
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -286,36 +367,114 @@ def largest_rows(rows: list[dict], available: int) -> list[dict]:
 def decode_rows(presets: list[str], scratch: Path) -> list[dict]:
     """bench/decode.py: the presets at prompt 128, `1b`'s prefill at prompt 512, and fp32 greedy agreement."""
     runs = [
-        ("p128", ["--presets", ",".join(presets), "--prompt-len", "128", "--new-tokens", "128", "--paths",
-                  "palm+compile,palm+int8+compile,transformers", "--llama-types", "f16,q8_0"]),
-        ("p512", ["--presets", presets[-1], "--prompt-len", "512", "--new-tokens", "16", "--paths",
-                  "palm,palm+int8,transformers", "--llama-types", "f16,q8_0"]),
-        ("fp32", ["--presets", presets[-1], "--dtype", "fp32", "--prompt-len", "128", "--new-tokens", "128",
-                  "--paths", "palm,transformers", "--no-llama-cpp"]),
+        (
+            "p128",
+            [
+                "--presets",
+                ",".join(presets),
+                "--prompt-len",
+                "128",
+                "--new-tokens",
+                "128",
+                "--paths",
+                "palm+compile,palm+int8+compile,transformers",
+                "--llama-types",
+                "f16,q8_0",
+            ],
+        ),
+        (
+            "p512",
+            [
+                "--presets",
+                presets[-1],
+                "--prompt-len",
+                "512",
+                "--new-tokens",
+                "16",
+                "--paths",
+                "palm,palm+int8,transformers",
+                "--llama-types",
+                "f16,q8_0",
+            ],
+        ),
+        (
+            "fp32",
+            [
+                "--presets",
+                presets[-1],
+                "--dtype",
+                "fp32",
+                "--prompt-len",
+                "128",
+                "--new-tokens",
+                "128",
+                "--paths",
+                "palm,transformers",
+                "--no-llama-cpp",
+            ],
+        ),
     ]
     rows = []
     for run, flags in runs:
         out = scratch / f"decode-{run}.json"
         code = run_streamed([sys.executable, str(BENCH / "decode.py"), "--rounds", "1", *flags, "--json", str(out)])
         if code != 0 or not out.exists():
-            rows.append({"part": "decode", "run": run, "returncode": code or 1, "preset": presets[-1],
-                         "error": "bench/decode.py failed"})
+            rows.append(
+                {
+                    "part": "decode",
+                    "run": run,
+                    "returncode": code or 1,
+                    "preset": presets[-1],
+                    "error": "bench/decode.py failed",
+                }
+            )
             continue
         result = json.loads(out.read_text())
-        rows += [{"part": "decode", "run": run, "returncode": 0, "read_bandwidth": result["read_bandwidth"],
-                  "prompt_len": result["prompt_len"], **r} for r in result["rows"]]
+        rows += [
+            {
+                "part": "decode",
+                "run": run,
+                "returncode": 0,
+                "read_bandwidth": result["read_bandwidth"],
+                "prompt_len": result["prompt_len"],
+                **r,
+            }
+            for r in result["rows"]
+        ]
     return rows
 
 
 def serve_rows(model_dir: Path, preset: str, args, scratch: Path) -> list[dict]:
     """bench/serve.py on `model_dir`: palm serve, then llama.cpp's server on the same weights."""
     out = scratch / "serve.json"
-    code = run_streamed([sys.executable, str(BENCH / "serve.py"), "--model", str(model_dir), "--clients", "1,8,32",
-                         "--requests-per-client", str(args.serve_requests), "--peer", "llama.cpp", "--json", str(out)])
+    code = run_streamed(
+        [
+            sys.executable,
+            str(BENCH / "serve.py"),
+            "--model",
+            str(model_dir),
+            "--clients",
+            "1,8,32",
+            "--requests-per-client",
+            str(args.serve_requests),
+            "--peer",
+            "llama.cpp",
+            "--json",
+            str(out),
+        ]
+    )
     if code != 0 or not out.exists():
         return [{"part": "serve", "preset": preset, "returncode": code or 1, "error": "bench/serve.py failed"}]
-    return [{"part": "serve", "preset": preset, "returncode": 0 if "levels" in r else 1,
-             **({"error": r["unavailable"]} if "unavailable" in r else {}), **r} for r in json.loads(out.read_text())]
+    return [
+        {
+            "part": "serve",
+            "preset": preset,
+            "returncode": 0 if "levels" in r else 1,
+            **({"error": r["unavailable"]} if "unavailable" in r else {}),
+            **r,
+        }
+        for r in json.loads(out.read_text())
+    ]
 
 
 RESUME_STEPS, RESUME_EVERY = 3, 2
@@ -333,9 +492,11 @@ def resume_row(preset: str, scratch: Path, corpus: Path, tokenizer: Path) -> dic
 
     def args(out: Path) -> list[str]:
         conf = out.with_suffix(".toml")
-        conf.write_text(f'corpus = ["{corpus}"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
-                        f"seq-len = 128\nbatch-size = 1\nmax-steps = {RESUME_STEPS}\ncheckpoint-every = {RESUME_EVERY}\n"
-                        f'eval-every = 100000\neval-tokens = 128\nkeep-checkpoints = 1\ncache-dir = "{scratch / "cache"}"\n')
+        conf.write_text(
+            f'corpus = ["{corpus}"]\nout = "{out}"\ntokenizer = "{tokenizer}"\npreset = "{preset}"\n'
+            f"seq-len = 128\nbatch-size = 1\nmax-steps = {RESUME_STEPS}\ncheckpoint-every = {RESUME_EVERY}\n"
+            f'eval-every = 100000\neval-tokens = 128\nkeep-checkpoints = 1\ncache-dir = "{scratch / "cache"}"\n'
+        )
         return ["train", "--config", str(conf)]
 
     row = {"part": "resume", "preset": preset, "returncode": 0}
@@ -379,8 +540,10 @@ def resume_row(preset: str, scratch: Path, corpus: Path, tokenizer: Path) -> dic
 
     row["losses"], row["losses_straight"] = losses(killed), losses(straight)
     different = []
-    with safe_open(str(straight / "final" / "model.safetensors"), "pt") as a, \
-            safe_open(str(killed / "final" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(str(straight / "final" / "model.safetensors"), "pt") as a,
+        safe_open(str(killed / "final" / "model.safetensors"), "pt") as b,
+    ):
         if set(a.keys()) != set(b.keys()):
             different.append("the tensor names")
         for key in sorted(set(a.keys()) & set(b.keys())):
@@ -413,8 +576,9 @@ def main() -> None:
     path = Path(args.json)
     # rows of the parts not run this time are kept, so one part can be rerun alone
     kept = json.loads(path.read_text()) if path.exists() else {}
-    rows = [r for r in kept.get("rows", []) if r["part"] not in parts and
-            not (r["part"] == "largest" and "train" in parts)]
+    rows = [
+        r for r in kept.get("rows", []) if r["part"] not in parts and not (r["part"] == "largest" and "train" in parts)
+    ]
     timings = {k: v for k, v in kept.get("parts", {}).items() if k not in parts}
     stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name()}
 
@@ -437,13 +601,20 @@ def main() -> None:
         for preset in presets:
             if {"generate", "export", "serve"} & set(parts):
                 model_dir = scratch / f"model-{preset}"
-                done = subprocess.run([*PALM, "init", "--preset", preset, "--tokenizer", str(scratch / "tok"), "--out",
-                                       str(model_dir)], capture_output=True, text=True)
+                done = subprocess.run(
+                    [*PALM, "init", "--preset", preset, "--tokenizer", str(scratch / "tok"), "--out", str(model_dir)],
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode != 0:
                     sys.exit(f"palm init --preset {preset} failed: {done.stderr.strip().splitlines()[-1]}")
                 if "generate" in parts:
-                    rows += [{"preset": preset, **r} for r in timed("generate", lambda: generate_rows(
-                        model_dir, args.formats.split(","), args.new_tokens))]
+                    rows += [
+                        {"preset": preset, **r}
+                        for r in timed(
+                            "generate", lambda: generate_rows(model_dir, args.formats.split(","), args.new_tokens)
+                        )
+                    ]
                 if "export" in parts:
                     rows += [{"preset": preset, **r} for r in timed("export", lambda: export_rows(model_dir, scratch))]
                 if "serve" in parts and preset == presets[-1]:  # the largest preset: serving is measured at 1b
@@ -452,14 +623,19 @@ def main() -> None:
             if "checkpoint" in parts:
                 rows.append(timed("checkpoint", lambda: checkpoint_row(preset, scratch)))
         if "resume" in parts:
-            rows.append(timed("resume", lambda: resume_row(presets[-1], scratch, scratch / "python-docs.txt",
-                                                            scratch / "tok")))
+            rows.append(
+                timed("resume", lambda: resume_row(presets[-1], scratch, scratch / "python-docs.txt", scratch / "tok"))
+            )
     order = {part: i for i, part in enumerate(HEADERS)}
     rows.sort(key=lambda r: order.get(r["part"], 99))
     result = {**stamp, "parts": timings, "seconds": sum(t["seconds"] for t in timings.values()), "rows": rows}
-    report = (f"`python bench/scale.py` on {cpu_name()}, {os.cpu_count()} cores; parts: "
-              + ", ".join(f"{k} {v['seconds'] / 60:.1f} min ({v['date'][:16]} UTC)" for k, v in timings.items())
-              + f"; {result['seconds'] / 60:.1f} min in all\n\n" + table(rows) + "\n")
+    report = (
+        f"`python bench/scale.py` on {cpu_name()}, {os.cpu_count()} cores; parts: "
+        + ", ".join(f"{k} {v['seconds'] / 60:.1f} min ({v['date'][:16]} UTC)" for k, v in timings.items())
+        + f"; {result['seconds'] / 60:.1f} min in all\n\n"
+        + table(rows)
+        + "\n"
+    )
     print("\n" + report)
     write_json(path, result)
     write_text(path.with_suffix(".md"), report)
@@ -467,25 +643,76 @@ def main() -> None:
 
 GIB = 2**30
 HEADERS = {
-    "train": ["preset", "candidate", "tokens/s", "vs palm", "MFU", "peak RSS above baseline", "vs palm",
-              "palm plan: memory", "plan / measured", "palm plan: step at this MFU", "measured step"],
+    "train": [
+        "preset",
+        "candidate",
+        "tokens/s",
+        "vs palm",
+        "MFU",
+        "peak RSS above baseline",
+        "vs palm",
+        "palm plan: memory",
+        "plan / measured",
+        "palm plan: step at this MFU",
+        "measured step",
+    ],
     "largest": ["width", "candidate", "memory per layer", "fixed part", "room", "deepest that fits", "parameters"],
-    "decode": ["preset", "run", "path", "decode tok/s", "prefill tok/s", "bytes/token", "bandwidth used",
-               "greedy = Transformers (teacher-forced)", "same tokens free-running"],
-    "serve": ["preset", "server", "clients", "requests", "failed", "output tok/s", "vs 1 client", "TTFT p50 ms",
-              "ITL p50 ms", "ITL p99 ms", "peak RSS"],
+    "decode": [
+        "preset",
+        "run",
+        "path",
+        "decode tok/s",
+        "prefill tok/s",
+        "bytes/token",
+        "bandwidth used",
+        "greedy = Transformers (teacher-forced)",
+        "same tokens free-running",
+    ],
+    "serve": [
+        "preset",
+        "server",
+        "clients",
+        "requests",
+        "failed",
+        "output tok/s",
+        "vs 1 client",
+        "TTFT p50 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "peak RSS",
+    ],
     "generate": ["preset", "`palm generate`", "tokens/s", "peak RSS", "weights + KV + baseline", "ratio"],
-    "export": ["preset", "`palm export`", "seconds", "written", "peak RSS", "RSS above the baseline",
-               "the model on disk (fp32)"],
+    "export": [
+        "preset",
+        "`palm export`",
+        "seconds",
+        "written",
+        "peak RSS",
+        "RSS above the baseline",
+        "the model on disk (fp32)",
+    ],
     "checkpoint": ["preset", "checkpoint", "seconds", "write rate", "disk's rate", "share", "RSS added by the save"],
-    "resume": ["preset", "killed while writing", "checkpoints left", "resumed losses", "the run never stopped",
-               "final weights and losses bitwise equal", "seconds (straight / resume)"],
+    "resume": [
+        "preset",
+        "killed while writing",
+        "checkpoints left",
+        "resumed losses",
+        "the run never stopped",
+        "final weights and losses bitwise equal",
+        "seconds (straight / resume)",
+    ],
 }
 
 
 def _train_reference(rows: list[dict], r: dict) -> dict | None:
-    return next((x for x in rows if x["part"] == "train" and x["shape"] == r["shape"] and is_palm(x["name"])
-                 and x["status"] == "ok"), None)
+    return next(
+        (
+            x
+            for x in rows
+            if x["part"] == "train" and x["shape"] == r["shape"] and is_palm(x["name"]) and x["status"] == "ok"
+        ),
+        None,
+    )
 
 
 def cells(r: dict, rows: list[dict]) -> list[list[str]]:
@@ -494,50 +721,122 @@ def cells(r: dict, rows: list[dict]) -> list[list[str]]:
         if r["status"] != "ok":
             return [[r["shape"], r["name"], f"does not run: {r.get('reason', '?')}"]]
         ref = _train_reference(rows, r)
-        line = [r["shape"], r["name"], f"{r['tokens_per_s']:.1f}",
-                f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "", f"{r['mfu']:.1%}",
-                f"{r['peak_memory_bytes'] / GIB:.2f} GiB",
-                f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x" if ref else ""]
+        line = [
+            r["shape"],
+            r["name"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "",
+            f"{r['mfu']:.1%}",
+            f"{r['peak_memory_bytes'] / GIB:.2f} GiB",
+            f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x" if ref else "",
+        ]
         if "plan_memory" in r:
-            line += [f"{r['plan_memory'] / GIB:.2f} GiB", f"{r['plan_memory'] / r['peak_memory_bytes']:.2f}",
-                     f"{r['plan_step_s']:.2f} s", f"{r['step_s']:.2f} s"]
+            line += [
+                f"{r['plan_memory'] / GIB:.2f} GiB",
+                f"{r['plan_memory'] / r['peak_memory_bytes']:.2f}",
+                f"{r['plan_step_s']:.2f} s",
+                f"{r['step_s']:.2f} s",
+            ]
         return [line]
     if r["returncode"] != 0:
         label = r.get("name") or r.get("server") or r.get("run")
         return [[r["preset"], *([label] if label else []), f"failed: {r['error']}"]]
     if r["part"] == "largest":
-        return [[r["preset"], r["name"], f"{r['per_layer'] / GIB:.2f} GiB", f"{r['fixed'] / GIB:.2f} GiB",
-                 f"{r['room'] / GIB:.1f} GiB", f"{r['layers']} layers", f"{r['params'] / 1e9:.2f}B"]]
+        return [
+            [
+                r["preset"],
+                r["name"],
+                f"{r['per_layer'] / GIB:.2f} GiB",
+                f"{r['fixed'] / GIB:.2f} GiB",
+                f"{r['room'] / GIB:.1f} GiB",
+                f"{r['layers']} layers",
+                f"{r['params'] / 1e9:.2f}B",
+            ]
+        ]
     if r["part"] == "decode":
         if "unavailable" in r:
             return [[r["preset"], r["run"], r["path"], f"not measured: {r['unavailable']}"]]
         free = f"{r['greedy_free_running']}/{r['new_tokens']}" if "greedy_free_running" in r else ""
-        return [[r["preset"], r["run"], f"{r['path']} ({r.get('dtype', 'gguf')})", f"{r['decode_tok_s']:.1f}",
-                 f"{r['prefill_tok_s']:.0f}", f"{r['bytes_per_token'] / 1e6:.0f} MB", f"{r['bandwidth_share']:.0%}",
-                 f"{r['greedy_teacher_forced']:.0%}", free]]
+        return [
+            [
+                r["preset"],
+                r["run"],
+                f"{r['path']} ({r.get('dtype', 'gguf')})",
+                f"{r['decode_tok_s']:.1f}",
+                f"{r['prefill_tok_s']:.0f}",
+                f"{r['bytes_per_token'] / 1e6:.0f} MB",
+                f"{r['bandwidth_share']:.0%}",
+                f"{r['greedy_teacher_forced']:.0%}",
+                free,
+            ]
+        ]
     if r["part"] == "serve":
         one = r["levels"][0]["tokens_per_s"]
         ms = lambda v: "" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
         rss = f"{r['peak_rss'] / GB:.2f} GB" if r.get("peak_rss") else ""
-        return [[r["preset"], r["server"], str(lv["clients"]), str(lv["requests"]), str(lv["failed"]),
-                 f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / one:.2f}x", ms(lv["ttft_p50"]), ms(lv["itl_p50"]),
-                 ms(lv["itl_p99"]), rss] for lv in r["levels"]]
+        return [
+            [
+                r["preset"],
+                r["server"],
+                str(lv["clients"]),
+                str(lv["requests"]),
+                str(lv["failed"]),
+                f"{lv['tokens_per_s']:.1f}",
+                f"{lv['tokens_per_s'] / one:.2f}x",
+                ms(lv["ttft_p50"]),
+                ms(lv["itl_p50"]),
+                ms(lv["itl_p99"]),
+                rss,
+            ]
+            for lv in r["levels"]
+        ]
     if r["part"] == "generate":
-        return [[r["preset"], f"{r['dtype']}, --quantize {r['format']}", f"{r['tokens_per_s']:.1f}",
-                 f"{r['peak_rss'] / GB:.2f} GB",
-                 f"{r['weights'] / GB:.2f} + {r['kv_cache'] / GB:.3f} + {r['baseline_rss'] / GB:.2f} GB",
-                 f"{r['ratio']:.2f}x"]]
+        return [
+            [
+                r["preset"],
+                f"{r['dtype']}, --quantize {r['format']}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['peak_rss'] / GB:.2f} GB",
+                f"{r['weights'] / GB:.2f} + {r['kv_cache'] / GB:.3f} + {r['baseline_rss'] / GB:.2f} GB",
+                f"{r['ratio']:.2f}x",
+            ]
+        ]
     if r["part"] == "resume":
         fmt = lambda d: ", ".join(f"{v:.4f}" for _, v in sorted(d.items(), key=lambda kv: int(kv[0])))  # noqa: E731
-        return [[r["preset"], f"{r['killed_in']['file']} at {r['killed_in']['bytes'] / GB:.2f} GB",
-                 ", ".join(map(str, r["checkpoints_left"])), fmt(r["losses"]), fmt(r["losses_straight"]),
-                 "yes" if r["bitwise_equal"] else f"no: {', '.join(r['different']) or 'losses'}",
-                 f"{r['straight_s']:.0f} / {r['resume_s']:.0f}"]]
+        return [
+            [
+                r["preset"],
+                f"{r['killed_in']['file']} at {r['killed_in']['bytes'] / GB:.2f} GB",
+                ", ".join(map(str, r["checkpoints_left"])),
+                fmt(r["losses"]),
+                fmt(r["losses_straight"]),
+                "yes" if r["bitwise_equal"] else f"no: {', '.join(r['different']) or 'losses'}",
+                f"{r['straight_s']:.0f} / {r['resume_s']:.0f}",
+            ]
+        ]
     if r["part"] == "export":
-        return [[r["preset"], r["format"], f"{r['seconds']:.1f}", f"{r['bytes'] / GB:.2f} GB",
-                 f"{r['peak_rss'] / GB:.2f} GB", f"{r['added_rss'] / GB:.2f} GB", f"{r['model_bytes'] / GB:.2f} GB"]]
-    return [[r["preset"], f"{r['bytes'] / GB:.2f} GB", f"{r['seconds']:.1f}", f"{r['write_rate'] / GB:.2f} GB/s",
-             f"{r['disk_rate'] / GB:.2f} GB/s", f"{r['write_rate'] / r['disk_rate']:.0%}", f"{r['added_rss'] / GB:.2f} GB"]]
+        return [
+            [
+                r["preset"],
+                r["format"],
+                f"{r['seconds']:.1f}",
+                f"{r['bytes'] / GB:.2f} GB",
+                f"{r['peak_rss'] / GB:.2f} GB",
+                f"{r['added_rss'] / GB:.2f} GB",
+                f"{r['model_bytes'] / GB:.2f} GB",
+            ]
+        ]
+    return [
+        [
+            r["preset"],
+            f"{r['bytes'] / GB:.2f} GB",
+            f"{r['seconds']:.1f}",
+            f"{r['write_rate'] / GB:.2f} GB/s",
+            f"{r['disk_rate'] / GB:.2f} GB/s",
+            f"{r['write_rate'] / r['disk_rate']:.0%}",
+            f"{r['added_rss'] / GB:.2f} GB",
+        ]
+    ]
 
 
 def table(rows: list[dict]) -> str:

@@ -48,7 +48,7 @@ WORDS = "the model reads every weight once per step so many rows share the cost 
 
 
 def prompts() -> list[str]:
-    return [" ".join(WORDS[: 6]), " ".join(WORDS * 3)[:200], " ".join(WORDS * 10)[:750]]
+    return [" ".join(WORDS[:6]), " ".join(WORDS * 3)[:200], " ".join(WORDS * 10)[:750]]
 
 
 @dataclass
@@ -70,8 +70,13 @@ def mixed(i: int) -> dict:
     """Request i of the cycle: every 3 in a row hold each budget, and (a Latin square) each prompt length."""
     texts, budgets = prompts(), (16, 48, 96)
     sampled = (i // 2) % 2 == 1
-    return {"prompt": texts[(i + i // 3) % 3], "max_tokens": budgets[i % 3], "stream": i % 2 == 1,
-            "temperature": 0.8 if sampled else 0.0, "seed": i if sampled else None}
+    return {
+        "prompt": texts[(i + i // 3) % 3],
+        "max_tokens": budgets[i % 3],
+        "stream": i % 2 == 1,
+        "temperature": 0.8 if sampled else 0.0,
+        "seed": i if sampled else None,
+    }
 
 
 def workload(clients: int, per_client: int) -> list[list[dict]]:
@@ -88,9 +93,15 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
     try:
         if req["stream"]:
             last = None
-            stream = await client.completions.create(model=model, prompt=req["prompt"], max_tokens=req["max_tokens"],
-                                                     temperature=req["temperature"], stream=True,
-                                                     stream_options={"include_usage": True}, **extra)
+            stream = await client.completions.create(
+                model=model,
+                prompt=req["prompt"],
+                max_tokens=req["max_tokens"],
+                temperature=req["temperature"],
+                stream=True,
+                stream_options={"include_usage": True},
+                **extra,
+            )
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.choices and chunk.choices[0].text:
@@ -104,8 +115,9 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
                     result.tokens = chunk.usage.completion_tokens
             result.tokens = result.tokens or result.chunks
         else:
-            out = await client.completions.create(model=model, prompt=req["prompt"], max_tokens=req["max_tokens"],
-                                                  temperature=req["temperature"], **extra)
+            out = await client.completions.create(
+                model=model, prompt=req["prompt"], max_tokens=req["max_tokens"], temperature=req["temperature"], **extra
+            )
             result.tokens = out.usage.completion_tokens
         result.ok = True
     except Exception as e:  # noqa: BLE001 - a failed request is counted, with its reason
@@ -113,11 +125,22 @@ async def one(client: openai.AsyncOpenAI, model: str, req: dict) -> Result:
     return result
 
 
-async def level(base: str, model: str, clients: int, per_client: int, timeout: float,
-                load: Callable[[int, int], list[list[dict]]] = None) -> dict:
+async def level(
+    base: str,
+    model: str,
+    clients: int,
+    per_client: int,
+    timeout: float,
+    load: Callable[[int, int], list[list[dict]]] = None,
+) -> dict:
     requests = (load or workload)(clients, per_client)
-    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout,
-                                http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 4)))
+    client = openai.AsyncOpenAI(
+        base_url=f"{base}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=timeout,
+        http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 4)),
+    )
     deadline = time.perf_counter() + timeout
     results: list[Result] = []
     tokens_of = [[0] * len(reqs) for reqs in requests]  # each request's output tokens, by client and turn
@@ -137,11 +160,21 @@ async def level(base: str, model: str, clients: int, per_client: int, timeout: f
     ttft = [r.first - r.start for r in good if r.streamed and r.first is not None]
     mean_ttft = statistics.fmean(ttft) if ttft else None
     gaps = [g for r in good for g in r.gaps]
-    return {"clients": clients, "requests": len(results), "failed": len(results) - len(good),
-            "errors": sorted({r.error for r in results if not r.ok})[:3], "wall_s": wall,
-            "output_tokens": sum(r.tokens for r in good), "tokens_per_s": sum(r.tokens for r in good) / wall,
-            "ttft_mean": mean_ttft, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
-            "request_tokens": tokens_of}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "failed": len(results) - len(good),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "wall_s": wall,
+        "output_tokens": sum(r.tokens for r in good),
+        "tokens_per_s": sum(r.tokens for r in good) / wall,
+        "ttft_mean": mean_ttft,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "itl_p50": pct(gaps, 50),
+        "itl_p99": pct(gaps, 99),
+        "request_tokens": tokens_of,
+    }
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -176,8 +209,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, seconds: float, path: str = 
 def make_model(root: Path) -> Path:
     import pydoc_data.topics
 
-    from palm.weights.modeldir import init_model_dir
     from palm.text.tokenizer import train_tokenizer
+    from palm.weights.modeldir import init_model_dir
 
     texts = list(pydoc_data.topics.topics.values())
     train_tokenizer(lambda: texts, vocab_size=8192).save(root / "tokenizer")
@@ -197,8 +230,24 @@ def dtype_name() -> str:
 def gguf_of(model: Path, folder: Path) -> Path:
     """The palm directory as the f16 GGUF file llama.cpp's server reads."""
     out = folder / "model-f16.gguf"
-    done = subprocess.run([sys.executable, "-m", "palm.cli", "export", "--format", "gguf", "--type", "f16", "--model",
-                           str(model), "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "export",
+            "--format",
+            "gguf",
+            "--type",
+            "f16",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"palm export --format gguf failed: {done.stderr.strip().splitlines()[-1]}")
     return out
@@ -215,17 +264,67 @@ def served_name(kind: str, model: Path) -> str:
 def start_server(kind: str, model: Path, port: int, args, log) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kind == "llama.cpp":  # `model` is the GGUF file here
-        cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "palm",
-               "--host", HOST, "--port", str(port), "--n_ctx", str(args.max_model_len),
-               "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count()),
-               "--interrupt_requests", "False"]
+        cmd = [
+            args.llama_cpp_python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--model_alias",
+            "palm",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(args.max_model_len),
+            "--n_threads",
+            str(os.cpu_count()),
+            "--n_threads_batch",
+            str(os.cpu_count()),
+            "--interrupt_requests",
+            "False",
+        ]
     elif kind == "palm":
-        cmd = [sys.executable, "-m", "palm.cli", "serve", "--model", str(model), "--host", HOST, "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-tokens-limit", "512", "--max-queue", "1024",
-               "--max-model-len", str(args.max_model_len), *getattr(args, "serve_flags", [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(args.max_batch),
+            "--max-tokens-limit",
+            "512",
+            "--max-queue",
+            "1024",
+            "--max-model-len",
+            str(args.max_model_len),
+            *getattr(args, "serve_flags", []),
+        ]
     else:
-        cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())", "serve", str(model), "--continuous-batching",
-               "--trust-remote-code", "--host", HOST, "--port", str(port), "--device", "cpu", "--dtype", dtype_name()]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+            "serve",
+            str(model),
+            "--continuous-batching",
+            "--trust-remote-code",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype_name(),
+        ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -244,8 +343,19 @@ def run_server(kind: str, model: Path, args) -> dict:
                 log.seek(0)
                 tail = [line.strip() for line in log.read().splitlines() if line.strip()][-3:]
                 return {"server": kind, "unavailable": f"{why}; its log ends: {' | '.join(tail)}"}
-            levels = [asyncio.run(level(base, served_name(kind, model), n, args.requests_per_client,
-                                        args.level_timeout, getattr(args, "load", None))) for n in args.clients]
+            levels = [
+                asyncio.run(
+                    level(
+                        base,
+                        served_name(kind, model),
+                        n,
+                        args.requests_per_client,
+                        args.level_timeout,
+                        getattr(args, "load", None),
+                    )
+                )
+                for n in args.clients
+            ]
             return {"server": kind, "levels": levels, "peak_rss": peak_rss(proc.pid)}
         finally:
             proc.terminate()
@@ -269,8 +379,11 @@ def llama_cpp_server(model: Path, folder: Path, args) -> dict:
     check = subprocess.run([args.llama_cpp_python, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
     if check.returncode != 0:
         missing = (check.stderr.strip().splitlines() or ["?"])[-1]
-        return {"server": "llama.cpp", "unavailable": f"{args.llama_cpp_python} cannot run llama_cpp.server ({missing}); "
-                "pip install 'llama-cpp-python[server]' there, or give --llama-cpp-python"}
+        return {
+            "server": "llama.cpp",
+            "unavailable": f"{args.llama_cpp_python} cannot run llama_cpp.server ({missing}); "
+            "pip install 'llama-cpp-python[server]' there, or give --llama-cpp-python",
+        }
     try:
         return run_server("llama.cpp", gguf_of(model, folder), args)
     except RuntimeError as e:
@@ -283,15 +396,18 @@ def generate_batch_peer(model_dir: Path, clients: int, per_client: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     import palm  # noqa: F401 - registers palm with the Auto classes
-
     from palm.core.runtime import pick_dtype
 
     requests = [r for client in workload(clients, per_client) for r in client]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype("auto", torch.device("cpu"))).eval()
     inputs = [tok(r["prompt"]).input_ids for r in requests]
-    config = GenerationConfig(max_new_tokens=max(r["max_tokens"] for r in requests), do_sample=False,
-                              eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max(r["max_tokens"] for r in requests),
+        do_sample=False,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
     start = time.perf_counter()
     try:
         out = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
@@ -300,11 +416,16 @@ def generate_batch_peer(model_dir: Path, clients: int, per_client: int) -> dict:
     wall = time.perf_counter() - start
     failed = [o for o in out.values() if getattr(o, "error", None)]
     if failed:
-        return {"server": "transformers generate_batch", "unavailable": f"{len(failed)} of {len(out)} requests "
-                f"failed: {failed[0].error}"[:300]}
+        return {
+            "server": "transformers generate_batch",
+            "unavailable": f"{len(failed)} of {len(out)} requests failed: {failed[0].error}"[:300],
+        }
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    return {"server": "transformers generate_batch", "offline": f"{len(out)} requests at once (max_new_tokens "
-            f"{config.max_new_tokens} each), {tokens} tokens in {wall:.1f} s: {tokens / wall:.1f} output tok/s"}
+    return {
+        "server": "transformers generate_batch",
+        "offline": f"{len(out)} requests at once (max_new_tokens "
+        f"{config.max_new_tokens} each), {tokens} tokens in {wall:.1f} s: {tokens / wall:.1f} output tok/s",
+    }
 
 
 def table(run: dict) -> str:
@@ -315,12 +436,18 @@ def table(run: dict) -> str:
     one = run["levels"][0]["tokens_per_s"]
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
     rss = f", peak RSS {run['peak_rss'] / 1e9:.2f} GB" if run.get("peak_rss") else ""
-    lines = [f"**{run['server']}**{rss}\n", "| clients | requests | failed | output tok/s | vs 1 client | TTFT p50 ms | "
-             "TTFT p99 ms | ITL p50 ms | ITL p99 ms | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{run['server']}**{rss}\n",
+        "| clients | requests | failed | output tok/s | vs 1 client | TTFT p50 ms | "
+        "TTFT p99 ms | ITL p50 ms | ITL p99 ms | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for lv in run["levels"]:
-        lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['failed']} | {lv['tokens_per_s']:.1f} | "
-                     f"{lv['tokens_per_s'] / one:.2f}x | {ms(lv['ttft_p50'])} | {ms(lv['ttft_p99'])} | "
-                     f"{ms(lv['itl_p50'])} | {ms(lv['itl_p99'])} | {lv['wall_s']:.1f} |")
+        lines.append(
+            f"| {lv['clients']} | {lv['requests']} | {lv['failed']} | {lv['tokens_per_s']:.1f} | "
+            f"{lv['tokens_per_s'] / one:.2f}x | {ms(lv['ttft_p50'])} | {ms(lv['ttft_p99'])} | "
+            f"{ms(lv['itl_p50'])} | {ms(lv['itl_p99'])} | {lv['wall_s']:.1f} |"
+        )
         if lv["errors"]:
             lines.append(f"|  | errors: {'; '.join(lv['errors'])} |")
     return "\n".join(lines) + "\n"
@@ -334,8 +461,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--peer", default="none", help="none, or a comma-separated list of transformers and llama.cpp")
-    ap.add_argument("--llama-cpp-python", default=sys.executable,
-                    help="an interpreter with llama-cpp-python[server] (for --peer llama.cpp)")
+    ap.add_argument(
+        "--llama-cpp-python",
+        default=sys.executable,
+        help="an interpreter with llama-cpp-python[server] (for --peer llama.cpp)",
+    )
     ap.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level, at most")
     ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -344,16 +474,20 @@ def main() -> None:
     args.peer = [] if args.peer == "none" else args.peer.split(",")
     if set(args.peer) - {"transformers", "llama.cpp"}:
         ap.error(f"--peer: choose none or from transformers, llama.cpp; not {args.peer}")
-    print(f"load on {HOST}: clients {args.clients}, {args.requests_per_client} requests each, "
-          f"palm serve --max-batch {args.max_batch} --max-model-len {args.max_model_len}; {dtype_name()} on "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared by servers and clients\n")
+    print(
+        f"load on {HOST}: clients {args.clients}, {args.requests_per_client} requests each, "
+        f"palm serve --max-batch {args.max_batch} --max-model-len {args.max_model_len}; {dtype_name()} on "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared by servers and clients\n"
+    )
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_model(Path(tmp))
         peers = [lambda: run_server("palm", model, args)]
         if "transformers" in args.peer:
-            peers += [lambda: run_server("transformers", model, args),
-                      lambda: generate_batch_peer(model, args.clients[-1], args.requests_per_client)]
+            peers += [
+                lambda: run_server("transformers", model, args),
+                lambda: generate_batch_peer(model, args.clients[-1], args.requests_per_client),
+            ]
         if "llama.cpp" in args.peer:
             peers.append(lambda: llama_cpp_server(model, Path(tmp), args))
         for peer in peers:  # each table as soon as it is measured: a peer that hangs costs only itself
@@ -369,9 +503,12 @@ def summary(palm: dict) -> None:
     ms = lambda v: "n/a" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
     if "levels" in palm and len(palm["levels"]) > 1:
         top, one = palm["levels"][-1], palm["levels"][0]
-        print(f"palm: {top['clients']} clients give {top['tokens_per_s'] / one['tokens_per_s']:.2f}x "
-              f"{one['clients']} client's output tokens/s (ITL p99 {ms(top['itl_p99'])} ms); "
-              f"{sum(lv['failed'] for lv in palm['levels'])} requests failed\n", flush=True)
+        print(
+            f"palm: {top['clients']} clients give {top['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+            f"{one['clients']} client's output tokens/s (ITL p99 {ms(top['itl_p99'])} ms); "
+            f"{sum(lv['failed'] for lv in palm['levels'])} requests failed\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ def replies(count: int, seed: int = 0) -> list[str]:
     out = []
     for _ in range(count):
         title = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))[:24]
-        out.append(json.dumps({"title": title, "count": rng.randint(0, 999), "ok": rng.random() < 0.5},
-                              ensure_ascii=False, separators=(",", ":")))
+        out.append(
+            json.dumps(
+                {"title": title, "count": rng.randint(0, 999), "ok": rng.random() < 0.5},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        )
     return out
 
 
@@ -61,13 +66,19 @@ class XGrammar(Library):
         pieces = [""] * vocab
         for piece, index in tokenizer.hf.backend_tokenizer.get_vocab().items():
             pieces[index] = piece
-        info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab,
-                                 stop_token_ids=[eos], add_prefix_space=False)
+        info = xgr.TokenizerInfo(
+            pieces,
+            vocab_type=xgr.VocabType.BYTE_FALLBACK,
+            vocab_size=vocab,
+            stop_token_ids=[eos],
+            add_prefix_space=False,
+        )
         self.compiler, self.mask = xgr.GrammarCompiler(info, cache_enabled=False), xgr.allocate_token_bitmask(1, vocab)
 
     def compile(self, schema: dict) -> None:
-        self.grammar = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                             separators=(",", ":"))
+        self.grammar = self.compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=False, separators=(",", ":")
+        )
 
     def start(self) -> None:
         self.matcher = self.xgr.GrammarMatcher(self.grammar)
@@ -96,8 +107,9 @@ class LLGuidance(Library):
         self.mask = llguidance.torch.allocate_token_bitmask(1, vocab)
 
     def compile(self, schema: dict) -> None:
-        self.grammar = self.ll.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                  defaults={"whitespace_flexible": False})
+        self.grammar = self.ll.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
         probe = self.ll.LLMatcher(self.tokenizer, self.grammar)  # compiling happens on the first matcher
         assert not probe.is_error(), probe.get_error()
 
@@ -179,8 +191,14 @@ def measure(cls: type[Library], tokenizer, eos: int, texts: list[str], ids: list
         if wrong:
             break
     per_token.sort()
-    return {"vocabulary_s": t1 - t0, "compile_s": t2 - t1, "wrong": wrong, "tokens": len(per_token),
-            "mask_p50_us": statistics.median(per_token) * 1e6, "mask_p99_us": per_token[int(0.99 * len(per_token))] * 1e6}
+    return {
+        "vocabulary_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "wrong": wrong,
+        "tokens": len(per_token),
+        "mask_p50_us": statistics.median(per_token) * 1e6,
+        "mask_p99_us": per_token[int(0.99 * len(per_token))] * 1e6,
+    }
 
 
 def main() -> None:
@@ -198,8 +216,10 @@ def main() -> None:
     # Python's docs and its standard library's source: enough text for a 32K vocabulary
     stdlib = sorted(Path(json.__file__).parent.parent.glob("*.py"))
     corpus = list(pydoc_data.topics.topics.values()) + texts * 3 + [f.read_text(errors="replace") for f in stdlib]
-    print(f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(texts)} replies to "
-          f"serve_features' schema\n")
+    print(
+        f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(texts)} replies to "
+        f"serve_features' schema\n"
+    )
     rows = []
     for vocab in [int(v) for v in args.vocab.split(",")]:
         tokenizer = train_tokenizer(lambda: corpus, vocab_size=vocab)
@@ -219,8 +239,10 @@ def main() -> None:
         if "missing" in r or r.get("wrong"):
             print(f"| {r['vocab']} | {r['library']} |  |  |  |  | {r.get('missing') or r['wrong']} |")
             continue
-        print(f"| {r['vocab']} | {r['library']} | {r['vocabulary_s'] * 1e3:.0f} ms | {r['compile_s'] * 1e3:.1f} ms | "
-              f"{r['mask_p50_us']:.0f} µs | {r['mask_p99_us']:.0f} µs | {r['tokens']} tokens |")
+        print(
+            f"| {r['vocab']} | {r['library']} | {r['vocabulary_s'] * 1e3:.0f} ms | {r['compile_s'] * 1e3:.1f} ms | "
+            f"{r['mask_p50_us']:.0f} µs | {r['mask_p99_us']:.0f} µs | {r['tokens']} tokens |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"processor": platform.processor(), "rows": rows}, indent=1))
 

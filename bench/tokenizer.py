@@ -57,7 +57,7 @@ def lines_of(docs: list[str], max_bytes: int = 4000) -> list[str]:
             while line:
                 piece = line.encode()[:max_bytes].decode(errors="ignore") or line[:1]
                 out.append(piece)
-                line = line[len(piece):]
+                line = line[len(piece) :]
     return out
 
 
@@ -87,10 +87,19 @@ class SentencePieceCandidate:
 
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines_of(docs)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=0.9995, byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", num_threads=self.threads, max_sentence_length=4192,
-            input_sentence_size=0, minloglevel=2,
+            sentence_iterator=iter(lines_of(docs)),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=0.9995,
+            byte_fallback=True,
+            split_digits=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            num_threads=self.threads,
+            max_sentence_length=4192,
+            input_sentence_size=0,
+            minloglevel=2,
         )
         self.sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
 
@@ -113,13 +122,18 @@ def run(args) -> dict:
     parts = {name: split(docs) for name, docs in corpora.items()}
     train_docs = [d for tr, _ in parts.values() for d in tr]
     candidates = [PalmCandidate(), SentencePieceCandidate(threads)]
-    results: dict = {c.name: {"train_s": None, "encode_mb_s": {}, "decode_mb_s": {}, "bytes_per_token": {},
-                              "lossless": {}} for c in candidates}
+    results: dict = {
+        c.name: {"train_s": None, "encode_mb_s": {}, "decode_mb_s": {}, "bytes_per_token": {}, "lossless": {}}
+        for c in candidates
+    }
     for c in candidates:
         _, seconds = timed(c.train, train_docs, args.vocab_size)
         results[c.name]["train_s"] = seconds
-        print(f"{c.name}: trained a {args.vocab_size} vocabulary on {nbytes(train_docs) / 2**20:.1f} MB "
-              f"in {seconds:.1f} s", flush=True)
+        print(
+            f"{c.name}: trained a {args.vocab_size} vocabulary on {nbytes(train_docs) / 2**20:.1f} MB "
+            f"in {seconds:.1f} s",
+            flush=True,
+        )
     enc_t = {c.name: {n: [] for n in CORPORA} for c in candidates}
     dec_t = {c.name: {n: [] for n in CORPORA} for c in candidates}
     for _ in range(args.rounds):

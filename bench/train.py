@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -51,10 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from palm import PalmConfig, PalmForCausalLM
+from palm.core.runtime import fast_bf16
 from palm.training.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
 from palm.training.flops import measure_matmul_peak
 from palm.training.optim import build_optimizer
-from palm.core.runtime import fast_bf16
 
 CANDIDATES = ("palm", "falcon", "llama-mqa", "litgpt", "palm-pytorch")
 
@@ -74,8 +73,15 @@ def preset_shape(name: str, seq: int = 512) -> Shape:
     """A preset's shape; "1b@8" is the preset with 8 layers (bench/scale.py's largest-model probe)."""
     preset, _, layers = name.partition("@")
     c = PalmConfig.from_preset(preset)
-    return Shape(name, c.vocab_size, c.hidden_size, int(layers) if layers else c.num_hidden_layers,
-                 c.num_attention_heads, c.head_dim, seq)
+    return Shape(
+        name,
+        c.vocab_size,
+        c.hidden_size,
+        int(layers) if layers else c.num_hidden_layers,
+        c.num_attention_heads,
+        c.head_dim,
+        seq,
+    )
 
 
 SHAPE_NAMES = ("tiny", "small", "base")  # base (125M) is the larger shape that still fits comfortably
@@ -117,8 +123,15 @@ def palm_loss(forward):
 
 def build_palm(s: Shape):
     model = PalmForCausalLM(
-        PalmConfig(vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                   head_dim=s.head_dim, max_position_embeddings=max(s.seq, 2048), use_cache=False)
+        PalmConfig(
+            vocab_size=s.vocab,
+            hidden_size=s.d,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            head_dim=s.head_dim,
+            max_position_embeddings=max(s.seq, 2048),
+            use_cache=False,
+        )
     )
     return model, palm_loss(model)
 
@@ -137,10 +150,21 @@ def build_falcon(s: Shape):
     if s.d != s.heads * s.head_dim:
         raise Unavailable("Falcon ties head size to d_model / heads")
     config = FalconConfig(
-        vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-        multi_query=True, num_kv_heads=1, parallel_attn=True, new_decoder_architecture=False, bias=False,
-        alibi=False, ffn_hidden_size=6 * s.d, tie_word_embeddings=True, max_position_embeddings=max(s.seq, 2048),
-        use_cache=False, attn_implementation="sdpa",
+        vocab_size=s.vocab,
+        hidden_size=s.d,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        multi_query=True,
+        num_kv_heads=1,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        bias=False,
+        alibi=False,
+        ffn_hidden_size=6 * s.d,
+        tie_word_embeddings=True,
+        max_position_embeddings=max(s.seq, 2048),
+        use_cache=False,
+        attn_implementation="sdpa",
     )
     model = FalconForCausalLM(config)
     return model, _hf_loss(model)
@@ -150,9 +174,18 @@ def build_llama(s: Shape):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=s.vocab, hidden_size=s.d, intermediate_size=4 * s.d, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=1, head_dim=s.head_dim, tie_word_embeddings=True,
-        attention_bias=False, mlp_bias=False, max_position_embeddings=max(s.seq, 2048), use_cache=False,
+        vocab_size=s.vocab,
+        hidden_size=s.d,
+        intermediate_size=4 * s.d,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=1,
+        head_dim=s.head_dim,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        max_position_embeddings=max(s.seq, 2048),
+        use_cache=False,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
@@ -169,9 +202,20 @@ def build_litgpt(s: Shape):
             "`make bench-setup` installs it with --no-deps"
         ) from None
     config = Config(
-        n_embd=s.d, n_layer=s.layers, n_head=s.heads, head_size=s.head_dim, n_query_groups=1, vocab_size=s.vocab,
-        padded_vocab_size=s.vocab, block_size=s.seq, parallel_residual=True, shared_attention_norm=True,
-        bias=False, mlp_class_name="LLaMAMLP", intermediate_size=4 * s.d, norm_class_name="LayerNorm",
+        n_embd=s.d,
+        n_layer=s.layers,
+        n_head=s.heads,
+        head_size=s.head_dim,
+        n_query_groups=1,
+        vocab_size=s.vocab,
+        padded_vocab_size=s.vocab,
+        block_size=s.seq,
+        parallel_residual=True,
+        shared_attention_norm=True,
+        bias=False,
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=4 * s.d,
+        norm_class_name="LayerNorm",
         rotary_percentage=1.0,
     )
     model = GPT(config)
@@ -317,8 +361,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype, rounds: int = 0,
-                  warmup: int = 2) -> dict:
+def memory_worker(
+    name: str, shapes: list[Shape], batch: int, dtype: torch.dtype, rounds: int = 0, warmup: int = 2
+) -> dict:
     """Peak memory of one candidate's training step on each shape (smallest first), in this process, over
     `warmup` steps (the first allocates gradients and optimizer state; the second is steady); with `rounds`,
     also the seconds of that many more steps (--apart: the candidates do not fit side by side)."""
@@ -345,28 +390,51 @@ def memory_worker(name: str, shapes: list[Shape], batch: int, dtype: torch.dtype
         times = [timed_step(c, x, y, device) for _ in range(rounds)]
         sync(device)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
-        out[shape.name] = {"peak": peak - base, "baseline": base, "times": times, "matmul_params": matmul_params(c.model)}
+        out[shape.name] = {
+            "peak": peak - base,
+            "baseline": base,
+            "times": times,
+            "matmul_params": matmul_params(c.model),
+        }
         del c, x, y
     return out
 
 
-def measure_memory(names, shapes, batch, dtype, keep_memory: bool = False, rounds: int = 0,
-                   warmup: int = 2) -> dict[str, dict]:
+def measure_memory(
+    names, shapes, batch, dtype, keep_memory: bool = False, rounds: int = 0, warmup: int = 2
+) -> dict[str, dict]:
     """memory_worker's figures for each candidate, each in a fresh process; a candidate whose process dies
     (out of memory, say) has a "failed" entry with the reason."""
     memory = {}
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--batch", str(batch),
-               "--shapes", ",".join(s.name for s in shapes), "--seq", str(shapes[0].seq),
-               "--worker-rounds", str(rounds), "--warmup", str(warmup),
-               "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32", "--threads", str(torch.get_num_threads())]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-worker",
+            name,
+            "--batch",
+            str(batch),
+            "--shapes",
+            ",".join(s.name for s in shapes),
+            "--seq",
+            str(shapes[0].seq),
+            "--worker-rounds",
+            str(rounds),
+            "--warmup",
+            str(warmup),
+            "--dtype",
+            "bf16" if dtype == torch.bfloat16 else "fp32",
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         cmd += ["--keep-freed-memory"] if keep_memory else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
             memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
         else:
-            why = (done.stderr.strip().splitlines() or [""])[-1][:200] or \
-                ("killed (out of memory)" if done.returncode in (-9, 137) else f"exit {done.returncode}")
+            why = (done.stderr.strip().splitlines() or [""])[-1][:200] or (
+                "killed (out of memory)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
+            )
             memory[name] = {"failed": why}
     return memory
 
@@ -428,7 +496,10 @@ def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str
         return torch.bfloat16, f"bf16 ({BF16_HOW}; requested)"
     if fast_bf16(device):
         return torch.bfloat16, f"bf16 ({BF16_HOW}; bf16 matmuls are native here)"
-    return torch.float32, "fp32: bf16 matmuls are not native on this machine (no AMX/AVX512-BF16), so bf16 would be far slower"
+    return (
+        torch.float32,
+        "fp32: bf16 matmuls are not native on this machine (no AMX/AVX512-BF16), so bf16 would be far slower",
+    )
 
 
 def measure_peaks(device: torch.device, seconds: float = 1.0) -> dict[str, float]:
@@ -436,17 +507,27 @@ def measure_peaks(device: torch.device, seconds: float = 1.0) -> dict[str, float
     fast = fast_bf16(device)
     return {
         "fp32": measure_matmul_peak(torch.float32, device, n=2048 if device.type == "cuda" else 1024, seconds=seconds),
-        "bf16": measure_matmul_peak(torch.bfloat16, device, n=4096 if device.type == "cuda" else (1024 if fast else 256),
-                                    seconds=seconds),
+        "bf16": measure_matmul_peak(
+            torch.bfloat16, device, n=4096 if device.type == "cuda" else (1024 if fast else 256), seconds=seconds
+        ),
     }
 
 
 def ok_row(name: str, shape: Shape, batch: int, dtype: torch.dtype, n: int, times: list[float]) -> dict:
     step_s = best_of(times)
-    return {"name": name, "shape": shape.name, "status": "ok", "batch": batch, "seq": shape.seq,
-            "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "matmul_params": n,
-            "flops_per_token": flops_per_token(n, shape), "step_s": step_s, "step_s_median": statistics.median(times),
-            "tokens_per_s": batch * shape.seq / step_s}
+    return {
+        "name": name,
+        "shape": shape.name,
+        "status": "ok",
+        "batch": batch,
+        "seq": shape.seq,
+        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "matmul_params": n,
+        "flops_per_token": flops_per_token(n, shape),
+        "step_s": step_s,
+        "step_s_median": statistics.median(times),
+        "tokens_per_s": batch * shape.seq / step_s,
+    }
 
 
 def apart_rows(names: list[str], shape: Shape, args, dtype: torch.dtype) -> list[dict]:
@@ -459,14 +540,34 @@ def apart_rows(names: list[str], shape: Shape, args, dtype: torch.dtype) -> list
     for name, got in got_all.items():
         figures = got.get(shape.name)
         if figures is None or "unavailable" in figures:
-            rows.append({"name": name, "shape": shape.name, "status": "unavailable", "tokens_per_s": None, "mfu": None,
-                         "reason": (figures or {}).get("unavailable") or got.get("failed", "cannot be built here")})
+            rows.append(
+                {
+                    "name": name,
+                    "shape": shape.name,
+                    "status": "unavailable",
+                    "tokens_per_s": None,
+                    "mfu": None,
+                    "reason": (figures or {}).get("unavailable") or got.get("failed", "cannot be built here"),
+                }
+            )
             figures = None
         else:
-            rows.append({**ok_row(name, shape, args.batch, dtype, figures["matmul_params"], figures["times"]),
-                         "peak_memory_bytes": figures["peak"], "baseline_rss": figures["baseline"]})
-        print(f"  {shape.name} {name}: " + (f"{rows[-1]['step_s']:.2f} s a step, peak "
-              f"{rows[-1]['peak_memory_bytes'] / 2**30:.1f} GiB" if figures else rows[-1]["reason"]), flush=True)
+            rows.append(
+                {
+                    **ok_row(name, shape, args.batch, dtype, figures["matmul_params"], figures["times"]),
+                    "peak_memory_bytes": figures["peak"],
+                    "baseline_rss": figures["baseline"],
+                }
+            )
+        print(
+            f"  {shape.name} {name}: "
+            + (
+                f"{rows[-1]['step_s']:.2f} s a step, peak {rows[-1]['peak_memory_bytes'] / 2**30:.1f} GiB"
+                if figures
+                else rows[-1]["reason"]
+            ),
+            flush=True,
+        )
     return rows
 
 
@@ -491,12 +592,27 @@ def run(args) -> dict:
             try:
                 live.append(make_candidate(name, shape, device, dtype))
             except Unavailable as e:
-                rows.append({"name": name, "shape": shape.name, "status": "unavailable", "reason": str(e),
-                             "tokens_per_s": None, "mfu": None})
+                rows.append(
+                    {
+                        "name": name,
+                        "shape": shape.name,
+                        "status": "unavailable",
+                        "reason": str(e),
+                        "tokens_per_s": None,
+                        "mfu": None,
+                    }
+                )
             except Exception as e:  # a peer that breaks is reported, not fatal
-                rows.append({"name": name, "shape": shape.name, "status": "unavailable",
-                             "reason": f"{type(e).__name__}: {e}".splitlines()[0][:200], "tokens_per_s": None,
-                             "mfu": None})
+                rows.append(
+                    {
+                        "name": name,
+                        "shape": shape.name,
+                        "status": "unavailable",
+                        "reason": f"{type(e).__name__}: {e}".splitlines()[0][:200],
+                        "tokens_per_s": None,
+                        "mfu": None,
+                    }
+                )
         for c in live:  # warm-up: kernel selection, allocator, compilation
             for _ in range(args.warmup):
                 c.step_fn(x, y)
@@ -506,8 +622,11 @@ def run(args) -> dict:
             peaks = {k: max(v, measure_peaks(device, seconds=0.3)[k]) for k, v in peaks.items()}
             for c in live:  # interleaved: A B C A B C
                 times[c.name].append(timed_step(c, x, y, device))
-            print(f"  {shape.name} round {r + 1}/{args.rounds}: "
-                  + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+            print(
+                f"  {shape.name} round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
+                flush=True,
+            )
         if args.profile:
             palm = next((c for c in live if c.name == "palm"), None)
             if palm is not None:
@@ -531,25 +650,40 @@ def run(args) -> dict:
                 r["ratio_to_palm"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: ([s.name for s in shapes].index(r["shape"]), order.get(r["name"], 99)))
-    print(f"measured matmul peak (best of the run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    print(
+        f"measured matmul peak (best of the run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     return {
         "machine": machine_info(device),
         "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
         "dtype_note": dtype_note,
         "peak_flops": peaks,
         "threads": torch.get_num_threads(),
-        "settings": {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
-                     "optimizer": OPTIMIZER, "clip_norm": CLIP_NORM, "timing": "best of the interleaved rounds",
-                     "allocator": "glibc, freed memory kept" if args.keep_freed_memory else "the C library's default"},
+        "settings": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "optimizer": OPTIMIZER,
+            "clip_norm": CLIP_NORM,
+            "timing": "best of the interleaved rounds",
+            "allocator": "glibc, freed memory kept" if args.keep_freed_memory else "the C library's default",
+        },
         "train": rows,
         "profile": profiles,
     }
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "device": device.type}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": device.type,
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -585,8 +719,10 @@ def summary(result: dict) -> list[str]:
         peers = [r for r in ok if not r["name"].startswith("palm") or r["name"] == "palm-pytorch"]
         if palm and peers:
             best = max(peers, key=lambda r: r["tokens_per_s"])
-            out.append(f"{shape}: palm {palm['tokens_per_s']:,.0f} tokens/s = {palm['tokens_per_s'] / best['tokens_per_s']:.2f}x "
-                       f"the fastest peer ({best['name']}), MFU {palm['mfu']:.1%} of the measured {result['dtype']} peak")
+            out.append(
+                f"{shape}: palm {palm['tokens_per_s']:,.0f} tokens/s = {palm['tokens_per_s'] / best['tokens_per_s']:.2f}x "
+                f"the fastest peer ({best['name']}), MFU {palm['mfu']:.1%} of the measured {result['dtype']} peak"
+            )
     return out
 
 
@@ -604,12 +740,18 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time palm with torch.compile")
     ap.add_argument("--profile", action="store_true", help="profile palm's step on each shape")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="have glibc keep freed memory for reuse (as tcmalloc and jemalloc do), for every candidate")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="have glibc keep freed memory for reuse (as tcmalloc and jemalloc do), for every candidate",
+    )
     ap.add_argument("--json", help="write the result here")
-    ap.add_argument("--apart", action="store_true",
-                    help="each candidate alone in a fresh process, timed and measured there (sizes where they do not "
-                         "fit side by side, such as 1b)")
+    ap.add_argument(
+        "--apart",
+        action="store_true",
+        help="each candidate alone in a fresh process, timed and measured there (sizes where they do not "
+        "fit side by side, such as 1b)",
+    )
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-rounds", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -619,8 +761,10 @@ def parse_args(argv=None):
         try:
             parse_name(c)
         except ValueError:
-            ap.error(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)} (palm also as palm+compile, "
-                     "palm+selective, palm+full)")
+            ap.error(
+                f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)} (palm also as palm+compile, "
+                "palm+selective, palm+full)"
+            )
     args.batch = args.batch or (2 if args.quick else 8)
     # A quick round is one step of a second or less, which a neighbour's burst on a shared host can slow by
     # half (2-core Xeon, 2026-12-03: one candidate's small step 1.21-1.83 s over 3 rounds), so more of them.
@@ -637,8 +781,18 @@ def main(argv=None) -> None:
             torch.set_num_threads(args.threads)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         shapes = [preset_shape(n, args.seq) for n in args.shapes]
-        print(json.dumps(memory_worker(args.memory_worker, shapes, args.batch, dtype, args.worker_rounds,
-                                       args.warmup if args.worker_rounds else 2)))
+        print(
+            json.dumps(
+                memory_worker(
+                    args.memory_worker,
+                    shapes,
+                    args.batch,
+                    dtype,
+                    args.worker_rounds,
+                    args.warmup if args.worker_rounds else 2,
+                )
+            )
+        )
         return
     result = run(args)
     print()

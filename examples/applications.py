@@ -21,15 +21,27 @@ from pathlib import Path
 
 import yaml
 
+from palm.data.taskdata import Schema, TaskRow, read_task_rows
 from palm.evaluate import evaluate_task, load_model, load_task
 from palm.evaluate.metrics import GENERATION_METRICS
-from palm.data.taskdata import Schema, TaskRow, read_task_rows
 
 RECIPES = {
     "full": ["--lr", "1e-2", "--dropout", "0"],
     # AdamW for the adapters: peft starts B at zero and Adafactor's step is relative to a tensor's scale.
-    "lora": ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--optimizer", "adamw", "--lr", "3e-3",
-             "--dropout", "0"],
+    "lora": [
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "3e-3",
+        "--dropout",
+        "0",
+    ],
 }
 
 
@@ -48,8 +60,11 @@ class Application:
 
 def arguments(doc: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo/run/final", help="the palm model to fine-tune (any palm directory, an "
-                    "imported one included); it is not modified")
+    ap.add_argument(
+        "--model",
+        default="demo/run/final",
+        help="the palm model to fine-tune (any palm directory, an imported one included); it is not modified",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the example's own)")
     ap.add_argument("--threads", type=int, default=None)
@@ -58,8 +73,9 @@ def arguments(doc: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def split(rows: list[dict], group: Callable[[dict], str] | None = None, seed: int = 0, test: int = 150,
-          dev: int = 50) -> dict[str, list[dict]]:
+def split(
+    rows: list[dict], group: Callable[[dict], str] | None = None, seed: int = 0, test: int = 150, dev: int = 50
+) -> dict[str, list[dict]]:
     """Seeded test, dev and train splits; rows of one group (one function's questions) stay in one split."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -83,13 +99,25 @@ def write_data(out: Path, splits: dict[str, list[dict]], app: Application) -> di
         paths[name] = data / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     test = read_task_rows(paths["test"], schema(app))
-    (data / "test-task.jsonl").write_text("".join(
-        json.dumps({"prompt": r.prompt(), "answer": r.references}, ensure_ascii=False) + "\n" for r in test),
-        encoding="utf-8")
+    (data / "test-task.jsonl").write_text(
+        "".join(json.dumps({"prompt": r.prompt(), "answer": r.references}, ensure_ascii=False) + "\n" for r in test),
+        encoding="utf-8",
+    )
     paths["task"] = data / "test.yaml"
-    paths["task"].write_text(yaml.safe_dump({
-        "name": f"{app.task}-test", "file": "test-task.jsonl", "kind": "generate", "metric": app.metrics,
-        "max_new_tokens": app.max_new_tokens, "stop": ["\n"]}, sort_keys=False), encoding="utf-8")
+    paths["task"].write_text(
+        yaml.safe_dump(
+            {
+                "name": f"{app.task}-test",
+                "file": "test-task.jsonl",
+                "kind": "generate",
+                "metric": app.metrics,
+                "max_new_tokens": app.max_new_tokens,
+                "stop": ["\n"],
+            },
+            sort_keys=False,
+        ),
+        encoding="utf-8",
+    )
     return paths
 
 
@@ -109,28 +137,68 @@ def run(app: Application, rows: list[dict], doc: str) -> None:
     out = Path(args.out)
     paths = write_data(out, split(rows, app.group), app)
     sizes = {k: sum(1 for _ in open(paths[k], encoding="utf-8")) for k in ("train", "dev", "test")}
-    print(f"wrote {paths['train']} ({sizes['train']} rows), dev {sizes['dev']}, test {sizes['test']}, and {paths['task']}")
+    print(
+        f"wrote {paths['train']} ({sizes['train']} rows), dev {sizes['dev']}, test {sizes['test']}, and {paths['task']}"
+    )
     if args.data_only:
         return
     train, test = (read_task_rows(paths[k], schema(app)) for k in ("train", "test"))
     guesses = [app.baseline(r, train) for r in test]
-    table = [{"model": f"baseline: {app.baseline_name}", "minutes": 0.0,
-              **{m: GENERATION_METRICS[m](guesses, [r.references for r in test]) for m in app.metrics}}]
+    table = [
+        {
+            "model": f"baseline: {app.baseline_name}",
+            "minutes": 0.0,
+            **{m: GENERATION_METRICS[m](guesses, [r.references for r in test]) for m in app.metrics},
+        }
+    ]
     table.append({"model": f"{args.model}, before fine-tuning", "minutes": 0.0, **scored(args.model, paths["task"])})
     for recipe in args.recipes.split(","):
         run_dir = out / recipe
-        cmd = [sys.executable, "-m", "palm.cli", "finetune", "--model", args.model, "--data", str(paths["train"]),
-               "--out", str(run_dir), "--task", app.task, *app.schema_flags, "--eval-task", str(paths["dev"]),
-               "--select", app.metrics[0], "--eval-max-new-tokens", str(app.max_new_tokens), "--steps", str(args.steps),
-               "--batch-size", "16", "--seq-len", "192", "--eval-every", str(max(1, args.steps // 5)), "--patience", "100",
-               *RECIPES[recipe], *(["--threads", str(args.threads)] if args.threads else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "finetune",
+            "--model",
+            args.model,
+            "--data",
+            str(paths["train"]),
+            "--out",
+            str(run_dir),
+            "--task",
+            app.task,
+            *app.schema_flags,
+            "--eval-task",
+            str(paths["dev"]),
+            "--select",
+            app.metrics[0],
+            "--eval-max-new-tokens",
+            str(app.max_new_tokens),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            "16",
+            "--seq-len",
+            "192",
+            "--eval-every",
+            str(max(1, args.steps // 5)),
+            "--patience",
+            "100",
+            *RECIPES[recipe],
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]
         shutil.rmtree(run_dir, ignore_errors=True)  # the example's own earlier run
         print("$", " ".join(cmd[2:]).replace("palm.cli", "palm"), flush=True)
         start = time.time()
         subprocess.run(cmd, check=True)
         minutes = (time.time() - start) / 60
-        table.append({"model": f"fine-tuned ({recipe}, {args.steps} steps)", "minutes": round(minutes, 1),
-                      **scored(run_dir / "final", paths["task"])})
+        table.append(
+            {
+                "model": f"fine-tuned ({recipe}, {args.steps} steps)",
+                "minutes": round(minutes, 1),
+                **scored(run_dir / "final", paths["task"]),
+            }
+        )
     write_table(out, app, table, sizes)
 
 
@@ -138,13 +206,19 @@ def write_table(out: Path, app: Application, table: list[dict], sizes: dict[str,
     head = ["model", *app.metrics, "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        cells = [row["model"], *(f"{row[m]:.3f}" if m not in ("bleu", "chrf", "chrf++") else f"{row[m]:.1f}"
-                                 for m in app.metrics), f"{row['minutes']:.1f}"]
+        cells = [
+            row["model"],
+            *(f"{row[m]:.3f}" if m not in ("bleu", "chrf", "chrf++") else f"{row[m]:.1f}" for m in app.metrics),
+            f"{row['minutes']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"{app.task}: {app.source}; {sizes['train']} training rows, {sizes['test']} test rows (scored), "
-            f"RUN/best chosen by {app.metrics[0]} on {sizes['dev']} dev rows.")
+    note = (
+        f"{app.task}: {app.source}; {sizes['train']} training rows, {sizes['test']} test rows (scored), "
+        f"RUN/best chosen by {app.metrics[0]} on {sizes['dev']} dev rows."
+    )
     text = "\n".join([note, "", *lines]) + "\n"
     (out / "results.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"task": app.task, "sizes": sizes, "table": table}, indent=1),
-                                      encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"task": app.task, "sizes": sizes, "table": table}, indent=1), encoding="utf-8"
+    )
     print(text)

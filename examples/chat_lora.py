@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from palm.core.errors import PalmError
+from palm.data.synthetic import chat_recall_task, write_chat_task
 from palm.evaluate import evaluate_task, load_model, load_task
 from palm.training.finetune import FinetuneConfig, finetune
 from palm.weights.lora import parameter_counts
-from palm.data.synthetic import chat_recall_task, write_chat_task
 
 RECIPES = {
     # AdamW for the adapters: Adafactor's step is relative to a tensor's own scale, and peft starts every
@@ -48,10 +48,23 @@ def main() -> None:
     rows = []
     for name in [args.only] if args.only else list(RECIPES):
         start = time.time()
-        cfg = FinetuneConfig.from_settings(dict(
-            base_model=args.model, data=str(paths["train"]), out=str(out / name), format="chat", max_steps=args.steps,
-            batch_size=32, hold_steps=args.steps // 2, eval_every=250, patience=None, seq_len=96, seed=0,
-            threads=args.threads, **RECIPES[name]))
+        cfg = FinetuneConfig.from_settings(
+            dict(
+                base_model=args.model,
+                data=str(paths["train"]),
+                out=str(out / name),
+                format="chat",
+                max_steps=args.steps,
+                batch_size=32,
+                hold_steps=args.steps // 2,
+                eval_every=250,
+                patience=None,
+                seq_len=96,
+                seed=0,
+                threads=args.threads,
+                **RECIPES[name],
+            )
+        )
         run = finetune(cfg)
         minutes = (time.time() - start) / 60
         trainable, total = parameter_counts(run.model)
@@ -59,7 +72,7 @@ def main() -> None:
         score = evaluate_task(model, tokenizer, task, samples=False)["metrics"]["exact_match"]
         rows.append((name, run.extra.get("trainable_params", trainable), total, score, minutes, run.step))
         print(f"{name}: exact match {score:.1%} on {len(task.examples)} held-out conversations", flush=True)
-    print(f"\n| recipe | trainable parameters | share of the model | held-out exact match | steps | minutes |")
+    print("\n| recipe | trainable parameters | share of the model | held-out exact match | steps | minutes |")
     print("|---|---|---|---|---|---|")
     for name, trainable, total, score, minutes, steps in rows:
         print(f"| {name} | {trainable:,} | {trainable / total:.1%} | {score:.1%} | {steps} | {minutes:.1f} |")

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from palm.core.errors import PalmError
 from palm.data.corpora import parse_corpus_spec
 from palm.data.data import unigram_bits_per_byte
-from palm.core.errors import PalmError
-from palm.training.plot import plot_run
 from palm.data.shards import prepare_data, token_byte_lengths
 from palm.text.tokenizer import PalmTokenizer
+from palm.training.plot import plot_run
 from palm.training.train import TrainConfig, train
 
 # Table 2 of the paper in miniature: mostly conversation-like and web text, some books, a little code.
@@ -43,12 +43,24 @@ def main() -> None:
     # A narrow, shallow PaLM learns fastest per second on a CPU: in 8 minutes it sees ~2M tokens, and
     # a wider one would see fewer (measured: d=128 x 2 layers beat d=192 x 3 and d=256 x 6 at equal time).
     # The peak lr is raised from the paper's 1e-2, which was tuned for ~250k steps, not ~1400.
-    cfg = TrainConfig.from_settings(dict(
-        corpus=[MIXTURE], out=str(out), preset="tiny", vocab_size=8192, max_steps=args.steps, seq_len=128,
-        model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, head_dim=64),
-        batch_size=16, lr=args.lr, optimizer=args.optimizer, checkpoint_every=200, eval_every=200,
-        eval_tokens=16384, threads=args.threads,
-    ))
+    cfg = TrainConfig.from_settings(
+        dict(
+            corpus=[MIXTURE],
+            out=str(out),
+            preset="tiny",
+            vocab_size=8192,
+            max_steps=args.steps,
+            seq_len=128,
+            model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, head_dim=64),
+            batch_size=16,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            checkpoint_every=200,
+            eval_every=200,
+            eval_tokens=16384,
+            threads=args.threads,
+        )
+    )
     start = time.time()
     train(cfg)
     minutes = (time.time() - start) / 60
@@ -63,11 +75,15 @@ def report(out: Path, minutes: float) -> None:
     for prompt in PROMPTS:
         torch.manual_seed(0)
         ids = tok(prompt, return_tensors="pt")
-        gen = model.generate(**ids, max_new_tokens=48, do_sample=True, temperature=0.7, top_k=40, repetition_penalty=1.2)
+        gen = model.generate(
+            **ids, max_new_tokens=48, do_sample=True, temperature=0.7, top_k=40, repetition_penalty=1.2
+        )
         print(f"{prompt!r} -> {tok.decode(gen[0], skip_special_tokens=True)!r}")
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_bpb" in x][-1]
     palm_tok = PalmTokenizer.load(final)
-    data = prepare_data(parse_corpus_spec([MIXTURE]), palm_tok, out.resolve().parent / ".palm-cache", 128, progress=False)
+    data = prepare_data(
+        parse_corpus_spec([MIXTURE]), palm_tok, out.resolve().parent / ".palm-cache", 128, progress=False
+    )
     table = token_byte_lengths(palm_tok)
     print(f"\n{'corpus':<14}{'model bpb':>10}{'unigram bpb':>13}{'ratio':>8}")
     for i, name in enumerate(data.names):

@@ -86,20 +86,28 @@ def main() -> None:
 
     (out / "continuation.yaml").write_text(
         "name: continuation\nfile: continuation-test.jsonl\nfewshot_file: continuation-fewshot.jsonl\n"
-        "kind: multiple_choice\nmetric: accuracy\n", encoding="utf-8")
+        "kind: multiple_choice\nmetric: accuracy\n",
+        encoding="utf-8",
+    )
     (out / "complete.yaml").write_text(
         "name: complete\nfile: complete-test.jsonl\nfewshot_file: complete-fewshot.jsonl\nkind: generate\n"
-        f"metric: [chrf, rouge_l, exact_match]\nmax_new_tokens: {NEXT_CHARS}\n", encoding="utf-8")
+        f"metric: [chrf, rouge_l, exact_match]\nmax_new_tokens: {NEXT_CHARS}\n",
+        encoding="utf-8",
+    )
     # The same multiple-choice questions for lm-evaluation-harness (data paths are absolute: lm-eval
     # reads them relative to where it runs, not to the YAML).
     (out / "lm_eval" / "palm_continuation.yaml").write_text(
         "task: palm_continuation\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {(out / 'continuation-test.jsonl').resolve()}\n"
         f"    train: {(out / 'continuation-fewshot.jsonl').resolve()}\n"
-        "test_split: test\nfewshot_split: train\noutput_type: multiple_choice\ndoc_to_text: \"{{prompt}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\ntarget_delimiter: \"\"\nfewshot_delimiter: \"\\n\\n\"\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", encoding="utf-8")
-    print(f"wrote {len(CORPORA) * PER_CORPUS} test questions per task to {out} (continuation.yaml, complete.yaml, lm_eval/)")
+        'test_split: test\nfewshot_split: train\noutput_type: multiple_choice\ndoc_to_text: "{{prompt}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\ntarget_delimiter: ""\nfewshot_delimiter: "\\n\\n"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        encoding="utf-8",
+    )
+    print(
+        f"wrote {len(CORPORA) * PER_CORPUS} test questions per task to {out} (continuation.yaml, complete.yaml, lm_eval/)"
+    )
 
 
 if __name__ == "__main__":

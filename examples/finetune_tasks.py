@@ -19,17 +19,39 @@ import sys
 import time
 from pathlib import Path
 
-from palm.evaluate import evaluate_task, load_model, load_task
 from palm.data.synthetic import arithmetic_task, number_task, write_task
+from palm.evaluate import evaluate_task, load_model, load_task
 
 # name -> (how to build it, --task template, fine-tuning flags). Tuned on this CPU for a few minutes each.
 TASKS = {
-    "numbers": (number_task, "translate", ["--steps", "1000", "--batch-size", "32", "--lr", "1e-2", "--eval-every", "100"]),
+    "numbers": (
+        number_task,
+        "translate",
+        ["--steps", "1000", "--batch-size", "32", "--lr", "1e-2", "--eval-every", "100"],
+    ),
     # Addition learns in a sudden drop of the loss, and a high step size can miss it: lr 5e-2 at batch 16
     # reached 82% on one demo model and stalled at 4% on another; 2e-2 at batch 32, held for half the run,
     # learned on both.
-    "arithmetic": (arithmetic_task, "qa", ["--steps", "6000", "--batch-size", "32", "--lr", "2e-2", "--hold-steps", "3000",
-                                          "--dropout", "0", "--eval-every", "200", "--patience", "100"]),
+    "arithmetic": (
+        arithmetic_task,
+        "qa",
+        [
+            "--steps",
+            "6000",
+            "--batch-size",
+            "32",
+            "--lr",
+            "2e-2",
+            "--hold-steps",
+            "3000",
+            "--dropout",
+            "0",
+            "--eval-every",
+            "200",
+            "--patience",
+            "100",
+        ],
+    ),
 }
 
 
@@ -68,8 +90,23 @@ def main() -> None:
         run = out / name
         if run.exists():
             shutil.rmtree(run)  # this script's own previous run
-        command = ["palm", "finetune", "--model", str(args.model), "--data", str(paths["train"]), "--out", str(run),
-                   "--task", template_name, *flags, "--threads", str(args.threads), "--seed", str(args.seed)]
+        command = [
+            "palm",
+            "finetune",
+            "--model",
+            str(args.model),
+            "--data",
+            str(paths["train"]),
+            "--out",
+            str(run),
+            "--task",
+            template_name,
+            *flags,
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+        ]
         print("$ " + shlex.join(command), flush=True)
         start, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-m", "palm.cli", *command[1:]], check=True)
@@ -80,26 +117,41 @@ def main() -> None:
         after, outputs = exact_match(run / "final", paths["yaml"])
         after_shots, _ = exact_match(run / "final", paths["yaml"], args.shots, args.seed)
         wrong = [(r["prompt"], r["answer"], o) for r, o in zip(split.test, outputs) if o != r["answer"]]
-        results[name] = dict(train_rows=len(split.train), test_rows=len(split.test), before_fewshot=before,
-                             after=after, after_fewshot=after_shots, minutes=minutes, cpu_minutes=cpu_minutes, command=shlex.join(command),
-                             wrong=wrong[:10])
+        results[name] = dict(
+            train_rows=len(split.train),
+            test_rows=len(split.test),
+            before_fewshot=before,
+            after=after,
+            after_fewshot=after_shots,
+            minutes=minutes,
+            cpu_minutes=cpu_minutes,
+            command=shlex.join(command),
+            wrong=wrong[:10],
+        )
         if name == "numbers":  # the test set is every held-out number in words, then the same numbers in Chinese
             half = len(split.test) // 2
             hits = [o == r["answer"] for r, o in zip(split.test, outputs)]
             results[name].update(after_en_zh=sum(hits[:half]) / half, after_zh_en=sum(hits[half:]) / half)
-        print(f"{name}: {args.shots}-shot before {before:.1%}, after {after:.1%} (0-shot), {after_shots:.1%} "
-              f"({args.shots}-shot), fine-tuning {minutes:.1f} min; wrong e.g. {wrong[:3]}", flush=True)
+        print(
+            f"{name}: {args.shots}-shot before {before:.1%}, after {after:.1%} (0-shot), {after_shots:.1%} "
+            f"({args.shots}-shot), fine-tuning {minutes:.1f} min; wrong e.g. {wrong[:3]}",
+            flush=True,
+        )
         # Tasks may run as separate processes (--tasks numbers / --tasks arithmetic) into the same folder:
         # merge into what is there when this one finishes.
         results = {**(json.loads(results_file.read_text()) if results_file.is_file() else {}), name: results[name]}
         results_file.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     if args.data_only:
         return
-    print(f"\n| task | train rows | test rows | {args.shots}-shot before | exact match after | fine-tuning (CPU / wall) |")
+    print(
+        f"\n| task | train rows | test rows | {args.shots}-shot before | exact match after | fine-tuning (CPU / wall) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_rows']:,} | {r['test_rows']} | {r['before_fewshot']:.1%} | "
-              f"**{r['after']:.1%}** | {r.get('cpu_minutes', float('nan')):.1f} / {r['minutes']:.1f} min |")
+        print(
+            f"| {name} | {r['train_rows']:,} | {r['test_rows']} | {r['before_fewshot']:.1%} | "
+            f"**{r['after']:.1%}** | {r.get('cpu_minutes', float('nan')):.1f} / {r['minutes']:.1f} min |"
+        )
 
 
 if __name__ == "__main__":

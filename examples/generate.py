@@ -1,6 +1,6 @@
 """The Transformers way to use a palm model, as in the original request:
 
-    python examples/generate.py MODEL_DIR "我喜欢编程，因为"
+python examples/generate.py MODEL_DIR "我喜欢编程，因为"
 """
 
 import sys

@@ -32,14 +32,22 @@ def _context(module: str, node: ast.FunctionDef) -> tuple[str, list[tuple[str, s
     summary = " ".join(inspect.cleandoc(doc).partition("\n\n")[0].split())
     if not 10 <= len(summary) <= 120:
         return None
-    defaults = dict(zip([a.arg for a in node.args.args][-len(node.args.defaults):], node.args.defaults)) \
-        if node.args.defaults else {}
+    defaults = (
+        dict(zip([a.arg for a in node.args.args][-len(node.args.defaults) :], node.args.defaults))
+        if node.args.defaults
+        else {}
+    )
     params = ", ".join(a.arg + (f"={ast.unparse(defaults[a.arg])}" if a.arg in defaults else "") for a in args)
     context = f"{module}.{node.name}({params}) - {summary}"
-    qa = [(f"Which module defines {node.name}?", module),
-          (f"What is the first parameter of {module}.{node.name}?", args[0].arg)]
-    qa += [(f"What is the default value of {name} in {module}.{node.name}?", ast.unparse(value))
-           for name, value in defaults.items() if name in {a.arg for a in args} and len(ast.unparse(value)) <= 20][:1]
+    qa = [
+        (f"Which module defines {node.name}?", module),
+        (f"What is the first parameter of {module}.{node.name}?", args[0].arg),
+    ]
+    qa += [
+        (f"What is the default value of {name} in {module}.{node.name}?", ast.unparse(value))
+        for name, value in defaults.items()
+        if name in {a.arg for a in args} and len(ast.unparse(value)) <= 20
+    ][:1]
     return context, qa
 
 
@@ -64,8 +72,14 @@ def signature_rows() -> list[dict]:
             for i, (question, answer) in enumerate(qa):
                 start = context.find(answer)
                 if start >= 0:
-                    rows.append({"id": f"{path.stem}.{node.name}.{i}", "context": context, "question": question,
-                                 "answers": {"text": [answer], "answer_start": [start]}})
+                    rows.append(
+                        {
+                            "id": f"{path.stem}.{node.name}.{i}",
+                            "context": context,
+                            "question": question,
+                            "answers": {"text": [answer], "answer_start": [start]},
+                        }
+                    )
     return rows
 
 
@@ -73,9 +87,16 @@ def first_sentence(row, _train) -> str:
     return SENTENCE_END.split(row.values["context"], maxsplit=1)[0]
 
 
-APP = Application(steps=1200, task="qa", metrics=["f1", "exact_match"], baseline_name="first sentence of the context",
-                  baseline=first_sentence, max_new_tokens=16, group=lambda row: row["context"],
-                  source="signatures and summaries of the Python standard library's functions")
+APP = Application(
+    steps=1200,
+    task="qa",
+    metrics=["f1", "exact_match"],
+    baseline_name="first sentence of the context",
+    baseline=first_sentence,
+    max_new_tokens=16,
+    group=lambda row: row["context"],
+    source="signatures and summaries of the Python standard library's functions",
+)
 
 if __name__ == "__main__":
     run(APP, signature_rows(), __doc__)

@@ -57,8 +57,14 @@ def lead_sentence(row, _train) -> str:
     return SENTENCE_END.split(row.values["document"], maxsplit=1)[0]
 
 
-APP = Application(steps=2000, task="summarize", metrics=["rouge2", "rouge1", "rouge_l"], baseline_name="lead sentence",
-                  baseline=lead_sentence, source="docstrings of the Python standard library (summary line <- description)")
+APP = Application(
+    steps=2000,
+    task="summarize",
+    metrics=["rouge2", "rouge1", "rouge_l"],
+    baseline_name="lead sentence",
+    baseline=lead_sentence,
+    source="docstrings of the Python standard library (summary line <- description)",
+)
 
 if __name__ == "__main__":
     run(APP, docstring_rows(), __doc__)

@@ -37,9 +37,16 @@ def closest_entry(row, train) -> str:
     return best.completion if words & set(best.values["source"].lower().split()) else ""
 
 
-APP = Application(steps=2000, task="translate", metrics=["chrf++", "bleu"], baseline_name="dictionary (closest training entry)",
-                  baseline=closest_entry, schema_flags=["--source-lang", "en", "--target-lang", "zh"],
-                  max_new_tokens=24, source="CLDR display names (Babel): English -> Simplified Chinese")
+APP = Application(
+    steps=2000,
+    task="translate",
+    metrics=["chrf++", "bleu"],
+    baseline_name="dictionary (closest training entry)",
+    baseline=closest_entry,
+    schema_flags=["--source-lang", "en", "--target-lang", "zh"],
+    max_new_tokens=24,
+    source="CLDR display names (Babel): English -> Simplified Chinese",
+)
 
 if __name__ == "__main__":
     run(APP, cldr_rows(), __doc__)

@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from palm.core.atomic import OutputError, atomic_directory, atomic_file, remove_stale_temporaries, write_json, write_text
+from palm.core.atomic import (
+    OutputError,
+    atomic_directory,
+    atomic_file,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):

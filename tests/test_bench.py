@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from palm import PalmConfig
-from palm.training.flops import flops_per_token, matrix_params
 from palm.core.runtime import fast_bf16
+from palm.training.flops import flops_per_token, matrix_params
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -61,15 +61,33 @@ def test_every_candidate_builds_and_takes_a_step_or_says_why_not(name):
 
 
 def _row(name, shape, tps, fpt=1e9):
-    return {"name": name, "shape": shape, "status": "ok", "tokens_per_s": tps, "mfu": tps * fpt / 1e12,
-            "flops_per_token": fpt, "peak_memory_bytes": 2**20, "ratio_to_palm": None}
+    return {
+        "name": name,
+        "shape": shape,
+        "status": "ok",
+        "tokens_per_s": tps,
+        "mfu": tps * fpt / 1e12,
+        "flops_per_token": fpt,
+        "peak_memory_bytes": 2**20,
+        "ratio_to_palm": None,
+    }
 
 
 def test_table_and_summary_compare_palm_with_the_fastest_peer():
-    rows = [_row("palm", "small", 300.0), _row("falcon", "small", 200.0), _row("palm-pytorch", "small", 250.0),
-            _row("palm+compile", "small", 900.0),
-            {"name": "litgpt", "shape": "small", "status": "unavailable", "reason": "not installed",
-             "tokens_per_s": None, "mfu": None}]
+    rows = [
+        _row("palm", "small", 300.0),
+        _row("falcon", "small", 200.0),
+        _row("palm-pytorch", "small", 250.0),
+        _row("palm+compile", "small", 900.0),
+        {
+            "name": "litgpt",
+            "shape": "small",
+            "status": "unavailable",
+            "reason": "not installed",
+            "tokens_per_s": None,
+            "mfu": None,
+        },
+    ]
     result = {"train": rows, "dtype": "fp32"}
     text = train.table(result)
     assert "| small | litgpt | n/a: not installed |" in text
@@ -107,8 +125,12 @@ libc.free(block)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--keep-freed-memory is glibc's mallopt")
 def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     def mapped(mode):
-        done = subprocess.run([sys.executable, "-c", _MAPPED_BLOCKS, str(BENCH / "train.py"), mode],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _MAPPED_BLOCKS, str(BENCH / "train.py"), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return done.stdout.split()
 
     assert mapped("default") == ["False", "1"]
@@ -133,12 +155,26 @@ def test_sentencepiece_lines_fit_its_limit_and_keep_all_text():
 
 
 def test_quality_table_marks_the_best_per_corpus():
-    result = {"quality": [
-        {"name": "palm", "block": "parallel", "recipe": "r1", "steps": 10, "tokens_per_s": 100.0,
-         "val_bpb": {"zh": 2.0, "py": 1.5}},
-        {"name": "llama", "block": "serial", "recipe": "r2", "steps": 8, "tokens_per_s": 80.0,
-         "val_bpb": {"zh": 2.1, "py": 1.4}},
-    ]}
+    result = {
+        "quality": [
+            {
+                "name": "palm",
+                "block": "parallel",
+                "recipe": "r1",
+                "steps": 10,
+                "tokens_per_s": 100.0,
+                "val_bpb": {"zh": 2.0, "py": 1.5},
+            },
+            {
+                "name": "llama",
+                "block": "serial",
+                "recipe": "r2",
+                "steps": 8,
+                "tokens_per_s": 80.0,
+                "val_bpb": {"zh": 2.1, "py": 1.4},
+            },
+        ]
+    }
     text = quality.table(result)
     assert "| palm (parallel) | r1 | 10 | 100 | **2.000** | 1.500 |" in text
     assert "| llama (serial) | r2 | 8 | 80 | 2.100 | **1.400** |" in text
@@ -147,10 +183,18 @@ def test_quality_table_marks_the_best_per_corpus():
 def test_report_publishes_json_table_chart_and_the_performance_page(tmp_path):
     readme = tmp_path / "performance.md"
     readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
-    result = {"when": "now", "quick": True, "threads": 1, "machine": {"cpu": "cpu"}, "dtype": "fp32",
-              "dtype_note": "fp32", "peak_flops": {"fp32": 1e11, "bf16": 3e8},
-              "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW"},
-              "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)], "profile": {}}
+    result = {
+        "when": "now",
+        "quick": True,
+        "threads": 1,
+        "machine": {"cpu": "cpu"},
+        "dtype": "fp32",
+        "dtype_note": "fp32",
+        "peak_flops": {"fp32": 1e11, "bf16": 3e8},
+        "settings": {"batch": 2, "seq": 512, "timing": "best", "optimizer": "fused AdamW"},
+        "train": [_row("palm", "tiny", 300.0), _row("falcon", "tiny", 250.0)],
+        "profile": {},
+    }
     md = report.publish(result, out=tmp_path / "results", page=readme)
     text = readme.read_text()
     assert "old table" not in text and "| tiny | falcon | 250 |" in text and text.endswith("after\n")
@@ -167,16 +211,31 @@ GIB = 2**30
 
 
 def _train_row(name, shape, peak, params, status="ok"):
-    return {"part": "train", "returncode": 0, "name": name, "shape": shape, "preset": shape, "status": status,
-            "tokens_per_s": 10.0, "mfu": 0.5, "peak_memory_bytes": peak, "baseline_rss": GIB // 2,
-            "matmul_params": params, "reason": "did not fit"}
+    return {
+        "part": "train",
+        "returncode": 0,
+        "name": name,
+        "shape": shape,
+        "preset": shape,
+        "status": status,
+        "tokens_per_s": 10.0,
+        "mfu": 0.5,
+        "peak_memory_bytes": peak,
+        "baseline_rss": GIB // 2,
+        "matmul_params": params,
+        "reason": "did not fit",
+    }
 
 
 def test_scale_the_largest_model_follows_from_the_peaks_at_two_depths():
     # 8 GiB at 8 layers, 12 GiB at 16: 0.5 GiB a layer on top of 4 GiB; 20.5 GiB free less a 0.5 GiB baseline
-    rows = [_train_row("palm", "1b@8", 8 * GIB, 600), _train_row("palm", "1b", 12 * GIB, 1000),
-            _train_row("falcon", "1b@8", 8 * GIB, 600), _train_row("falcon", "1b", 0, 0, status="unavailable"),
-            _train_row("litgpt", "base", GIB, 100)]
+    rows = [
+        _train_row("palm", "1b@8", 8 * GIB, 600),
+        _train_row("palm", "1b", 12 * GIB, 1000),
+        _train_row("falcon", "1b@8", 8 * GIB, 600),
+        _train_row("falcon", "1b", 0, 0, status="unavailable"),
+        _train_row("litgpt", "base", GIB, 100),
+    ]
     palm, falcon = scale.largest_rows(rows, available=int(20.5 * GIB))
     assert palm["layers"] == 32 and palm["per_layer"] == GIB / 2 and palm["fixed"] == 4 * GIB
     assert palm["params"] == 1000 + 16 * 50  # 50 matmul parameters a layer
@@ -191,8 +250,23 @@ def test_scale_runs_a_part_alone_and_keeps_the_others(tmp_path):
     the parts it did not run."""
     out = tmp_path / "scale.json"
     out.write_text('{"rows": [{"part": "export", "preset": "tiny", "returncode": 1, "error": "kept"}], "parts": {}}')
-    done = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--parts", "checkpoint", "--presets", "tiny",
-                           "--vocab-size", "512", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "scale.py"),
+            "--parts",
+            "checkpoint",
+            "--presets",
+            "tiny",
+            "--vocab-size",
+            "512",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     import json
 

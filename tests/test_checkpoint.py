@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
-from palm.training.checkpoint import list_checkpoints, save_training_checkpoint
-from palm.core.rundir import RunLayout, checkpoint_step
-from palm.training.runlock import RunLock
 from test_finetune import settings as finetune_settings
 from test_train import config, losses
+
+from palm.core.rundir import RunLayout, checkpoint_step
+from palm.training.checkpoint import list_checkpoints, save_training_checkpoint
+from palm.training.runlock import RunLock
 
 
 class WritesAFile:
@@ -151,7 +151,9 @@ def test_a_changed_corpus_is_refused_unless_allowed(capsys, corpus_dir, tokenize
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--max-steps", "6")
     assert_one_line_error(code, err, "changed since the run started", "--allow-data-change")
     assert max(losses(tmp_path / "run")) == 4
-    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--max-steps", "6", "--allow-data-change")
+    code, _, err = run_cli(
+        capsys, "train", "--resume", str(tmp_path / "run"), "--max-steps", "6", "--allow-data-change"
+    )
     assert code == 0 and "will not be exact" in err
     assert max(losses(tmp_path / "run")) == 6
 
@@ -181,9 +183,29 @@ def test_kill_9_during_a_checkpoint_write_then_resume_is_the_run_never_stopped(c
 
     from safetensors.torch import load_file
 
-    args = ["train", "--corpus", str(corpus_dir), "--tokenizer", tokenizer_dir, "--preset", "tiny", "--seq-len", "32",
-            "--batch-size", "4", "--max-steps", "12", "--checkpoint-every", "4", "--eval-every", "6", "--dtype", "fp32",
-            "--threads", "1"]
+    args = [
+        "train",
+        "--corpus",
+        str(corpus_dir),
+        "--tokenizer",
+        tokenizer_dir,
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "6",
+        "--dtype",
+        "fp32",
+        "--threads",
+        "1",
+    ]
 
     def palm(*argv, script=None):
         cmd = [sys.executable, *(["-c", script] if script else ["-m", "palm.cli"]), *argv]

@@ -6,15 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import assert_one_line_error
 from conftest import run_cli as palm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def test_tokenizer_train_writes_an_auto_tokenizer(capsys, corpus_dir, tmp_path):
     out = tmp_path / "tok"
-    code, stdout, _ = palm(capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "600", "--out", str(out))
+    code, stdout, _ = palm(
+        capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "600", "--out", str(out)
+    )
     assert code == 0 and "600-token" in stdout
     assert len(AutoTokenizer.from_pretrained(out)) == 600
 
@@ -38,12 +39,16 @@ def test_tokenizer_train_rejects_bad_corpora(capsys, tmp_path, case):
 
 
 def test_tokenizer_train_rejects_tiny_vocab(capsys, corpus_dir, tmp_path):
-    code, _, err = palm(capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "10", "--out", str(tmp_path / "o"))
+    code, _, err = palm(
+        capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "10", "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(code, err, "vocab size 10")
 
 
 def test_bad_flag_value_is_one_line(capsys, corpus_dir, tmp_path):
-    code, _, err = palm(capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "many", "--out", str(tmp_path))
+    code, _, err = palm(
+        capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "many", "--out", str(tmp_path)
+    )
     assert_one_line_error(code, err, "--vocab-size")
 
 
@@ -51,7 +56,9 @@ def test_existing_output_is_kept(capsys, corpus_dir, tmp_path):
     out = tmp_path / "tok"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, _, err = palm(capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "600", "--out", str(out))
+    code, _, err = palm(
+        capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "600", "--out", str(out)
+    )
     assert_one_line_error(code, err, "--force")
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
@@ -85,7 +92,10 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     script = Path(sys.executable).with_name("palm")
     done = subprocess.run(
         [str(script), "tokenizer", "train", "--corpus", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120, env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
     )
     assert done.returncode == 1
     assert done.stderr.strip() == f"palm: error: corpus path {tmp_path / 'nope.txt'} does not exist"

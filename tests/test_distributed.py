@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from palm.training.checkpoint import list_checkpoints
 
 STEPS = 6  # checkpoints at 0, 3 and 6; the resume tests continue from 3
@@ -24,7 +24,7 @@ def write_config(tmp_path, corpus_dir, tokenizer_dir, name, dtype="fp32"):
     # An odd width, so FSDP splits some tensors unevenly over two ranks (3 ranks would split the rest).
     conf.write_text(
         f'corpus = ["{corpus_dir}"]\nout = "{tmp_path / name}"\ntokenizer = "{tokenizer_dir}"\nmax-steps = {STEPS}\n'
-        f'seq-len = 32\nbatch-size = 8\neval-every = 1000\ncheckpoint-every = 3\nprogress = false\n'
+        f"seq-len = 32\nbatch-size = 8\neval-every = 1000\ncheckpoint-every = 3\nprogress = false\n"
         f'cache-dir = "{tmp_path / "cache"}"\ndtype = "{dtype}"\n'
         "[model]\nhidden_size = 63\nnum_hidden_layers = 2\nnum_attention_heads = 4\nhead_dim = 16\n"
     )
@@ -34,8 +34,17 @@ def write_config(tmp_path, corpus_dir, tokenizer_dir, name, dtype="fp32"):
 def torchrun(*args, nproc=2):
     """`torchrun --standalone --nproc_per_node 2 -m palm.cli ARGS`, as the README shows it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "palm.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "palm.cli",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -130,8 +139,10 @@ def test_fsdp_checkpoint_resumes_on_one_process(single, fsdp, tmp_path, capsys, 
     assert_same_losses(losses(single), losses(run))
     latest = list_checkpoints(run)[-1]
     assert latest.name == "step-0000006" and is_sharded(latest) == (parallel == "fsdp")
-    assert json.loads((latest / "state.json").read_text())["tokens"] == json.loads(
-        (single / "checkpoints" / "step-0000006" / "state.json").read_text())["tokens"]
+    assert (
+        json.loads((latest / "state.json").read_text())["tokens"]
+        == json.loads((single / "checkpoints" / "step-0000006" / "state.json").read_text())["tokens"]
+    )
 
 
 def test_one_process_checkpoint_resumes_on_two(single, tmp_path):
@@ -176,14 +187,17 @@ BF16_REL = 1e-2
 
 @pytest.fixture(scope="module")
 def single_bf16(folder, corpus_dir, tokenizer_dir):
-    code = run_cli_main(["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single-bf16", "bf16"))])
+    code = run_cli_main(
+        ["train", "--config", str(write_config(folder, corpus_dir, tokenizer_dir, "single-bf16", "bf16"))]
+    )
     assert code == 0
     return folder / "single-bf16"
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_bf16_two_processes_match_one_within_bf16_rounding(single_bf16, single, folder, corpus_dir, tokenizer_dir,
-                                                           parallel):
+def test_bf16_two_processes_match_one_within_bf16_rounding(
+    single_bf16, single, folder, corpus_dir, tokenizer_dir, parallel
+):
     conf = write_config(folder, corpus_dir, tokenizer_dir, f"{parallel}-bf16", "bf16")
     torchrun("train", "--config", str(conf), "--parallel", parallel)
     assert_same_losses(losses(single_bf16), losses(folder / f"{parallel}-bf16"), rel=BF16_REL)

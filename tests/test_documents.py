@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from palm.core.errors import CorpusError
 from palm.data import documents, textio
 from palm.data.documents import corpus_files, iter_documents, iter_pieces, jsonl_rows, jsonl_texts
-from palm.core.errors import CorpusError
 
 
 def test_a_long_text_document_comes_in_pieces_that_are_exactly_it(tmp_path):
@@ -56,10 +56,16 @@ def test_jsonl_is_read_line_by_line_with_its_line_numbers(tmp_path, monkeypatch)
     start = textio.line_start_after(plain, 300)  # a stretch that starts midway still names the right line
     with pytest.raises(CorpusError, match=r"bad.jsonl:31: not valid JSON"):
         list(jsonl_texts(plain, "text", start))
-    assert list(jsonl_texts(plain, "text", 0, start)) == [f"row {i}" for i in range(len(
-        plain.read_bytes()[:start].splitlines()))]
+    assert list(jsonl_texts(plain, "text", 0, start)) == [
+        f"row {i}" for i in range(len(plain.read_bytes()[:start].splitlines()))
+    ]
 
 
 def test_file_kinds_look_under_the_compression():
-    assert [documents.file_kind(Path(n)) for n in ("a.jsonl.zst", "b.parquet", "c.arrow", "d.txt.gz", "e.json")] \
-        == ["jsonl", "parquet", "arrow", "text", "text"]
+    assert [documents.file_kind(Path(n)) for n in ("a.jsonl.zst", "b.parquet", "c.arrow", "d.txt.gz", "e.json")] == [
+        "jsonl",
+        "parquet",
+        "arrow",
+        "text",
+        "text",
+    ]

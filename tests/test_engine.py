@@ -2,13 +2,19 @@
 
 import pytest
 import torch
-
 from conftest import lively_model, tiny_config
+
 from palm.inference.engine import Engine, Request, bucket
 from palm.inference.generate import GenerationError, Generator, SamplingConfig
 
-PROMPTS = ["我喜欢编程，因为", "The quick brown fox jumps over the lazy dog. " * 4, "x = 12",
-           "def f(a, b):\n    return", "hello", "自然语言处理是计算机科学的一个分支"]
+PROMPTS = [
+    "我喜欢编程，因为",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "x = 12",
+    "def f(a, b):\n    return",
+    "hello",
+    "自然语言处理是计算机科学的一个分支",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,14 @@ def text_ids(generator, request: Request) -> list[int]:
 def test_each_request_gets_its_solo_greedy_output_whenever_it_joins(generator, tokenizer, dtype):
     if dtype != torch.float32:  # bf16's own kernels (oneDNN's packed matmul on a CPU) must be row-exact too
         generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
-    settings = [dict(max_new_tokens=12), dict(max_new_tokens=20, repetition_penalty=1.3), dict(max_new_tokens=5),
-                dict(max_new_tokens=30), dict(max_new_tokens=16, repetition_penalty=1.2), dict(max_new_tokens=9)]
+    settings = [
+        dict(max_new_tokens=12),
+        dict(max_new_tokens=20, repetition_penalty=1.3),
+        dict(max_new_tokens=5),
+        dict(max_new_tokens=30),
+        dict(max_new_tokens=16, repetition_penalty=1.2),
+        dict(max_new_tokens=9),
+    ]
     cfgs = [SamplingConfig(**s) for s in settings]
     if dtype == torch.float32:
         solo = [generator.generate([p], c)[0].token_ids for p, c in zip(PROMPTS, cfgs)]
@@ -57,7 +69,9 @@ def test_each_request_gets_its_solo_greedy_output_whenever_it_joins(generator, t
 
 def test_seeded_sampling_repeats_whatever_shares_the_batch(generator):
     def sampled(seed):
-        return SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=seed)
+        return SamplingConfig(
+            max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=seed
+        )
 
     alone = Request(generator.encode(PROMPTS[0]), sampled(7))
     run(Engine(generator, max_batch=1), [(0, alone)])
@@ -120,7 +134,10 @@ def test_the_pool_is_allocated_once(generator):
     c = generator.model.config
     assert engine.cache.nbytes() == 2 * c.num_hidden_layers * 3 * c.num_key_value_heads * 32 * c.head_dim * 4
     keys = [k.data_ptr() for k in engine.cache.keys]
-    run(engine, [(i, Request(generator.encode(p), SamplingConfig(max_new_tokens=4))) for i, p in enumerate(PROMPTS[2:5])])
+    run(
+        engine,
+        [(i, Request(generator.encode(p), SamplingConfig(max_new_tokens=4))) for i, p in enumerate(PROMPTS[2:5])],
+    )
     assert [k.data_ptr() for k in engine.cache.keys] == keys and torch.isfinite(engine.cache.keys[0]).all()
 
 
@@ -132,8 +149,10 @@ def test_a_shared_prefix_is_copied_not_prefilled_and_changes_no_token(tokenizer,
     has prefilled so far), and every token equals the run without reuse (cut in the same blocks)."""
     generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
     system = tokenizer.encode("You are a helpful assistant who answers in one short sentence. " * 3)
-    prompts = [system + tokenizer.encode(q, bos=False) for q in ("What is 2 + 2?", "Name a colour.", "说一个城市。",
-                                                                 "What is 2 + 3?")]
+    prompts = [
+        system + tokenizer.encode(q, bos=False)
+        for q in ("What is 2 + 2?", "Name a colour.", "说一个城市。", "What is 2 + 3?")
+    ]
     prompts.append(tokenizer.encode("An unrelated prompt with nothing shared"))
 
     def serve(reuse: bool) -> tuple[list[list[int]], int]:
@@ -157,8 +176,9 @@ def test_the_choices_of_one_prompt_fork_from_one_prefill(tokenizer, dtype):
     samples exactly what it samples alone."""
     generator = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer)
     prompt = tokenizer.encode("The choices of one prompt share its prefill: " * 3)
-    cfgs = [SamplingConfig(max_new_tokens=8, temperature=0.9, seed=s) for s in (1, 2, 3, 4)] + \
-        [SamplingConfig(max_new_tokens=8, temperature=0.0)]
+    cfgs = [SamplingConfig(max_new_tokens=8, temperature=0.9, seed=s) for s in (1, 2, 3, 4)] + [
+        SamplingConfig(max_new_tokens=8, temperature=0.0)
+    ]
 
     def serve(requests: list[Request], arrivals: list[int]) -> Engine:
         engine = Engine(generator, max_batch=8, prefill_chunk=16)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
+
 from palm.evaluate import (
     EvaluationError,
     HarnessConfig,
@@ -112,8 +112,22 @@ def test_bad_window_settings(model):
 
 def test_eval_corpus_command(capsys, model_dir, corpus_dir, tmp_path):
     out = tmp_path / "r.json"
-    code, stdout, err = run_cli(capsys, "eval", "--model", model_dir, "--corpus", str(corpus_dir), "--seq-len", "64",
-                                "--stride", "32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        model_dir,
+        "--corpus",
+        str(corpus_dir),
+        "--seq-len",
+        "64",
+        "--stride",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "bits/byte" in stdout and corpus_dir.name in stdout
     (row,) = json.loads(out.read_text())["corpora"]
@@ -128,11 +142,13 @@ def test_eval_corpus_command(capsys, model_dir, corpus_dir, tmp_path):
 def arithmetic_task(tmp_path, n=12, fewshot=True):
     rows = [{"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)} for i in range(n)]
     write_jsonl(tmp_path / "test.jsonl", rows)
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(50, 70)])
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(50, 70)]
+    )
     yaml = tmp_path / "arith.yaml"
     yaml.write_text(
-        "name: arith\nfile: test.jsonl\nkind: generate\ntemplate: \"Q: {prompt}\\nA:\"\ntarget_delimiter: \" \"\n"
-        f"metric: exact_match\n{'fewshot_file: train.jsonl' if fewshot else ''}\nmax_new_tokens: 4\nstop: [\"\\n\"]\n",
+        'name: arith\nfile: test.jsonl\nkind: generate\ntemplate: "Q: {prompt}\\nA:"\ntarget_delimiter: " "\n'
+        f'metric: exact_match\n{"fewshot_file: train.jsonl" if fewshot else ""}\nmax_new_tokens: 4\nstop: ["\\n"]\n',
         encoding="utf-8",
     )
     return yaml
@@ -140,7 +156,12 @@ def arithmetic_task(tmp_path, n=12, fewshot=True):
 
 def test_kshot_prompts_repeat_for_a_seed(tmp_path):
     task = load_task(arithmetic_task(tmp_path))
-    assert task.name == "arith" and task.kind == "generate" and task.metrics == ("exact_match",) and len(task.fewshot) == 20
+    assert (
+        task.name == "arith"
+        and task.kind == "generate"
+        and task.metrics == ("exact_match",)
+        and len(task.fewshot) == 20
+    )
     first = [build_prompt(task, i, 3, seed=1) for i in range(len(task.examples))]
     assert first == [build_prompt(task, i, 3, seed=1) for i in range(len(task.examples))]
     assert first != [build_prompt(task, i, 3, seed=2) for i in range(len(task.examples))]
@@ -178,8 +199,11 @@ def test_multiple_choice_prefers_the_models_own_continuation(model, tokenizer, t
     """
     generator = Generator(model, tokenizer)
     # Many prompts, because a random model often emits token runs that the tokenizer would split otherwise.
-    pool = [a + b for a in ("我喜欢", "The ", "def ", "今天", "x = ", "自然语言", "import ", "模型")
-            for b in ("编程", "quick", "main", "天气", "1", "处理", "os", "发布")]
+    pool = [
+        a + b
+        for a in ("我喜欢", "The ", "def ", "今天", "x = ", "自然语言", "import ", "模型")
+        for b in ("编程", "quick", "main", "天气", "1", "处理", "os", "发布")
+    ]
     rows = []
     for prompt, completion in zip(pool, generator.generate(pool, SamplingConfig(max_new_tokens=5))):
         ids = completion.token_ids
@@ -215,7 +239,7 @@ def test_multiple_choice_prefers_the_models_own_continuation(model, tokenizer, t
 def test_loglikelihood_keeps_the_end_of_a_long_context(model, tokenizer):
     context = "我喜欢编程，因为它让我的大脑跳跃。" * 40
     assert len(tokenizer.encode(context)) > model.config.max_position_embeddings
-    (ll, _), = loglikelihoods(model, tokenizer, [(context, "今天")])
+    ((ll, _),) = loglikelihoods(model, tokenizer, [(context, "今天")])
     assert math.isfinite(ll) and ll < 0
 
 
@@ -227,8 +251,10 @@ def test_generation_task_scores_greedy_output(model, tokenizer, tmp_path):
     prompts, greedy = zip(*found[:4], strict=True)
     references = [g if i % 2 == 0 else g + "x" for i, g in enumerate(greedy)]
     write_jsonl(tmp_path / "g.jsonl", [{"prompt": p, "answer": r} for p, r in zip(prompts, references)])
-    (tmp_path / "g.yaml").write_text("file: g.jsonl\nkind: generate\nmetric: [exact_match, chrf, rouge_l, bleu]\n"
-                                     "max_new_tokens: 5\n", encoding="utf-8")
+    (tmp_path / "g.yaml").write_text(
+        "file: g.jsonl\nkind: generate\nmetric: [exact_match, chrf, rouge_l, bleu]\nmax_new_tokens: 5\n",
+        encoding="utf-8",
+    )
     result = evaluate_task(model, tokenizer, load_task(tmp_path / "g.yaml"), batch_size=3)
     assert result["task"] == "g"
     assert [s["prediction"] for s in result["samples"]] == list(greedy)
@@ -246,7 +272,9 @@ def test_metrics():
     assert rouge_l(["三百一十二"], ["三百一十三"]) == pytest.approx(0.8)  # by character, not empty
     assert rouge_l(["the cat sat on the mat"], ["the cat lay on the mat"]) == pytest.approx(5 / 6)
     assert chrf(["三百一十二"], ["三百一十二"]) == pytest.approx(100)
-    assert chrf(["three hundred"], ["three hundred and twelve"]) < chrf(["three hundred and ten"], ["three hundred and twelve"])
+    assert chrf(["three hundred"], ["three hundred and twelve"]) < chrf(
+        ["three hundred and ten"], ["three hundred and twelve"]
+    )
     assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100)
     assert bleu(["三百一十二万"], ["三百一十二万"]) == pytest.approx(100)
     assert bleu(["x y z w"], ["the cat sat on the mat"]) == pytest.approx(0)
@@ -256,8 +284,20 @@ def test_eval_tasks_command(capsys, model_dir, tmp_path):
     yaml = arithmetic_task(tmp_path)
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0}] * 3)
     out = tmp_path / "results.json"
-    code, stdout, err = run_cli(capsys, "eval", "--model", model_dir, "--tasks", f"{yaml},{mc}", "--shots", "2",
-                                "--limit", "4", "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        model_dir,
+        "--tasks",
+        f"{yaml},{mc}",
+        "--shots",
+        "2",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "arith" in stdout and "exact_match" in stdout and "acc_norm" in stdout
     report = json.loads(out.read_text())
@@ -284,7 +324,10 @@ BAD_FILES = {
     "one choice": ('{"prompt": "x", "choices": ["a"], "answer": 0}\n', "at least two"),
     "answer out of range": ('{"prompt": "x", "choices": ["a", "b"], "answer": 2}\n', "not an index"),
     "answer not an index": ('{"prompt": "x", "choices": ["a", "b"], "answer": "a"}\n', "index"),
-    "mc row missing choices": ('{"prompt": "x", "choices": ["a", "b"], "answer": 0}\n{"prompt": "y", "answer": 1}\n', '"choices"'),
+    "mc row missing choices": (
+        '{"prompt": "x", "choices": ["a", "b"], "answer": 0}\n{"prompt": "y", "answer": 1}\n',
+        '"choices"',
+    ),
 }
 
 
@@ -314,7 +357,10 @@ BAD_YAMLS = {
     "file null": ("file: null\nkind: generate\n", "file must be a str"),
     "template without prompt": ("file: ok.jsonl\nkind: generate\ntemplate: 'Q: {question}'\n", "template"),
     "template broken": ("file: ok.jsonl\nkind: generate\ntemplate: 'Q: {prompt'\n", "template"),
-    "max_new_tokens not int": ("file: ok.jsonl\nkind: generate\nmax_new_tokens: many\n", "max_new_tokens must be an int"),
+    "max_new_tokens not int": (
+        "file: ok.jsonl\nkind: generate\nmax_new_tokens: many\n",
+        "max_new_tokens must be an int",
+    ),
     "max_new_tokens zero": ("file: ok.jsonl\nkind: generate\nmax_new_tokens: 0\n", "max_new_tokens"),
     "stop not strings": ("file: ok.jsonl\nkind: generate\nstop: [1]\n", "stop"),
     "rows of the wrong kind": ("file: ok.jsonl\nkind: multiple_choice\n", '"choices"'),
@@ -380,7 +426,9 @@ MC_ROWS = [
     {"question": "我喜欢编程，", "choices": ["因为它", "散步"], "label": 0},
     {"question": "def main():", "choices": ["\n    pass", "\n    return 1"], "label": 1},
 ]
-GEN_ROWS = [{"question": q, "answer": a} for q, a in [("1 2 3", "4"), ("a b c", "d"), ("我喜欢编程，因为", "它"), ("x =", "1")]]
+GEN_ROWS = [
+    {"question": q, "answer": a} for q, a in [("1 2 3", "4"), ("a b c", "d"), ("我喜欢编程，因为", "它"), ("x =", "1")]
+]
 
 
 @pytest.fixture(scope="module")
@@ -392,16 +440,16 @@ def harness_tasks(tmp_path_factory):
     (root / "palm_toy_mc.yaml").write_text(
         "task: palm_toy_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\ntarget_delimiter: \"\"\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
         encoding="utf-8",
     )
     (root / "palm_toy_gen.yaml").write_text(
         "task: palm_toy_gen\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
-        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
-        "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n",
         encoding="utf-8",
     )
@@ -417,8 +465,11 @@ def offline(monkeypatch, tmp_path):
 
 def palm_versions_of_harness_tasks(root):
     """The same two tasks as palm task files, to compare palm's scoring with lm-eval's."""
-    mc = write_jsonl(root / "palm_mc.jsonl", [{"prompt": r["question"], "choices": r["choices"], "answer": r["label"]} for r in MC_ROWS])
-    gen = write_jsonl(root / "palm_gen.jsonl", [{"prompt": r["question"], "answer": r["answer"]} for r in GEN_ROWS])
+    mc = write_jsonl(
+        root / "palm_mc.jsonl",
+        [{"prompt": r["question"], "choices": r["choices"], "answer": r["label"]} for r in MC_ROWS],
+    )
+    write_jsonl(root / "palm_gen.jsonl", [{"prompt": r["question"], "answer": r["answer"]} for r in GEN_ROWS])
     (root / "palm_gen.yaml").write_text("file: palm_gen.jsonl\nkind: generate\nmax_new_tokens: 6\n", encoding="utf-8")
     return load_task(mc), load_task(root / "palm_gen.yaml")
 
@@ -427,8 +478,16 @@ def test_lm_eval_scores_a_palm_directory_like_palm_does(offline, model_dir, toke
     from palm.evaluate import load_model
 
     # Both sides in fp32: the log-likelihoods are compared to 1e-3, closer than bf16 rounding would allow.
-    results = run_harness(model_dir, HarnessConfig(tasks=["palm_toy_mc,palm_toy_gen"], include_path=[str(harness_tasks)],
-                                                   batch_size=2, log_samples=True, dtype="fp32"))
+    results = run_harness(
+        model_dir,
+        HarnessConfig(
+            tasks=["palm_toy_mc,palm_toy_gen"],
+            include_path=[str(harness_tasks)],
+            batch_size=2,
+            log_samples=True,
+            dtype="fp32",
+        ),
+    )
     mc, gen = results["results"]["palm_toy_mc"], results["results"]["palm_toy_gen"]
     assert mc["sample_len"] == len(MC_ROWS) and gen["sample_len"] == len(GEN_ROWS)
     # palm's own evaluation of the same questions gives the same log-likelihoods, answers and generations
@@ -446,13 +505,26 @@ def test_lm_eval_scores_a_palm_directory_like_palm_does(offline, model_dir, toke
 
 def test_palm_eval_harness_command(offline, capsys, model_dir, harness_tasks, tmp_path):
     out = tmp_path / "h.json"
-    code, stdout, err = run_cli(capsys, "eval", "--model", model_dir, "--harness", "palm_toy_mc",
-                                "--include-path", str(harness_tasks), "--limit", "2", "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        model_dir,
+        "--harness",
+        "palm_toy_mc",
+        "--include-path",
+        str(harness_tasks),
+        "--limit",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "palm_toy_mc" in stdout and "acc_norm" in stdout
     assert json.loads(out.read_text())["harness"]["results"]["palm_toy_mc"]["sample_len"] == 2
-    code, _, err = run_cli(capsys, "eval", "--model", model_dir, "--harness", "no_such_task",
-                           "--include-path", str(harness_tasks))
+    code, _, err = run_cli(
+        capsys, "eval", "--model", model_dir, "--harness", "no_such_task", "--include-path", str(harness_tasks)
+    )
     assert_one_line_error(code, err, "no_such_task")
 
 
@@ -468,12 +540,19 @@ def test_lm_eval_loads_a_palm_directory_by_remote_code_alone(offline, model_dir,
         "assert any(m.startswith('transformers_modules') for m in sys.modules), 'remote code was not used'\n"
         "print(json.dumps(r['results']['palm_toy_mc']))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     remote = json.loads(done.stdout.strip().splitlines()[-1])
-    local = run_harness(model_dir, HarnessConfig(tasks=["palm_toy_mc"], include_path=[str(harness_tasks)], batch_size=2))
+    local = run_harness(
+        model_dir, HarnessConfig(tasks=["palm_toy_mc"], include_path=[str(harness_tasks)], batch_size=2)
+    )
     assert remote["acc,none"] == local["results"]["palm_toy_mc"]["acc,none"]
     assert remote["acc_norm,none"] == local["results"]["palm_toy_mc"]["acc_norm,none"]
 

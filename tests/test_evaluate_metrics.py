@@ -13,7 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from palm.evaluate.metrics import (
-    GENERATION_METRICS, bleu, chrf, chrf_pp, exact_match, exact_string, f1, rouge1, rouge2, rouge_l, rouge_lsum,
+    GENERATION_METRICS,
+    bleu,
+    chrf,
+    chrf_pp,
+    exact_match,
+    exact_string,
+    f1,
+    rouge1,
+    rouge2,
+    rouge_l,
+    rouge_lsum,
     signature,
 )
 
@@ -54,11 +64,14 @@ def exact_match_score(prediction, ground_truth):
 
 def metric_max_over_ground_truths(metric_fn, prediction, ground_truths):
     return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
 # -----------------------------------------------------------------------------------------------------------
 
 
-WORDS = st.sampled_from(["the", "a", "An", "cat", "Cat,", "sat", "on", "mat.", "dog", "1990", "(New", "York)", "",
-                         "it's", "The"])
+WORDS = st.sampled_from(
+    ["the", "a", "An", "cat", "Cat,", "sat", "on", "mat.", "dog", "1990", "(New", "York)", "", "it's", "The"]
+)
 ANSWER = st.lists(WORDS, max_size=6).map(" ".join)
 
 
@@ -103,8 +116,10 @@ def test_rouge_keeps_chinese_and_takes_the_best_reference():
 
 
 SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
-REFS = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
-        ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
+REFS = [
+    ["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+    ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."],
+]
 
 
 def test_bleu_and_chrf_are_sacrebleus_readme_example():
@@ -139,8 +154,9 @@ def test_palm_eval_prints_every_metric_and_the_signatures(model_dir, tmp_path, c
     rows = [{"prompt": "a", "answer": ["the cat", "a cat sat"]}, {"prompt": "我", "answer": "我喜欢编程"}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     names = ["rouge1", "rouge2", "rouge_l", "rouge_lsum", "exact_match", "f1", "bleu", "chrf++"]
-    (tmp_path / "t.yaml").write_text(f"file: t.jsonl\nkind: generate\nmetric: [{', '.join(names)}]\n"
-                                     "max_new_tokens: 4\n", encoding="utf-8")
+    (tmp_path / "t.yaml").write_text(
+        f"file: t.jsonl\nkind: generate\nmetric: [{', '.join(names)}]\nmax_new_tokens: 4\n", encoding="utf-8"
+    )
     code, stdout, err = run_cli(capsys, "eval", "--model", model_dir, "--tasks", str(tmp_path / "t.yaml"))
     assert code == 0, err
     for name in names:

@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
 
 import palm
-from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
 from palm.export import export
 from palm.export.cohere import cohere_weights, rope_pairs_permutation
-from palm.export.gguf import check_runnable
 from palm.export.formats import ExportError
+from palm.export.gguf import check_runnable
 from palm.weights.modeldir import load_model
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "run" / "final"
-TEXTS = ["我喜欢编程，因为它让我的大脑跳跃。", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)",
-         "The function returns 42, and   three spaces."]
+TEXTS = [
+    "我喜欢编程，因为它让我的大脑跳跃。",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)",
+    "The function returns 42, and   three spaces.",
+]
 GREEDY = dict(do_sample=False, max_new_tokens=32, min_new_tokens=32, repetition_penalty=1.0)
 
 # Run by a fresh interpreter in which any import of palm fails: what a user without palm has.
@@ -59,11 +62,25 @@ def trained_model_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> tuple[Path
     if not (out / "final" / "config.json").is_file():
         from palm.training.train import TrainConfig, train
 
-        train(TrainConfig.from_settings(dict(
-            corpus=[str(corpus_dir)], out=str(out), tokenizer=tokenizer_dir, preset="small",
-            max_steps=8, seq_len=32, batch_size=8, checkpoint_every=8,
-            eval_every=8, eval_tokens=256, cache_dir=str(out.parent / "export-cache"), progress=False, threads=2,
-        )))
+        train(
+            TrainConfig.from_settings(
+                dict(
+                    corpus=[str(corpus_dir)],
+                    out=str(out),
+                    tokenizer=tokenizer_dir,
+                    preset="small",
+                    max_steps=8,
+                    seq_len=32,
+                    batch_size=8,
+                    checkpoint_every=8,
+                    eval_every=8,
+                    eval_tokens=256,
+                    cache_dir=str(out.parent / "export-cache"),
+                    progress=False,
+                    threads=2,
+                )
+            )
+        )
     return out / "final", "small, trained 8 steps"
 
 
@@ -85,7 +102,7 @@ def palm_reference(model_dir):
     ids = [tok.encode(t) for t in TEXTS]
     with torch.no_grad():
         logits = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
-        greedy = [model.generate(torch.tensor([i]), **GREEDY)[0, len(i):].tolist() for i in ids]
+        greedy = [model.generate(torch.tensor([i]), **GREEDY)[0, len(i) :].tolist() for i in ids]
     return ids, logits, greedy
 
 
@@ -151,17 +168,22 @@ def test_the_fused_matrix_is_split_in_palms_order(tokenizer):
     out = cohere_weights(config, weights)
     fused = weights["model.layers.1.in_proj.weight"]
     q, k = config.num_attention_heads * config.head_dim, 2 * config.head_dim
-    assert torch.equal(out["model.layers.1.self_attn.v_proj.weight"], fused[q + k: q + 2 * k])
-    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], fused[-config.intermediate_size:])
+    assert torch.equal(out["model.layers.1.self_attn.v_proj.weight"], fused[q + k : q + 2 * k])
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], fused[-config.intermediate_size :])
     # Pair (2i, 2i+1) of a Cohere head is palm's (i, i + head_dim/2).
     half = config.head_dim // 2
-    assert torch.equal(out["model.layers.1.self_attn.k_proj.weight"][config.head_dim + 1], fused[q + config.head_dim + half])
+    assert torch.equal(
+        out["model.layers.1.self_attn.k_proj.weight"][config.head_dim + 1], fused[q + config.head_dim + half]
+    )
 
 
-@pytest.mark.parametrize("shape, words", [
-    (dict(hidden_size=16, num_hidden_layers=64, num_attention_heads=2, head_dim=8), ["64 layers", "q/k"]),
-    (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32), ["4 x 32 != 64"]),
-])
+@pytest.mark.parametrize(
+    "shape, words",
+    [
+        (dict(hidden_size=16, num_hidden_layers=64, num_attention_heads=2, head_dim=8), ["64 layers", "q/k"]),
+        (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32), ["4 x 32 != 64"]),
+    ],
+)
 def test_gguf_refuses_the_shapes_llama_cpp_cannot_run(tokenizer, tmp_path, capsys, shape, words):
     config = tiny_config(tokenizer, **shape)
     with pytest.raises(ExportError):
@@ -170,7 +192,9 @@ def test_gguf_refuses_the_shapes_llama_cpp_cannot_run(tokenizer, tmp_path, capsy
     palm.PalmForCausalLM(config).save_pretrained(str(model_dir))
     tokenizer.save(model_dir)
     capsys.readouterr()
-    code, _, err = run_cli(capsys, "export", "--format", "gguf", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf"))
+    code, _, err = run_cli(
+        capsys, "export", "--format", "gguf", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")
+    )
     assert_one_line_error(code, err, *words)
     assert not (tmp_path / "m.gguf").exists()
 
@@ -179,11 +203,23 @@ def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
     cases = [
         (["--format", "onnx", "--model", str(tiny_dir), "--out", str(tmp_path / "o")], ["unknown format 'onnx'"]),
-        (["--format", "cohere", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")], ["no model directory"]),
+        (
+            ["--format", "cohere", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+            ["no model directory"],
+        ),
         (["--format", "gguf", "--model", str(tmp_path), "--out", str(tmp_path / "o.gguf")], ["config.json is missing"]),
-        (["--format", "gguf", "--model", str(tiny_dir), "--out", str(tmp_path / "o.gguf"), "--type", "q4"], ["unknown type"]),
-        (["--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--type", "q8_0"], ["unknown type"]),
-        (["--format", "gguf", "--model", str(tiny_dir), "--out", str(tmp_path / "file.txt" / "o.gguf")], ["in the way"]),
+        (
+            ["--format", "gguf", "--model", str(tiny_dir), "--out", str(tmp_path / "o.gguf"), "--type", "q4"],
+            ["unknown type"],
+        ),
+        (
+            ["--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--type", "q8_0"],
+            ["unknown type"],
+        ),
+        (
+            ["--format", "gguf", "--model", str(tiny_dir), "--out", str(tmp_path / "file.txt" / "o.gguf")],
+            ["in the way"],
+        ),
         (["--format", "gguf", "--model", str(tiny_dir), "--out", str(tmp_path)], ["is a folder"]),
         (["--model", str(tiny_dir), "--out", str(tmp_path / "o")], ["--format"]),
     ]
@@ -194,14 +230,31 @@ def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys):
 
 
 def test_an_exported_directory_is_not_a_palm_model(tiny_dir, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "export", "--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "c"))
+    code, _, err = run_cli(
+        capsys, "export", "--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "c")
+    )
     assert code == 0, err
-    code, _, err = run_cli(capsys, "export", "--format", "cohere", "--model", str(tmp_path / "c"), "--out", str(tmp_path / "d"))
+    code, _, err = run_cli(
+        capsys, "export", "--format", "cohere", "--model", str(tmp_path / "c"), "--out", str(tmp_path / "d")
+    )
     assert_one_line_error(code, err, "'cohere' model, not a palm model")
-    code, _, err = run_cli(capsys, "export", "--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "c"))
+    code, _, err = run_cli(
+        capsys, "export", "--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "c")
+    )
     assert_one_line_error(code, err, "already exists")
-    code, _, err = run_cli(capsys, "export", "--format", "cohere", "--model", str(tiny_dir), "--out", str(tmp_path / "c"),
-                           "--type", "bf16", "--force")
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        "--format",
+        "cohere",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "c"),
+        "--type",
+        "bf16",
+        "--force",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "c" / "config.json").read_text())["dtype"] == "bfloat16"
 

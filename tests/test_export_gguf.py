@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import ZH, corpus_texts, lively_model, tiny_config
-from palm.export import export
-from palm.text.tokenizer import PalmTokenizer, train_tokenizer
 from test_export import TEXTS, palm_reference, tiny_dir, trained  # noqa: F401  (fixtures)
 
+from palm.export import export
+from palm.text.tokenizer import PalmTokenizer, train_tokenizer
+
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (`make setup` builds it; or pip install 'palm[gguf]')")
+    "llama_cpp", reason="llama-cpp-python is not installed (`make setup` builds it; or pip install 'palm[gguf]')"
+)
 from palm.export import llamacpp  # noqa: E402  (needs llama_cpp)
 from palm.export.bytelevel import train_byte_level  # noqa: E402
 
 # Text that palm's default vocabulary covers only partly: characters outside a small alphabet (some share
 # their first bytes with characters inside it), an emoji, a combining mark, control characters, the
 # names of special and byte pieces as plain text, and long whitespace runs.
-HARD = ["龘靐齉 and 鱻 are rare; 𠀋 is outside the BMP.", "emoji 🙂🚀 and e\u0301 (a combining accent)",
-        "tab\tbell\x07 nul\x00 <s> </s> <0x41> <eod>", "x" + " " * 40 + "y\n\n\n      z", "２０２２年 12345 ½"]
+HARD = [
+    "龘靐齉 and 鱻 are rare; 𠀋 is outside the BMP.",
+    "emoji 🙂🚀 and e\u0301 (a combining accent)",
+    "tab\tbell\x07 nul\x00 <s> </s> <0x41> <eod>",
+    "x" + " " * 40 + "y\n\n\n      z",
+    "２０２２年 12345 ½",
+]
 
 
 def end_ids(model_dir) -> tuple[int, int]:
@@ -38,8 +44,9 @@ def opened(model_dir, tmp_path, kind, exact=True):
 
 @pytest.mark.parametrize("which", ["tiny_dir", "trained"])
 def test_f32_gguf_gives_palms_logits_and_greedy_tokens(which, request, tmp_path):
-    model_dir, label = (request.getfixturevalue(which), "random tiny") if which == "tiny_dir" else \
-        request.getfixturevalue(which)
+    model_dir, label = (
+        (request.getfixturevalue(which), "random tiny") if which == "tiny_dir" else request.getfixturevalue(which)
+    )
     llm = opened(model_dir, tmp_path, "f32")
     try:
         for ids, logits, greedy in zip(*palm_reference(model_dir)):
@@ -98,8 +105,9 @@ def test_the_default_vocabulary_keeps_text_that_shares_bytes_with_its_alphabet(t
     alphabet = {p for p in tokenizer.hf.get_vocab() if len(p) == 1}
     inside = next(c for c in "我喜欢编程" if c in alphabet)
     raw = inside.encode()
-    outside = next(ch for b in range(0x80, 0xC0) if (ch := (raw[:2] + bytes([b])).decode("utf-8", "ignore"))
-                   and ch not in alphabet)
+    outside = next(
+        ch for b in range(0x80, 0xC0) if (ch := (raw[:2] + bytes([b])).decode("utf-8", "ignore")) and ch not in alphabet
+    )
     text = f"{inside}{outside}{inside}"
     ids = tokenizer.encode(text, bos=False)
     assert len(ids) == 5 and tokenizer.decode(ids) == text  # palm spells the outsider in three byte pieces

@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run_cli
+from palm.data.taskdata import Schema, task_row
+from palm.model.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
+from palm.text.templates import format_prompt
 from palm.training.finetune import FinetuneConfig, finetune
 from palm.training.finetune_data import collate, encode_row
-from palm.data.taskdata import Schema, task_row
-from palm.text.templates import format_prompt
-from palm.model.model import IGNORE_INDEX, PalmForCausalLM, lm_loss
 
 ROWS = [
     {"prompt": "What is 3 + 4?", "completion": "7"},
@@ -74,8 +74,21 @@ def test_training_step_loss_is_the_completion_loss(tokenizer, model_dir, tmp_pat
     """End to end: the loss the loop logs at step 1 (one batch of every row) is the by-hand completion NLL."""
     data = write_rows(tmp_path / "train.jsonl", ROWS)
     seen = {}
-    cfg = FinetuneConfig.from_settings(dict(base_model=model_dir, data=str(data), val=str(data), out=str(tmp_path / "run"), task="qa",
-                         max_steps=1, batch_size=len(ROWS), dropout=0.0, progress=False, threads=1, dtype="fp32"))
+    cfg = FinetuneConfig.from_settings(
+        dict(
+            base_model=model_dir,
+            data=str(data),
+            val=str(data),
+            out=str(tmp_path / "run"),
+            task="qa",
+            max_steps=1,
+            batch_size=len(ROWS),
+            dropout=0.0,
+            progress=False,
+            threads=1,
+            dtype="fp32",
+        )
+    )
     finetune(cfg, on_step=lambda run, record: seen.update(record))
     total, count = completion_nll(PalmForCausalLM.from_pretrained(model_dir).eval(), tokenizer, ROWS, "qa")
     assert seen["lm_loss"] == pytest.approx(total / count, rel=1e-5)
@@ -92,9 +105,21 @@ class Killed(Exception):
 
 def settings(tmp_path, model_dir, name, **kw):
     data = write_rows(tmp_path / "train.jsonl", ROWS * 4)
-    base = dict(base_model=model_dir, data=str(data), out=str(tmp_path / name), task="qa", max_steps=12,
-                batch_size=4, checkpoint_every=4, eval_every=3, patience=None, lr=1e-2, progress=False, threads=1,
-                dtype="fp32")
+    base = dict(
+        base_model=model_dir,
+        data=str(data),
+        out=str(tmp_path / name),
+        task="qa",
+        max_steps=12,
+        batch_size=4,
+        checkpoint_every=4,
+        eval_every=3,
+        patience=None,
+        lr=1e-2,
+        progress=False,
+        threads=1,
+        dtype="fp32",
+    )
     return FinetuneConfig.from_settings({**base, **kw})
 
 
@@ -127,26 +152,49 @@ def test_resume_after_a_kill_is_bitwise_identical(model_dir, tmp_path):
     assert straight.extra["best_val_loss"] == min(vals.values())
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "straight" / "final"))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "straight" / "final"))
-    out = model.generate(**tok("Question: What is 3 + 4?\nAnswer: ", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    out = model.generate(
+        **tok("Question: What is 3 + 4?\nAnswer: ", return_tensors="pt"), max_new_tokens=3, do_sample=False
+    )
     assert out.shape[1] > 0
 
 
 def test_early_stopping(model_dir, tmp_path):
     # A learning rate far below fp32 resolution leaves the weights, and so the validation loss, unchanged:
     # with patience 2 the run stops at the third evaluation.
-    run = finetune(settings(tmp_path, model_dir, "stuck", lr=1e-30, dropout=0.0, patience=2, eval_every=2, max_steps=40))
+    run = finetune(
+        settings(tmp_path, model_dir, "stuck", lr=1e-30, dropout=0.0, patience=2, eval_every=2, max_steps=40)
+    )
     assert run.stop and run.step == 6
     assert run.extra["best_step"] == 2 and run.extra["evals_since_best"] == 2
     assert (tmp_path / "stuck" / "final" / "model.safetensors").is_file()
-    again = finetune(settings(tmp_path, model_dir, "stuck", lr=1e-30, dropout=0.0, patience=2, eval_every=2, max_steps=40), resume=True)
+    again = finetune(
+        settings(tmp_path, model_dir, "stuck", lr=1e-30, dropout=0.0, patience=2, eval_every=2, max_steps=40),
+        resume=True,
+    )
     assert again.step == 6  # a stopped run stays stopped
 
 
 def test_cli_finetunes_and_resumes(capsys, model_dir, tmp_path):
     data = write_rows(tmp_path / "rows.jsonl", ROWS * 2)
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(out),
-                                "--task", "translate", "--steps", "3", "--batch-size", "4", "--threads", "1")
+    code, stdout, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--task",
+        "translate",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     assert "fine-tuned 3 steps" in stdout and (out / "final" / "tokenizer.json").is_file()
     code, stdout, err = run_cli(capsys, "finetune", "--resume", str(out), "--steps", "5")
@@ -184,20 +232,27 @@ def test_bad_data_files_get_one_line(capsys, model_dir, tmp_path, case):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--task", "poetry"], ["--task"]),
-    (["--dropout", "1.5"], ["--dropout"]),
-    (["--steps", "3", "--epochs", "1"], ["--epochs"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--task", "poetry"], ["--task"]),
+        (["--dropout", "1.5"], ["--dropout"]),
+        (["--steps", "3", "--epochs", "1"], ["--epochs"]),
+    ],
+)
 def test_bad_flags_get_one_line(capsys, model_dir, tmp_path, argv, words):
     data = write_rows(tmp_path / "rows.jsonl", ROWS)
-    code, _, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(tmp_path / "r"), *argv)
+    code, _, err = run_cli(
+        capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(tmp_path / "r"), *argv
+    )
     assert_one_line_error(code, err, *words)
 
 
 def test_not_a_model_directory(capsys, tmp_path):
     data = write_rows(tmp_path / "rows.jsonl", ROWS)
-    code, _, err = run_cli(capsys, "finetune", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys, "finetune", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "r")
+    )
     assert_one_line_error(code, err, "no model directory")
 
 
@@ -214,9 +269,29 @@ def test_finetune_under_torchrun_is_refused_before_any_work(capsys, model_dir, t
 def test_finetune_takes_micro_batches_and_compile_with_lora(capsys, model_dir, tmp_path):
     data = write_rows(tmp_path / "rows.jsonl", ROWS * 2)
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--out", str(out),
-                                "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--compile",
-                                "--lora-r", "2", "--activation-checkpointing", "selective", "--threads", "1")
+    code, stdout, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--compile",
+        "--lora-r",
+        "2",
+        "--activation-checkpointing",
+        "selective",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     loop = json.loads((out / "run.json").read_text())["loop"]
     assert loop["micro_batch_size"] == 2 and loop["compile"] is True and "fine-tuned 2 steps" in stdout

@@ -1,8 +1,8 @@
 import pytest
+from test_config import count_params
 
 from palm import PalmConfig
 from palm.training.flops import flops_per_token, matrix_params, mfu
-from test_config import count_params
 
 
 @pytest.mark.parametrize("name", ["tiny", "palm-8b", "palm-540b"])
@@ -21,4 +21,3 @@ def test_appendix_b_mfu_example():
     # 238.3K tokens/s x 6 x 540B / (275 TFLOP/s x 6144 chips), the paper's attention-free example
     assert round(mfu(238.3e3, 6 * 540e9, 275e12 * 6144), 3) == 0.457
     assert mfu(1.0, 1.0, None) is None
-

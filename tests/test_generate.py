@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
+from conftest import lively_model, run_cli, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from conftest import lively_model, run_cli, tiny_config
 from palm.cli import main
 from palm.inference.generate import GenerationError, Generator, KVCache, SamplingConfig
 from palm.inference.sampling import sample_rows
@@ -113,12 +113,28 @@ def test_bad_sampling_values():
 
 def test_palm_generate_streams_and_summarises(capsys, model_dir):
     with pytest.raises(SystemExit) as info:
-        main(["generate", "--model", model_dir, "--temperature", "0", "--repetition-penalty", "1.3",
-              "--max-new-tokens", "6", "我喜欢编程，因为"])
+        main(
+            [
+                "generate",
+                "--model",
+                model_dir,
+                "--temperature",
+                "0",
+                "--repetition-penalty",
+                "1.3",
+                "--max-new-tokens",
+                "6",
+                "我喜欢编程，因为",
+            ]
+        )
         raise SystemExit(0)
     out, err = capsys.readouterr()
     assert info.value.code == 0 and out.startswith("我喜欢编程，因为")
-    expected = Generator.load(model_dir).generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6, repetition_penalty=1.3))[0].text
+    expected = (
+        Generator.load(model_dir)
+        .generate(["我喜欢编程，因为"], SamplingConfig(max_new_tokens=6, repetition_penalty=1.3))[0]
+        .text
+    )
     assert out == "我喜欢编程，因为" + expected + "\n"
     assert re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s, (stop|length)\]", err.strip())
 
@@ -128,21 +144,39 @@ def test_palm_generate_greedy_output_is_transformers_generate(capsys, model_dir,
     # The output `palm generate` had before the compiled, transposed step: Transformers' own greedy tokens.
     generator = Generator.load(model_dir)  # the dtype the command picks
     [expected] = hf_greedy(generator, tokenizer_dir, ["def f(a, b):"], 10)
-    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "10",
-                           *flags, "def f(a, b):")
+    code, out, _ = run_cli(
+        capsys, "generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "10", *flags, "def f(a, b):"
+    )
     assert code == 0 and out == "def f(a, b):" + generator.tokenizer.decode(expected) + "\n"
 
 
 def test_palm_generate_with_int8_weights_is_what_the_generator_gives(capsys, model_dir):
-    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--temperature", "0", "--quantize", "int8",
-                           "--max-new-tokens", "6", "x = 12")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        model_dir,
+        "--temperature",
+        "0",
+        "--quantize",
+        "int8",
+        "--max-new-tokens",
+        "6",
+        "x = 12",
+    )
     expected = Generator.load(model_dir, quantize="int8").generate(["x = 12"], SamplingConfig(max_new_tokens=6))[0]
     assert code == 0 and out == "x = 12" + expected.text + "\n"
 
 
-@pytest.mark.parametrize("argv, words", [(["--model", "/nonexistent", "hi"], "no model directory at /nonexistent"),
-                                         (["--top-p", "2", "hi"], "top_p"), (["--file", "/nonexistent"], "does not exist"),
-                                         (["--quantize", "int4", "hi"], "--quantize")])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "/nonexistent", "hi"], "no model directory at /nonexistent"),
+        (["--top-p", "2", "hi"], "top_p"),
+        (["--file", "/nonexistent"], "does not exist"),
+        (["--quantize", "int4", "hi"], "--quantize"),
+    ],
+)
 def test_palm_generate_errors(capsys, model_dir, argv, words):
     if "--model" not in argv:
         argv = ["--model", model_dir, *argv]
@@ -166,12 +200,18 @@ def test_stream_never_shows_bytes_that_a_later_byte_rewrites(generator, monkeypa
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(temperature=st.floats(allow_nan=True, allow_infinity=True), top_k=st.integers(-5, 2**70),
-       top_p=st.floats(allow_nan=True, allow_infinity=True), penalty=st.floats(allow_nan=True, allow_infinity=True),
-       seed=st.one_of(st.none(), st.integers(-5, 2**70)), new=st.integers(-5, 2**70))
+@given(
+    temperature=st.floats(allow_nan=True, allow_infinity=True),
+    top_k=st.integers(-5, 2**70),
+    top_p=st.floats(allow_nan=True, allow_infinity=True),
+    penalty=st.floats(allow_nan=True, allow_infinity=True),
+    seed=st.one_of(st.none(), st.integers(-5, 2**70)),
+    new=st.integers(-5, 2**70),
+)
 def test_any_sampling_values_are_refused_or_sample_a_token(temperature, top_k, top_p, penalty, seed, new):
-    cfg = SamplingConfig(max_new_tokens=new, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=penalty, seed=seed)
+    cfg = SamplingConfig(
+        max_new_tokens=new, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed
+    )
     try:
         cfg.validate()
     except GenerationError:
@@ -186,7 +226,9 @@ def test_the_compiled_step_decodes_what_the_eager_one_does(generator, tokenizer)
     cfg = SamplingConfig(max_new_tokens=8)
     compiled = Generator(generator.model, tokenizer, compile=True)
     assert compiled.step.decoder is not generator.model  # the transposed copy, compiled whole
-    assert [c.token_ids for c in compiled.generate(PROMPTS, cfg)] == [c.token_ids for c in generator.generate(PROMPTS, cfg)]
+    assert [c.token_ids for c in compiled.generate(PROMPTS, cfg)] == [
+        c.token_ids for c in generator.generate(PROMPTS, cfg)
+    ]
 
 
 def test_palm_generate_uses_the_saved_defaults_unless_told_otherwise(capsys, model_dir, tmp_path):
@@ -196,7 +238,11 @@ def test_palm_generate_uses_the_saved_defaults_unless_told_otherwise(capsys, mod
 
     saved = tmp_path / "model"
     shutil.copytree(model_dir, saved)
-    config = json.loads((saved / "generation_config.json").read_text()) if (saved / "generation_config.json").is_file() else {}
+    config = (
+        json.loads((saved / "generation_config.json").read_text())
+        if (saved / "generation_config.json").is_file()
+        else {}
+    )
     config.update(do_sample=False, max_new_tokens=5, repetition_penalty=1.0, eos_token_id=[])
     (saved / "generation_config.json").write_text(json.dumps(config))
     generator = Generator.load(saved)

@@ -5,10 +5,10 @@ Each test needs a CUDA GPU and is skipped without one (`bench/gpu_check.sh` runs
 
 import pytest
 import torch
-
 from conftest import lively_model, tiny_config
-from palm.inference.generate import Generator, SamplingConfig
+
 from palm.core.runtime import autocast, fast_bf16, pick_dtype
+from palm.inference.generate import Generator, SamplingConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import lively_model, tiny_config
+
 from palm.core.heldout import summed_nll
 
 

@@ -10,19 +10,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
 from safetensors import safe_open
 
-from conftest import assert_one_line_error, lively_model, run_cli, tiny_config
-from palm.text.chat import encode_prompt
 from palm.export import export, import_model
 from palm.export.importing import write_shards
 from palm.inference.generate import Generator, SamplingConfig
+from palm.text.chat import encode_prompt
 from palm.weights.modeldir import load_model, quiet_transformers
 
 TEXTS = ["我喜欢编程，因为它让我的大脑跳跃。", "the theme of the thesis", "x = 42;  y = x * 7"]
-COHERE_SPECIALS = ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>",
-                   "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
-                   "<|SYSTEM_TOKEN|>"]
+COHERE_SPECIALS = [
+    "<PAD>",
+    "<UNK>",
+    "<CLS>",
+    "<SEP>",
+    "<MASK_TOKEN>",
+    "<BOS_TOKEN>",
+    "<EOS_TOKEN>",
+    "<|START_OF_TURN_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|USER_TOKEN|>",
+    "<|CHATBOT_TOKEN|>",
+    "<|SYSTEM_TOKEN|>",
+]
 COHERE_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|>{% if m['role'] == 'user' %}<|USER_TOKEN|>"
     "{% elif m['role'] == 'system' %}<|SYSTEM_TOKEN|>{% else %}<|CHATBOT_TOKEN|>{% endif %}{{ m['content'] }}"
@@ -54,16 +65,27 @@ def cohere_tokenizer(template: bool = True):
     return tok
 
 
-def cohere_dir(out: Path, *, heads=4, kv=4, head_dim=None, hidden=64, seed=0, dtype=torch.float32, template=True,
-               **extra) -> Path:
+def cohere_dir(
+    out: Path, *, heads=4, kv=4, head_dim=None, hidden=64, seed=0, dtype=torch.float32, template=True, **extra
+) -> Path:
     """A randomly initialised CohereForCausalLM with enough spread in its weights that greedy tokens vary."""
     from transformers import CohereConfig, CohereForCausalLM
 
     tok = cohere_tokenizer(template)
-    config = CohereConfig(vocab_size=320, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=2,
-                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, initializer_range=0.3, **extra)
+    config = CohereConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.3,
+        **extra,
+    )
     if head_dim is not None:
         config.head_dim = head_dim
     torch.manual_seed(seed)
@@ -106,8 +128,9 @@ VARIANTS = {
     "multi-head": dict(heads=4, kv=4),
     "grouped": dict(heads=4, kv=2),
     "multi-query, head_dim 32": dict(heads=4, kv=1, head_dim=32),
-    "palm's scale and theta": dict(heads=2, kv=1, logit_scale=0.125, rope_parameters={"rope_type": "default",
-                                                                                      "rope_theta": 10000.0}),
+    "palm's scale and theta": dict(
+        heads=2, kv=1, logit_scale=0.125, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    ),
 }
 
 
@@ -129,26 +152,41 @@ def test_a_random_transformers_cohere_model_runs_the_same_in_palm(variant, tmp_p
             want, got = reference(x).logits, model(x).logits
             assert (want - got).abs().max() < 1e-5, variant
             greedy = dict(do_sample=False, max_new_tokens=24, min_new_tokens=24, repetition_penalty=1.0)
-            want_tokens = reference.generate(x, **greedy)[0, len(ids):].tolist()
-            assert model.generate(x, **greedy)[0, len(ids):].tolist() == want_tokens
+            want_tokens = reference.generate(x, **greedy)[0, len(ids) :].tolist()
+            assert model.generate(x, **greedy)[0, len(ids) :].tolist() == want_tokens
         fast = generator.generate([ids], SamplingConfig(max_new_tokens=24))[0].token_ids
         assert fast == want_tokens[: len(fast)] and len(set(want_tokens)) > 2
     # the model's own chat template and special tokens, as AutoTokenizer renders them
     conversation = [{"role": "user", "content": "hi"}]
-    assert encode_prompt(tok, conversation) == hf_tok.apply_chat_template(conversation, add_generation_prompt=True,
-                                                                          tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        encode_prompt(tok, conversation)
+        == hf_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     assert AutoTokenizer.from_pretrained(str(tmp_path / "palm")).chat_template == COHERE_TEMPLATE
 
 
 def test_an_imported_model_takes_palm_generate_and_chat(tmp_path, capsys):
     source = cohere_dir(tmp_path / "cohere", heads=4, kv=1)
-    code, out, err = run_cli(capsys, "import", "--format", "cohere", "--model", str(source), "--out", str(tmp_path / "m"))
+    code, out, err = run_cli(
+        capsys, "import", "--format", "cohere", "--model", str(source), "--out", str(tmp_path / "m")
+    )
     assert code == 0 and "wrote" in out, err
-    code, out, err = run_cli(capsys, "generate", "我喜欢编程，因为", "--model", str(tmp_path / "m"),
-                             "--max-new-tokens", "8", "--seed", "1")
+    code, out, err = run_cli(
+        capsys, "generate", "我喜欢编程，因为", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--seed", "1"
+    )
     assert code == 0 and out.strip(), err
-    code, out, err = run_cli(capsys, "generate", "say <|END_OF_TURN_TOKEN|> now", "--model", str(tmp_path / "m"),
-                             "--chat", "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "say <|END_OF_TURN_TOKEN|> now",
+        "--model",
+        str(tmp_path / "m"),
+        "--chat",
+        "--max-new-tokens",
+        "4",
+    )
     assert_one_line_error(code, err, "<|END_OF_TURN_TOKEN|>")
     bare = cohere_dir(tmp_path / "bare", template=False)
     run_cli(capsys, "import", "--format", "cohere", "--model", str(bare), "--out", str(tmp_path / "b"))
@@ -166,8 +204,10 @@ def test_shards_stream_and_index(tmp_path):
 
 REFUSALS = {
     "use_qk_norm": (dict(use_qk_norm=True), "use_qk_norm"),
-    "rope scaling": (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
-                     "rope_parameters"),
+    "rope scaling": (
+        dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+        "rope_parameters",
+    ),
     "untied head": (dict(tie_word_embeddings=False), "tie_word_embeddings"),
     "attention bias": (dict(attention_bias=True), "attention_bias"),
 }

@@ -56,8 +56,13 @@ def imports(name: str) -> tuple[set[str], list[str]]:
                     if alias.name.startswith("_") and base != name:
                         private.append(f"{base}.{alias.name}")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.endswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.endswith("__")
+        ):
             private.append(f"{aliases[node.value.id]}.{node.attr}")
     return {e for e in edges if e in MODULES and e != name}, private
 
@@ -78,7 +83,7 @@ def find_cycle() -> list[str] | None:
             if node.startswith(nxt + "."):
                 continue
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -125,14 +130,19 @@ def packages() -> dict[str, set[str]]:
         line = next((ln for ln in doc.splitlines() if ln.startswith("May import:")), None)
         assert line is not None, f"{init} does not say which packages it may import"
         names = line.removeprefix("May import:").strip().rstrip(".")
-        allowed = {p.parent.name for p in PACKAGE.glob("*/__init__.py")} if names.startswith("every package") else \
-            set() if names == "nothing" else {n.strip() for n in names.split(",")}
+        allowed = (
+            {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+            if names.startswith("every package")
+            else set()
+            if names == "nothing"
+            else {n.strip() for n in names.split(",")}
+        )
         table[init.parent.name] = allowed
     return table
 
 
 def upward_imports(graph: dict, table: dict[str, set[str]]) -> list[str]:
-    """"module -> module" for each import of a package its own package may not import."""
+    """ "module -> module" for each import of a package its own package may not import."""
     wrong = []
     for name, (edges, _) in graph.items():
         parts = name.split(".")
@@ -153,8 +163,19 @@ def test_src_palm_shows_the_architecture():
 
 def test_every_package_imports_only_what_its_docstring_allows():
     table = packages()
-    assert set(table) >= {"model", "core", "text", "data", "weights", "inference", "training", "evaluate", "export",
-                          "serve", "cli"}
+    assert set(table) >= {
+        "model",
+        "core",
+        "text",
+        "data",
+        "weights",
+        "inference",
+        "training",
+        "evaluate",
+        "export",
+        "serve",
+        "cli",
+    }
     for pkg, allowed in table.items():
         assert allowed <= set(table), f"palm/{pkg} names packages that do not exist: {allowed - set(table)}"
     assert upward_imports(GRAPH, table) == []

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import assert_one_line_error, run_cli
-from palm.training.finetune import finetune
-from palm.weights.lora import load_merged, merge
+from safetensors.torch import load_file
 from test_chat import CONVERSATION
 from test_finetune import Killed, losses, settings
+
+from palm.training.finetune import finetune
+from palm.weights.lora import load_merged, merge
 
 PROMPT = "Question: What is 3 + 4?\nAnswer: "
 
@@ -94,8 +94,9 @@ def test_peft_loads_the_adapter_without_palms_fine_tuning_code(lora_run, model_d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    torch.testing.assert_close(torch.tensor(json.loads(done.stdout.splitlines()[-1])), torch.tensor(expected),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(json.loads(done.stdout.splitlines()[-1])), torch.tensor(expected), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_killed_lora_run_resumes_bitwise(model_dir, tmp_path):
@@ -117,28 +118,64 @@ def test_a_killed_lora_run_resumes_bitwise(model_dir, tmp_path):
 def test_chat_lora_from_the_command_line(capsys, model_dir, tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CONVERSATION}, ensure_ascii=False) + "\n" for _ in range(6)))
-    code, stdout, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--format", "chat",
-                                "--out", str(tmp_path / "run"), "--lora-r", "2", "--lora-targets", "in_proj",
-                                "--steps", "2", "--batch-size", "2")
+    code, stdout, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--format",
+        "chat",
+        "--out",
+        str(tmp_path / "run"),
+        "--lora-r",
+        "2",
+        "--lora-targets",
+        "in_proj",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+    )
     assert code == 0, err
     assert "LoRA adapter" in stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["in_proj"]
-    assert "chat_template" in (tmp_path / "run" / "final" / "tokenizer_config.json").read_text() or \
-        (tmp_path / "run" / "final" / "chat_template.jinja").is_file()
-    code, _, err = run_cli(capsys, "finetune", "--model", model_dir, "--data", str(data), "--format", "chat",
-                           "--out", str(tmp_path / "bad"), "--lora-r", "2", "--lora-targets", "q_proj")
+    assert (
+        "chat_template" in (tmp_path / "run" / "final" / "tokenizer_config.json").read_text()
+        or (tmp_path / "run" / "final" / "chat_template.jinja").is_file()
+    )
+    code, _, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--format",
+        "chat",
+        "--out",
+        str(tmp_path / "bad"),
+        "--lora-r",
+        "2",
+        "--lora-targets",
+        "q_proj",
+    )
     assert_one_line_error(code, err, "--lora-targets")
 
 
 def test_palm_merge_from_the_command_line(capsys, lora_run, model_dir, tmp_path):
     run_dir, _ = lora_run
-    code, stdout, err = run_cli(capsys, "merge", "--base", model_dir, "--adapter", str(run_dir / "adapter"),
-                                "--out", str(tmp_path / "merged"))
+    code, stdout, err = run_cli(
+        capsys, "merge", "--base", model_dir, "--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "merged")
+    )
     assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err
-    for argv, words in [(["--adapter", str(tmp_path)], "adapter_config.json"),
-                        (["--adapter", str(tmp_path / "nope")], "no adapter directory"),
-                        (["--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "merged")], "--force")]:
+    for argv, words in [
+        (["--adapter", str(tmp_path)], "adapter_config.json"),
+        (["--adapter", str(tmp_path / "nope")], "no adapter directory"),
+        (["--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "merged")], "--force"),
+    ]:
         full = ["merge", "--base", model_dir, *argv]
         if "--out" not in argv:
             full += ["--out", str(tmp_path / "other")]
@@ -155,9 +192,13 @@ def test_an_adapter_refuses_a_base_of_another_vocabulary(capsys, lora_run, model
     run_dir, _ = lora_run
     other = tmp_path / "other-base"
     shutil.copytree(model_dir, other)
-    train_tokenizer(lambda: (f"lorem ipsum dolor {i} sit amet, Ωμέγα αλφα" for i in range(300)), vocab_size=512).save(other)
-    for argv in (["merge", "--base", str(other), "--out", str(tmp_path / "merged")],
-                 ["generate", "--model", str(other), "hello"]):
+    train_tokenizer(lambda: (f"lorem ipsum dolor {i} sit amet, Ωμέγα αλφα" for i in range(300)), vocab_size=512).save(
+        other
+    )
+    for argv in (
+        ["merge", "--base", str(other), "--out", str(tmp_path / "merged")],
+        ["generate", "--model", str(other), "hello"],
+    ):
         code, _, err = run_cli(capsys, *argv, "--adapter", str(run_dir / "adapter"))
         assert_one_line_error(code, err, "another vocabulary")
     assert not (tmp_path / "merged").exists()
@@ -176,21 +217,41 @@ def test_palm_serve_with_an_adapter_chats_as_palm_generate_chat(capsys, lora_run
 
     adapter = str(lora_run[0] / "adapter")
     question = "Remember two numbers: five and seven."
-    code, out, err = run_cli(capsys, "generate", "--model", model_dir, "--adapter", adapter, "--chat", question,
-                             "--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "12")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        model_dir,
+        "--adapter",
+        adapter,
+        "--chat",
+        question,
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+        "--max-new-tokens",
+        "12",
+    )
     assert code == 0, err
     generator = Generator.load(model_dir, adapter=adapter)
     base = Generator.load(model_dir)
     ids = torch.tensor([generator.encode(question)])
     with torch.no_grad():  # the adapter is in the weights the generator decodes with (its own, in place)
         assert not torch.equal(generator.model(ids).logits, base.model(ids).logits)
-    ask = dict(model="m", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12,
-               extra_body={"repetition_penalty": 1.0})
+    ask = dict(
+        model="m",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=12,
+        extra_body={"repetition_penalty": 1.0},
+    )
     with TestClient(create_app(generator, "m")) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=http)
         reply = client.chat.completions.create(**ask).choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
-                           if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True) if c.choices
+        )
     assert out == reply + "\n" == streamed + "\n"
     code, _, err = run_cli(capsys, "generate", "--model", model_dir, "--adapter", str(lora_run[0]), "--chat", "hi")
     assert_one_line_error(code, err, "adapter_config.json")

@@ -18,17 +18,22 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import ROWS, write_rows
 
 from palm.training.finetune import FinetuneConfig, finetune
 from palm.training.train import TrainConfig, train
-from test_finetune import ROWS, write_rows
 
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16)
 BATCH = 4
 STEPS = 2
 
-TRAIN = {"dtype": ("fp32", "bf16"), "activation_checkpointing": ("none", "full", "selective"), "compile": (False, True),
-         "micro": (1, 2), "optimizer": ("palm", "adamw")}
+TRAIN = {
+    "dtype": ("fp32", "bf16"),
+    "activation_checkpointing": ("none", "full", "selective"),
+    "compile": (False, True),
+    "micro": (1, 2),
+    "optimizer": ("palm", "adamw"),
+}
 FINETUNE = {**TRAIN, "lora": (0, 4)}
 PARALLEL = {**TRAIN, "parallel": ("ddp", "fsdp")}
 PLAIN = {"activation_checkpointing": "none", "compile": False, "micro": 1}  # what a case is compared with
@@ -62,8 +67,13 @@ def covering(factors: dict[str, tuple], crossed: tuple[str, ...] = ()) -> list[d
 
 
 def case_id(case: dict) -> str:
-    parts = [case["dtype"], f"ac-{case['activation_checkpointing']}", "compile" if case["compile"] else "eager",
-             f"micro{case['micro']}", case["optimizer"]]
+    parts = [
+        case["dtype"],
+        f"ac-{case['activation_checkpointing']}",
+        "compile" if case["compile"] else "eager",
+        f"micro{case['micro']}",
+        case["optimizer"],
+    ]
     if "lora" in case:
         parts.append(f"lora{case['lora']}" if case["lora"] else "full-weights")
     if "parallel" in case:
@@ -85,10 +95,20 @@ def is_plain(case: dict) -> bool:
 
 
 def loop_settings(case: dict) -> dict:
-    return dict(dtype=case["dtype"], activation_checkpointing=case["activation_checkpointing"],
-                compile=case["compile"], micro_batch_size=BATCH // case["micro"], optimizer=case["optimizer"],
-                batch_size=BATCH, max_steps=STEPS, batch_ramp=False, checkpoint_every=1, eval_every=1000,
-                progress=False, threads=1)
+    return dict(
+        dtype=case["dtype"],
+        activation_checkpointing=case["activation_checkpointing"],
+        compile=case["compile"],
+        micro_batch_size=BATCH // case["micro"],
+        optimizer=case["optimizer"],
+        batch_size=BATCH,
+        max_steps=STEPS,
+        batch_ramp=False,
+        checkpoint_every=1,
+        eval_every=1000,
+        progress=False,
+        threads=1,
+    )
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -101,11 +121,18 @@ def outcome(run_dir) -> dict:
     checkpoints, which hold the LoRA adapters as they train, else, sharded, from the final model)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "event" not in r and "loss" in r]
-    checkpoints = {step: run_dir / "checkpoints" / f"step-{step:07d}" / "model.safetensors" for step in range(STEPS + 1)}
+    checkpoints = {
+        step: run_dir / "checkpoints" / f"step-{step:07d}" / "model.safetensors" for step in range(STEPS + 1)
+    }
     start, first = (weights(checkpoints[k]) if checkpoints[k].is_file() else None for k in (0, 1))
     final = weights(checkpoints[STEPS] if checkpoints[STEPS].is_file() else run_dir / "final" / "model.safetensors")
-    return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows], "start": start,
-            "first": first, "final": final}
+    return {
+        "loss": [r["loss"] for r in rows],
+        "grad_norm": [r["grad_norm"] for r in rows],
+        "start": start,
+        "first": first,
+        "final": final,
+    }
 
 
 def assert_matches(case: dict, got: dict, plain: dict) -> None:
@@ -146,8 +173,16 @@ def plain_runs():
 
 
 def _train_settings(corpus_dir, tokenizer_dir, out, cache, case: dict) -> dict:
-    return dict(corpus=[str(corpus_dir)], out=str(out), tokenizer=tokenizer_dir, model=SHAPE, seq_len=16,
-                eval_tokens=64, cache_dir=str(cache), **loop_settings(case))
+    return dict(
+        corpus=[str(corpus_dir)],
+        out=str(out),
+        tokenizer=tokenizer_dir,
+        model=SHAPE,
+        seq_len=16,
+        eval_tokens=64,
+        cache_dir=str(cache),
+        **loop_settings(case),
+    )
 
 
 class FirstGradients:
@@ -164,8 +199,10 @@ class FirstGradients:
 def run_train(corpus_dir, tokenizer_dir, folder, case: dict):
     torch._dynamo.reset()  # a case compiles its own graphs: no recompile limit reached over the cases before
     out, first = folder / case_id(case), FirstGradients()
-    train(TrainConfig.from_settings(_train_settings(corpus_dir, tokenizer_dir, out, folder / "cache", case)),
-          on_step=first)
+    train(
+        TrainConfig.from_settings(_train_settings(corpus_dir, tokenizer_dir, out, folder / "cache", case)),
+        on_step=first,
+    )
     assert first.grads and all(g.dtype == torch.float32 for g in first.grads.values())
     return {**outcome(out), "grads": first.grads}
 
@@ -195,8 +232,19 @@ def run_finetune(data, base, folder, case: dict) -> dict:
     torch._dynamo.reset()
     out = folder / f"ft-{case_id(case)}"
     loop = loop_settings(case)
-    cfg = FinetuneConfig.from_settings(dict(base_model=base, data=str(data), out=str(out), seq_len=32, dropout=0.0,
-                                            patience=None, lora_r=case["lora"], lora_dropout=0.0, **loop))
+    cfg = FinetuneConfig.from_settings(
+        dict(
+            base_model=base,
+            data=str(data),
+            out=str(out),
+            seq_len=32,
+            dropout=0.0,
+            patience=None,
+            lora_r=case["lora"],
+            lora_dropout=0.0,
+            **loop,
+        )
+    )
     first = FirstGradients()
     finetune(cfg, on_step=first)
     assert first.grads and all(g.dtype == torch.float32 for g in first.grads.values())
@@ -223,15 +271,29 @@ def torchrun_train(settings: dict, parallel: str) -> None:
     with open(conf, "w") as f:
         json.dump(settings, f)  # JSON is YAML
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "palm.cli",
-           "train", "--config", conf, "--parallel", parallel]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "palm.cli",
+        "train",
+        "--config",
+        conf,
+        "--parallel",
+        parallel,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 # Two processes each: in full, layout x dtype x checkpointing crossed and the rest in pairs with them.
-@pytest.mark.parametrize("case", params(PARALLEL, every=covering(PARALLEL, ("parallel", "dtype",
-                                                                         "activation_checkpointing"))))
+@pytest.mark.parametrize(
+    "case", params(PARALLEL, every=covering(PARALLEL, ("parallel", "dtype", "activation_checkpointing")))
+)
 def test_parallel(case, plain_runs, corpus_dir, tokenizer_dir, folder):
     plain = plain_train(plain_runs, corpus_dir, tokenizer_dir, folder, case)
     out = folder / case_id(case)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lively_model, tiny_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import lively_model, tiny_config
 from palm import PalmConfig, PalmForCausalLM
 from palm.model.model import CACHE_FIELD, lm_loss
 

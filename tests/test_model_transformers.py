@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import lively_model, tiny_config
 from transformers import DynamicCache, StaticCache
 
-from conftest import lively_model, tiny_config
 from palm.inference.generate import KVCache, forward_step
 from palm.inference.kvcache import attention_mask, decode_mask
 
@@ -90,7 +90,7 @@ def test_static_cache_greedy_equals_dynamic_cache_greedy(model, batch):
     dynamic = model.generate(**batch, **kw)
     static = model.generate(**batch, cache_implementation="static", **kw)
     assert torch.equal(static, dynamic)
-    assert len(set(dynamic[0, batch.input_ids.shape[1]:].tolist())) > 3
+    assert len(set(dynamic[0, batch.input_ids.shape[1] :].tolist())) > 3
 
 
 def test_static_cache_forward_matches_full_forward(model, tokenizer):
@@ -115,7 +115,10 @@ def test_compiled_full_graph_decode_step_equals_eager(model, tokenizer):
     size, T = 32, prompt.shape[1]
 
     def prefilled() -> tuple[KVCache, torch.Tensor]:
-        cache, filled = KVCache(model.config, 1, size, torch.float32, torch.device("cpu")), torch.zeros(1, size, dtype=torch.bool)
+        cache, filled = (
+            KVCache(model.config, 1, size, torch.float32, torch.device("cpu")),
+            torch.zeros(1, size, dtype=torch.bool),
+        )
         filled[:, :T] = True
         slots = torch.arange(T)[None]
         forward_step(model, cache, prompt, slots, slots, attention_mask(filled, slots))
@@ -140,8 +143,15 @@ def greedy(model, batch, **kw):
 
 
 def test_return_dict_in_generate_carries_scores_logits_hidden_states_and_attentions(model, batch):
-    out = greedy(model, batch, return_dict_in_generate=True, output_scores=True, output_logits=True,
-                 output_hidden_states=True, output_attentions=True)
+    out = greedy(
+        model,
+        batch,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     n = model.config.num_hidden_layers
     assert torch.equal(out.sequences, greedy(model, batch))
     assert len(out.scores) == len(out.logits) == len(out.hidden_states) == len(out.attentions) == 10
@@ -164,8 +174,14 @@ def test_assisted_decoding_with_a_draft_model_equals_greedy(model, tokenizer):
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft), expected)
     # with attentions asked for, which assisted decoding reads from the eager path
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft, output_attentions=True,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=12,
+        do_sample=False,
+        assistant_model=draft,
+        output_attentions=True,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, expected)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lively_model, tiny_config
 from transformers import AutoModelForCausalLM
 
-from conftest import lively_model, tiny_config
 from palm.weights.modeldir import load_model
 
 
@@ -34,7 +34,9 @@ def test_load_model_reads_what_from_pretrained_reads(model_dir, dtype, torch_dty
 def big_dir(tokenizer, tmp_path_factory):
     """57M parameters saved in fp32, as `palm train` writes them: large enough that a copy shows in RSS."""
     out = tmp_path_factory.mktemp("big")
-    big = lively_model(tiny_config(tokenizer, hidden_size=768, num_hidden_layers=8, head_dim=64, num_attention_heads=12))
+    big = lively_model(
+        tiny_config(tokenizer, hidden_size=768, num_hidden_layers=8, head_dim=64, num_attention_heads=12)
+    )
     big.save_pretrained(str(out))
     tokenizer.save(out)
     return out, max(p.numel() * 4 for p in big.parameters())
@@ -66,8 +68,10 @@ def test_loading_holds_the_model_and_one_tensor_beside_it(big_dir):
     """An fp32 file read into bf16: at most the bf16 model plus its largest fp32 tensor is ever resident.
     Transformers' from_pretrained kept the whole file's pages too (1.5x the model more, here)."""
     path, largest = big_dir
-    grown, held = peak_growth(f"model, _ = load_model({str(path)!r}, dtype='bf16'); "
-                              "held = sum(p.numel() * p.element_size() for p in model.parameters())")
+    grown, held = peak_growth(
+        f"model, _ = load_model({str(path)!r}, dtype='bf16'); "
+        "held = sum(p.numel() * p.element_size() for p in model.parameters())"
+    )
     assert held < grown <= 1.15 * held + largest + (16 << 20), (grown, held, largest)
 
 
@@ -76,9 +80,11 @@ def test_a_generator_holds_one_copy_of_the_weights_in_its_decoding_form(big_dir,
     """What `palm generate` loads: each matmul weight goes into its decoding form as it is read (int8: the
     bf16 model is never whole in memory), and the model keeps no copy of its own beside them."""
     path, largest = big_dir
-    grown, held = peak_growth(f"g = Generator.load({str(path)!r}, dtype='bf16', quantize={quantize!r}); "
-                              "e = g.model.model.embed_tokens.weight; "
-                              "held = weight_bytes(g.step.decoder) + e.numel() * e.element_size()")
+    grown, held = peak_growth(
+        f"g = Generator.load({str(path)!r}, dtype='bf16', quantize={quantize!r}); "
+        "e = g.model.model.embed_tokens.weight; "
+        "held = weight_bytes(g.step.decoder) + e.numel() * e.element_size()"
+    )
     assert held < grown <= 1.15 * held + largest + (16 << 20), (grown, held, largest)
 
 
@@ -111,11 +117,12 @@ def test_a_directory_saved_before_the_package_layout_still_loads_with_palm(tmp_p
     assert type(model).__module__ == "palm.model.model"
     ids = torch.tensor([want["prompt_ids"]])
     greedy = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)  # not the saved sampling defaults
-    assert model.generate(ids, **greedy)[0, ids.shape[1]:].tolist() == want["greedy_fp32"]
+    assert model.generate(ids, **greedy)[0, ids.shape[1] :].tolist() == want["greedy_fp32"]
     generator = Generator.load(FIXTURE, dtype="fp32")
     assert generator.encode(want["prompt"]) == want["prompt_ids"]
-    done = generator.generate([want["prompt"]], SamplingConfig(max_new_tokens=12, temperature=0.0,
-                                                                       repetition_penalty=1.0))[0]
+    done = generator.generate(
+        [want["prompt"]], SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    )[0]
     assert list(done.token_ids) == want["greedy_fp32"] and len(set(want["greedy_fp32"])) > 3
 
 
@@ -128,7 +135,7 @@ def test_a_directory_saved_before_the_package_layout_loads_its_own_code_without_
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(FIXTURE)!r}, trust_remote_code=True, dtype=torch.float32)
-ids = AutoTokenizer.from_pretrained({str(FIXTURE)!r}, trust_remote_code=True)({want['prompt']!r}, return_tensors="pt").input_ids
+ids = AutoTokenizer.from_pretrained({str(FIXTURE)!r}, trust_remote_code=True)({want["prompt"]!r}, return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0)[0, ids.shape[1]:].tolist()
 assert "palm" not in sys.modules, "palm was imported"
 print("RESULT", json.dumps({{"module": type(model).__module__, "prompt_ids": ids[0].tolist(), "greedy": out}}))

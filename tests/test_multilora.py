@@ -9,19 +9,21 @@ import json
 import openai
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
-from palm.inference.engine import Engine, Request
-from palm.inference.generate import Generator, SamplingConfig
-from palm.weights.lora import add_adapters, save_adapter
-from palm.weights.modeldir import load_model
-from palm.serve import create_app
 from test_serve import running
 
+from palm.inference.engine import Engine, Request
+from palm.inference.generate import Generator, SamplingConfig
+from palm.serve import create_app
+from palm.weights.lora import add_adapters, save_adapter
+from palm.weights.modeldir import load_model
+
 PROMPTS = ["The meaning of life is", "我喜欢编程，因为", "def f(x):", "Summarize the text.\n\nRain.", "1 2 3"]
-ADAPTERS = {"summarize": dict(r=4, targets=["in_proj", "attn_out", "mlp_out"], seed=1),
-            "qa": dict(r=8, targets=["in_proj", "mlp_out"], seed=2),
-            "translate": dict(r=2, targets=["attn_out"], seed=3)}
+ADAPTERS = {
+    "summarize": dict(r=4, targets=["in_proj", "attn_out", "mlp_out"], seed=1),
+    "qa": dict(r=8, targets=["in_proj", "mlp_out"], seed=2),
+    "translate": dict(r=2, targets=["attn_out"], seed=3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,9 @@ def run_engine(generator: Generator, requests: list[Request]) -> list[list[int]]
     return [r.tokens for r in requests]
 
 
-@pytest.mark.parametrize("dtype,compile", [("fp32", False), ("bf16", False), ("fp32", True)],
-                         ids=["fp32", "bf16", "fp32-compiled"])
+@pytest.mark.parametrize(
+    "dtype,compile", [("fp32", False), ("bf16", False), ("fp32", True)], ids=["fp32", "bf16", "fp32-compiled"]
+)
 def test_a_mixed_batch_equals_each_adapter_served_alone_and_merged(model_dir, adapter_dirs, dtype, compile):
     generator = served(model_dir, adapter_dirs, dtype, compile)
     names = ["base", "summarize", "qa", "translate"]
@@ -86,12 +89,16 @@ def test_the_request_model_picks_the_adapter(model_dir, adapter_dirs):
         assert client.models.retrieve("qa").id == "qa"
         texts = {}
         for model in ("base-model", "summarize", "qa", "translate"):
-            texts[model] = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
-            merged = Generator.load(model_dir, device="cpu", dtype="fp32",
-                                    adapter=None if model == "base-model" else adapter_dirs[model])
+            texts[model] = (
+                client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
+            )
+            merged = Generator.load(
+                model_dir, device="cpu", dtype="fp32", adapter=None if model == "base-model" else adapter_dirs[model]
+            )
             assert texts[model] == merged.generate([PROMPTS[1]], SamplingConfig(max_new_tokens=8))[0].text, model
-        chat = client.chat.completions.create(model="summarize", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=4, temperature=0)
+        chat = client.chat.completions.create(
+            model="summarize", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
         assert chat.model == "summarize" and chat.choices[0].message.content is not None
         with pytest.raises(openai.NotFoundError, match="does not exist"):
             client.completions.create(model="nope", prompt="x", max_tokens=2)
@@ -99,9 +106,11 @@ def test_the_request_model_picks_the_adapter(model_dir, adapter_dirs):
 
 def test_bad_adapter_flags_are_one_line(model_dir, adapter_dirs, tmp_path, capsys):
     base = ["serve", "--model", model_dir, "--port", "0"]
-    for extra, words in [(["--adapter", "a=" + str(tmp_path / "missing")], "no adapter directory"),
-                         (["--adapter", f"a={adapter_dirs['qa']}", "--adapter", str(adapter_dirs["qa"])], "not a mix"),
-                         (["--adapter", f"a={adapter_dirs['qa']}", "--adapter", f"a={adapter_dirs['qa']}"], "twice")]:
+    for extra, words in [
+        (["--adapter", "a=" + str(tmp_path / "missing")], "no adapter directory"),
+        (["--adapter", f"a={adapter_dirs['qa']}", "--adapter", str(adapter_dirs["qa"])], "not a mix"),
+        (["--adapter", f"a={adapter_dirs['qa']}", "--adapter", f"a={adapter_dirs['qa']}"], "twice"),
+    ]:
         code, _, err = run_cli(capsys, *base, *extra)
         assert_one_line_error(code, err, words)
     bad = tmp_path / "wide"

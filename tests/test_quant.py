@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import lively_model, tiny_config
+
 from palm.inference.generate import Generator, SamplingConfig
 from palm.inference.quant import QuantizeError, decoding_model, fbgemm_available, weight_bytes
 
@@ -80,8 +80,10 @@ def test_the_generator_decodes_int8_weights_repeatably(model, tokenizer):
     assert first.token_ids == again.token_ids and len(first.token_ids) == 12
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
-                    reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only")
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
+    reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only",
+)
 def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenizer):
     from palm.inference.quant import Int8PackLinear
 
@@ -116,9 +118,13 @@ def test_decoding_in_place_frees_the_models_weights_and_decodes_the_same(tokeniz
     import weakref
 
     cfg = SamplingConfig(max_new_tokens=16)
-    expected = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer, quantize=quantize).generate(PROMPTS, cfg)
+    expected = Generator(lively_model(tiny_config(tokenizer)).to(dtype), tokenizer, quantize=quantize).generate(
+        PROMPTS, cfg
+    )
     model = lively_model(tiny_config(tokenizer)).to(dtype)
-    replaced = [weakref.ref(b.in_proj.weight) for b in model.model.layers] + [weakref.ref(model.model.layers[0].mlp_out.weight)]
+    replaced = [weakref.ref(b.in_proj.weight) for b in model.model.layers] + [
+        weakref.ref(model.model.layers[0].mlp_out.weight)
+    ]
     embedding = model.model.embed_tokens.weight
     gen = Generator(model, tokenizer, quantize=quantize, in_place=True)
     assert gen.generate(PROMPTS, cfg) == expected
@@ -127,8 +133,10 @@ def test_decoding_in_place_frees_the_models_weights_and_decodes_the_same(tokeniz
     assert model.model.embed_tokens.weight is embedding  # still looked up
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
-                    reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only")
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
+    reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only",
+)
 def test_int8_prefills_of_many_rows_compute_the_same_product(tokenizer):
     from palm.inference.quant import MANY_ROWS, Int8PackLinear
 

@@ -26,8 +26,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # In the order a reader goes, which is the order the blocks run in (a later page may use what an earlier one made).
-DOCS = ["pretraining", "data", "scaling-out", "finetuning", "generation-and-serving", "evaluation", "export",
-        "performance", "model-and-tokenizer", "architecture"]
+DOCS = [
+    "pretraining",
+    "data",
+    "scaling-out",
+    "finetuning",
+    "generation-and-serving",
+    "evaluation",
+    "export",
+    "performance",
+    "model-and-tokenizer",
+    "architecture",
+]
 PAGES = [README, *(ROOT / "docs" / f"{name}.md" for name in DOCS), ROOT / "CONTRIBUTING.md"]
 BIN = Path(sys.executable).parent
 
@@ -42,9 +52,9 @@ NOT_RUN = {
     "make bench-setup": "installs the benchmark peers from the package registry",
     "python bench/": "benchmarks: minutes of CPU each, run by hand; tests/test_bench.py checks their helpers",
     "python examples/finetune_tasks.py --model": "about 13 minutes of CPU; its task files and the two palm finetune "
-                                                 "commands after it run, scaled down",
+    "commands after it run, scaled down",
     "python examples/qa.py --model": "a baseline, the model before, and two fine-tuning runs of minutes each; "
-                                     "tests/test_examples_applications.py runs it scaled down on a tiny model",
+    "tests/test_examples_applications.py runs it scaled down on a tiny model",
     "python examples/translate.py --model": "as examples/qa.py above; tests/test_examples_applications.py writes its data",
     "python examples/chat_lora.py --model": "two fine-tuning runs of minutes each; tests/test_lora.py and tests/test_chat.py check the parts",
     "torchrun --nnodes": "needs several machines",
@@ -56,8 +66,16 @@ NOT_RUN = {
     "llama-cli": "llama.cpp's command-line program is not installed by palm",
 }
 
-SCALED_FLAGS = {"--max-steps": (2, 3, 4), "--steps": (2, 3, 4), "--batch-size": (4,), "--eval-every": (1,),
-                "--hold-steps": (1,), "--patience": (1,), "--max-new-tokens": (8,), "--checkpoint-every": (1,)}
+SCALED_FLAGS = {
+    "--max-steps": (2, 3, 4),
+    "--steps": (2, 3, 4),
+    "--batch-size": (4,),
+    "--eval-every": (1,),
+    "--hold-steps": (1,),
+    "--patience": (1,),
+    "--max-new-tokens": (8,),
+    "--checkpoint-every": (1,),
+}
 
 
 @dataclass
@@ -80,8 +98,9 @@ def blocks(page: Path = README) -> list[Block]:
         if fence:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
             if fence.group(1) in ("python", "bash"):
-                out.append(Block(fence.group(1), "\n".join(lines[i + 1 : end]), i + 1, directive,
-                                 str(page.relative_to(ROOT))))
+                out.append(
+                    Block(fence.group(1), "\n".join(lines[i + 1 : end]), i + 1, directive, str(page.relative_to(ROOT)))
+                )
             directive, i = "", end
         elif lines[i].strip() and not note:
             directive = ""  # a directive applies to the block right after it
@@ -103,12 +122,14 @@ def commands(code: str) -> list[str]:
 
 def scale(command: str, seen: dict[str, list[str]]) -> str:
     for flag, small in SCALED_FLAGS.items():
+
         def replace(match, flag=flag, small=small):
             values = seen.setdefault(flag, [])
             if match.group(1) not in values:
                 values.append(match.group(1))
             rank = sorted(values, key=float).index(match.group(1))
             return f"{flag} {small[min(rank, len(small) - 1)]}"
+
         command = re.sub(rf"{flag} (\d+)", replace, command)
     return command
 
@@ -132,18 +153,39 @@ def workspace(tmp_path_factory, corpus_dir):
     root = tmp_path_factory.mktemp("readme")
     for name in ("examples", "bench"):
         (root / name).symlink_to(ROOT / name)
-    train(TrainConfig.from_settings(dict(
-        corpus=[str(corpus_dir)], out=str(root / "demo" / "run"), preset="tiny", vocab_size=1024, seq_len=64,
-        model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=32), max_steps=60,
-        batch_size=8, lr=3e-2, eval_every=60, checkpoint_every=60, progress=False, threads=1)))
+    train(
+        TrainConfig.from_settings(
+            dict(
+                corpus=[str(corpus_dir)],
+                out=str(root / "demo" / "run"),
+                preset="tiny",
+                vocab_size=1024,
+                seq_len=64,
+                model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=32),
+                max_steps=60,
+                batch_size=8,
+                lr=3e-2,
+                eval_every=60,
+                checkpoint_every=60,
+                progress=False,
+                threads=1,
+            )
+        )
+    )
     return root
 
 
 def run(command: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
-                          executable="/bin/bash")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONHASHSEED": "0",
+    }
+    return subprocess.run(
+        command, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, executable="/bin/bash"
+    )
 
 
 ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
@@ -193,14 +235,25 @@ def test_block_runs(block, workspace):
             port = free_port()
             command = block.directive.removeprefix("server ").replace("8000", str(port))
             code = code.replace("8000", str(port))
-            server = subprocess.Popen(shlex.split(command), cwd=workspace, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      executable=str(BIN / shlex.split(command)[0]))
+            server = subprocess.Popen(
+                shlex.split(command),
+                cwd=workspace,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                executable=str(BIN / shlex.split(command)[0]),
+            )
             wait_until_serving(port, server)
         try:
-            done = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + code],
-                                  cwd=workspace, capture_output=True, text=True, timeout=600,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            done = subprocess.run(
+                [sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + code],
+                cwd=workspace,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
         finally:
             if server is not None:
                 server.terminate()
@@ -251,7 +304,7 @@ def test_the_saved_generation_defaults_do_not_loop(workspace):
     inputs = tokenizer("我喜欢编程，因为", return_tensors="pt")
     for seed in range(3):
         torch.manual_seed(seed)
-        new = model.generate(**inputs, max_new_tokens=40)[0, inputs.input_ids.shape[1]:].tolist()
+        new = model.generate(**inputs, max_new_tokens=40)[0, inputs.input_ids.shape[1] :].tolist()
         assert len(new) > 8 and not repeats(new), tokenizer.decode(new)
     greedy = model.generate(**inputs, max_new_tokens=40, do_sample=False, repetition_penalty=1.0)[0].tolist()
     assert len(greedy) > inputs.input_ids.shape[1]  # greedy stays available

@@ -1,5 +1,5 @@
-from palm.training.checkpoint import list_checkpoints
 from palm.core.rundir import RunLayout, checkpoint_step
+from palm.training.checkpoint import list_checkpoints
 
 
 def test_checkpoints_are_ordered_by_step_number(tmp_path):

@@ -31,10 +31,12 @@ def test_penalties_and_bias_are_the_formula_per_row():
     seen = torch.randint(0, vocab, (4, slots), generator=gen)
     seen[1, :3] = -1  # left padding
     starts = [5, 3, 0, 12]  # where each row's generated tokens begin
-    cfgs = [SamplingConfig(frequency_penalty=1.5, presence_penalty=0.5),
-            SamplingConfig(frequency_penalty=-2.0, logit_bias={7: 100.0, 8: -100.0}),
-            SamplingConfig(presence_penalty=2.0, logit_bias={int(seen[2, 0]): 3.0}),
-            SamplingConfig(frequency_penalty=2.0)]  # nothing generated yet: no penalty
+    cfgs = [
+        SamplingConfig(frequency_penalty=1.5, presence_penalty=0.5),
+        SamplingConfig(frequency_penalty=-2.0, logit_bias={7: 100.0, 8: -100.0}),
+        SamplingConfig(presence_penalty=2.0, logit_bias={int(seen[2, 0]): 3.0}),
+        SamplingConfig(frequency_penalty=2.0),
+    ]  # nothing generated yet: no penalty
     got = sample_rows(logits, seen, cfgs, [None] * 4, starts)
     want = torch.stack([openai_formula(logits[r], seen[r], starts[r], cfgs[r]) for r in range(4)]).argmax(-1)
     assert got.tolist() == want.tolist()

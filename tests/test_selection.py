@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
-from palm.training.finetune import FinetuneConfig, finetune
-from palm.weights.modeldir import load_model
-from palm.training.selection import generations, metric_name, task_scores
 from palm.data.taskdata import Schema, read_task_rows
+from palm.training.finetune import FinetuneConfig, finetune
+from palm.training.selection import generations, metric_name, task_scores
+from palm.weights.modeldir import load_model
 
 ROWS = [{"article": f"item {i} costs {i + 3} coins today.", "highlights": f"item {i}: {i + 3} coins"} for i in range(8)]
 
@@ -26,15 +26,34 @@ def write(path, rows):
 def config(model_dir, tmp_path, name, steps, **extra):
     data = write(tmp_path / "train.jsonl", ROWS)
     held = write(tmp_path / "held.jsonl", ROWS[:3])
-    return FinetuneConfig.from_settings(dict(
-        base_model=model_dir, data=str(data), val=str(data), out=str(tmp_path / name), task="summarize",
-        eval_task=str(held), max_steps=steps, eval_every=1, batch_size=8, lr=3e-3, dropout=0.0, patience=None,
-        progress=False, threads=1, dtype="fp32", **extra))
+    return FinetuneConfig.from_settings(
+        dict(
+            base_model=model_dir,
+            data=str(data),
+            val=str(data),
+            out=str(tmp_path / name),
+            task="summarize",
+            eval_task=str(held),
+            max_steps=steps,
+            eval_every=1,
+            batch_size=8,
+            lr=3e-3,
+            dropout=0.0,
+            patience=None,
+            progress=False,
+            threads=1,
+            dtype="fp32",
+            **extra,
+        )
+    )
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "val_loss" in json.loads(line)]
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in json.loads(line)
+    ]
 
 
 def test_best_is_chosen_by_the_metric_where_the_lowest_loss_is_elsewhere(model_dir, tmp_path, monkeypatch):
@@ -49,8 +68,10 @@ def test_best_is_chosen_by_the_metric_where_the_lowest_loss_is_elsewhere(model_d
     assert run.extra["best_step"] == 2 and logged[-1]["best/rouge2"] == 1.0
     script = iter([["wrong"] * 3, [r["highlights"] for r in ROWS[:3]]])
     finetune(config(model_dir, tmp_path, "two", 2, select="rouge2"))  # the same run, stopped at step 2
-    best, at_two = load_file(tmp_path / "three" / "best" / "model.safetensors"), load_file(
-        tmp_path / "two" / "final" / "model.safetensors")
+    best, at_two = (
+        load_file(tmp_path / "three" / "best" / "model.safetensors"),
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+    )
     assert all(torch.equal(best[k], at_two[k]) for k in at_two)
     final = load_file(tmp_path / "three" / "final" / "model.safetensors")
     assert all(torch.equal(best[k], final[k]) for k in final)
@@ -67,7 +88,8 @@ def test_the_logged_metrics_are_what_best_generates(model_dir, tmp_path, capsys)
     predictions = generations(model, tok, rows, max_new_tokens=64, context=model.config.max_position_embeddings)
     want = next(r for r in logged if r["step"] == step)
     assert task_scores(predictions, rows, ["rouge1", "rouge2"]) == pytest.approx(
-        {"rouge1": want["eval/rouge1"], "rouge2": want["eval/rouge2"]})
+        {"rouge1": want["eval/rouge1"], "rouge2": want["eval/rouge2"]}
+    )
     code, out, err = run_cli(capsys, "plot", str(tmp_path / "real"))
     assert code == 0 and (tmp_path / "real" / "curves.png").stat().st_size > 0, err
 
@@ -76,18 +98,24 @@ def test_select_names_and_bad_settings(model_dir, tmp_path, capsys):
     assert metric_name("exact") == "exact_match" and metric_name("chrf") == "chrf" and metric_name("rouge2") == "rouge2"
     data = write(tmp_path / "d.jsonl", ROWS)
     base = ["finetune", "--model", model_dir, "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "1"]
-    for extra, words in [(["--task", "summarize", "--eval-task", str(data), "--select", "meteor"], "'meteor'"),
-                         (["--eval-task", str(data)], "give --task"),
-                         (["--task", "summarize", "--select", "f1"], "--eval-task"),
-                         (["--task", "summarize", "--eval-task", str(tmp_path / "nope.jsonl")], "nope.jsonl")]:
+    for extra, words in [
+        (["--task", "summarize", "--eval-task", str(data), "--select", "meteor"], "'meteor'"),
+        (["--eval-task", str(data)], "give --task"),
+        (["--task", "summarize", "--select", "f1"], "--eval-task"),
+        (["--task", "summarize", "--eval-task", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
+    ]:
         code, _, err = run_cli(capsys, *base, *extra)
         assert_one_line_error(code, err, words)
 
 
-@pytest.mark.parametrize("extra", [
-    dict(dtype="bf16", activation_checkpointing="full", micro_batch_size=4),
-    dict(compile=True, lora_r=4, optimizer="adamw"),
-], ids=["bf16-checkpointing-microbatches", "compiled-lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(dtype="bf16", activation_checkpointing="full", micro_batch_size=4),
+        dict(compile=True, lora_r=4, optimizer="adamw"),
+    ],
+    ids=["bf16-checkpointing-microbatches", "compiled-lora"],
+)
 def test_selection_runs_with_the_other_options(model_dir, tmp_path, extra):
     cfg = config(model_dir, tmp_path, "opts", 2, **{k: v for k, v in extra.items() if k != "dtype"})
     cfg.loop.dtype = extra.get("dtype", cfg.loop.dtype)

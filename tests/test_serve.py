@@ -71,14 +71,18 @@ def client(server) -> openai.OpenAI:
 
 
 def complete(base: str, prompt: str, max_tokens: int, **extra) -> dict:
-    r = httpx.post(f"{base}/v1/completions", timeout=30,
-                   json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
+    r = httpx.post(
+        f"{base}/v1/completions",
+        timeout=30,
+        json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...], param: str | None = "any",
-                        kind: str = "invalid_request_error") -> dict:
+def assert_openai_error(
+    r: httpx.Response, status: int | tuple[int, ...], param: str | None = "any", kind: str = "invalid_request_error"
+) -> dict:
     assert r.status_code in (status if isinstance(status, tuple) else (status,)), r.text
     error = r.json()["error"]
     assert set(error) == ERROR_KEYS and error["type"] == kind
@@ -119,8 +123,14 @@ def test_streamed_chat_equals_the_whole_one(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
@@ -132,19 +142,35 @@ def test_streamed_chat_equals_the_whole_one(client):
 
 def test_raw_shapes_and_sse_framing(server):
     base = server[0]
-    body = complete(base, PROMPT, 4, frequency_penalty=0.5, presence_penalty=0, user="u", logprobs=None, top_k=0,
-                    repetition_penalty=1.0, stop=["\n\n"], seed=1)
+    body = complete(
+        base,
+        PROMPT,
+        4,
+        frequency_penalty=0.5,
+        presence_penalty=0,
+        user="u",
+        logprobs=None,
+        top_k=0,
+        repetition_penalty=1.0,
+        stop=["\n\n"],
+        seed=1,
+    )
     assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
     assert set(body["choices"][0]) == {"index", "text", "finish_reason", "logprobs"}
     assert body["choices"][0]["logprobs"] is None and body["id"].startswith("cmpl-")
     assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
-    chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                           "max_tokens": 3, "temperature": 0}).json()
+    chat = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0},
+    ).json()
     assert set(chat) == {"id", "object", "created", "model", "choices", "usage"}
     assert set(chat["choices"][0]) == {"index", "message", "finish_reason", "logprobs"}
     assert set(chat["choices"][0]["message"]) == {"role", "content"}
-    with httpx.stream("POST", f"{base}/v1/chat/completions",
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -153,8 +179,12 @@ def test_raw_shapes_and_sse_framing(server):
 
 
 def stream_text(base: str, prompt: str, max_tokens: int, **extra) -> str:
-    with httpx.stream("POST", f"{base}/v1/completions", timeout=30, json={
-            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}) as r:
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/completions",
+        timeout=30,
+        json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra},
+    ) as r:
         assert r.status_code == 200
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     return "".join(e["choices"][0]["text"] for e in events if e["choices"])
@@ -164,11 +194,22 @@ def test_concurrent_requests_join_the_running_batch_and_get_their_own_outputs(se
     base, app = server
     worker = app.state.worker
     # Mixed prompt lengths, budgets and settings, streamed and not: 16 clients for 8 rows.
-    asks = [(f"Request {i}: the quick brown fox" + " jumps" * (3 * i % 7), 3 + i % 6,
-             {"repetition_penalty": 1.3} if i % 3 == 0 else {}, i % 2 == 1) for i in range(16)]
+    asks = [
+        (
+            f"Request {i}: the quick brown fox" + " jumps" * (3 * i % 7),
+            3 + i % 6,
+            {"repetition_penalty": 1.3} if i % 3 == 0 else {},
+            i % 2 == 1,
+        )
+        for i in range(16)
+    ]
 
     def ask(prompt, n, extra, streamed):
-        return stream_text(base, prompt, n, **extra) if streamed else complete(base, prompt, n, **extra)["choices"][0]["text"]
+        return (
+            stream_text(base, prompt, n, **extra)
+            if streamed
+            else complete(base, prompt, n, **extra)["choices"][0]["text"]
+        )
 
     expected = [ask(*a) for a in asks]  # each served alone
     assert len(set(expected)) > 4
@@ -247,8 +288,11 @@ def test_oversized_bodies_get_413(server):
     declared = httpx.post(f"{base}/v1/completions", content=big, headers={"content-type": "application/json"})
     assert_openai_error(declared, 413)
     # No Content-Length (chunked): the size is counted as the body arrives.
-    chunked = httpx.post(f"{base}/v1/completions", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
-                         headers={"content-type": "application/json"})
+    chunked = httpx.post(
+        f"{base}/v1/completions",
+        content=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]),
+        headers={"content-type": "application/json"},
+    )
     assert "content-length" not in chunked.request.headers
     assert_openai_error(chunked, 413)
     assert complete(base, PROMPT, 2)["object"] == "text_completion"
@@ -256,8 +300,9 @@ def test_oversized_bodies_get_413(server):
 
 def test_a_client_leaving_mid_stream_does_not_wedge_the_server(server):
     base = server[0]
-    with httpx.stream("POST", f"{base}/v1/completions",
-                      json={"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": True}) as r:
+    with httpx.stream(
+        "POST", f"{base}/v1/completions", json={"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": True}
+    ) as r:
         next(line for line in r.iter_lines() if line)
     assert complete(base, PROMPT, 3)["choices"][0]["text"] == complete(base, PROMPT, 3)["choices"][0]["text"]
 
@@ -286,15 +331,18 @@ def test_logit_bias_and_penalties_steer_the_reply_as_openai_defines_them(generat
     the penalties reach the sampler with the generated tokens counted (tests/test_sampling.py checks the formula)."""
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
     token = generator.tokenizer.encode("好", bos=False)[0]
-    forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                       logit_bias={str(token): 100})
+    forced = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logit_bias={str(token): 100}
+    )
     assert forced.choices[0].text == generator.tokenizer.decode([token] * 6)
     first = generator.encode(PROMPT + plain.choices[0].text)[len(generator.encode(PROMPT))]
-    away = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                     logit_bias={str(first): -100})
+    away = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logit_bias={str(first): -100}
+    )
     assert away.choices[0].text != plain.choices[0].text
-    repeated = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
-                                         logit_bias={str(token): 8}, frequency_penalty=2.0)
+    repeated = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, logit_bias={str(token): 8}, frequency_penalty=2.0
+    )
     ids = generator.tokenizer.encode(repeated.choices[0].text, bos=False)
     assert 0 < ids.count(token) < 24  # +8 brings it in; each use costs 2 more until another token wins
 
@@ -319,13 +367,18 @@ def test_n_choices_and_a_batch_of_prompts(generator, client):
     alone = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11)
     assert alone.choices[0].text == texts[0]
     other = "def f(x):"
-    batch = client.completions.create(model=MODEL, prompt=[ids, generator.encode(other)], max_tokens=6, temperature=0, n=2)
-    by_text = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
-               for p in (PROMPT, other)]
+    batch = client.completions.create(
+        model=MODEL, prompt=[ids, generator.encode(other)], max_tokens=6, temperature=0, n=2
+    )
+    by_text = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
+        for p in (PROMPT, other)
+    ]
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [by_text[0]] * 2 + [by_text[1]] * 2
     assert batch.usage.prompt_tokens == len(ids) + len(generator.encode(other))
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                          temperature=1.0, seed=3, n=2)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=1.0, seed=3, n=2
+    )
     assert [c.index for c in chat.choices] == [0, 1]
 
 

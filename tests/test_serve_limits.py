@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_serve import ERROR_KEYS, MODEL, PROMPT, assert_openai_error, running
 
-from conftest import assert_one_line_error, run_cli
 from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app
-from test_serve import ERROR_KEYS, MODEL, PROMPT, assert_openai_error, running
 
 LIMIT = 64
 
@@ -50,8 +50,13 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> N
 
 def post(base: str, path: str, body: dict | bytes, **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{base}{path}", content=content, headers={"content-type": "application/json", **kw.pop(
-        "headers", {})}, timeout=kw.pop("timeout", 30), **kw)
+    return httpx.post(
+        f"{base}{path}",
+        content=content,
+        headers={"content-type": "application/json", **kw.pop("headers", {})},
+        timeout=kw.pop("timeout", 30),
+        **kw,
+    )
 
 
 def raw_request(base: str, path: str, body: dict) -> socket.socket:
@@ -59,8 +64,11 @@ def raw_request(base: str, path: str, body: dict) -> socket.socket:
     host, port = base.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -113,6 +121,7 @@ def record_jobs(monkeypatch, worker) -> list:
 
 # 1, 2. Bounds and text, refused with a 400 before the model does any work.
 
+
 def bad(body: dict | str, param: str) -> tuple[bytes, str]:
     return (body.encode() if isinstance(body, str) else json.dumps(body).encode()), param
 
@@ -131,17 +140,22 @@ BOUNDS = {
     "max_tokens-2**80": bad({"prompt": PROMPT, "max_tokens": 2**80}, "max_tokens"),
     "max_tokens-1e308": bad({"prompt": PROMPT, "max_tokens": 1e308}, "max_tokens"),
     "top_k-2**80": bad({"prompt": PROMPT, "top_k": 2**80, "temperature": 1}, "top_k"),
-    "repetition_penalty-1e-300": bad({"prompt": PROMPT, "repetition_penalty": 1e-300, "temperature": 1},
-                                     "repetition_penalty"),
+    "repetition_penalty-1e-300": bad(
+        {"prompt": PROMPT, "repetition_penalty": 1e-300, "temperature": 1}, "repetition_penalty"
+    ),
     "temperature-NaN": bad(f'{{"prompt": {P}, "temperature": NaN}}', "temperature"),
     "temperature-Infinity": bad(f'{{"prompt": {P}, "temperature": Infinity}}', "temperature"),
     "surrogate-prompt": bad('{"prompt": "caf\\ud800"}', "prompt"),
     "surrogate-stop": bad(f'{{"prompt": {P}, "stop": ["ok", "\\udfff"]}}', "stop"),
     "chat:surrogate-content": bad('{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.0.content"),
-    "chat:surrogate-part": bad('{"messages": [{"role": "system", "content": "hi"}, {"role": "user", "content": '
-                               '[{"type": "text", "text": "\\ud83d!"}]}]}', "messages.1.content"),
-    "chat:max_completion_tokens-over-limit": bad({"messages": [{"role": "user", "content": "hi"}],
-                                                  "max_completion_tokens": LIMIT + 1}, "max_completion_tokens"),
+    "chat:surrogate-part": bad(
+        '{"messages": [{"role": "system", "content": "hi"}, {"role": "user", "content": '
+        '[{"type": "text", "text": "\\ud83d!"}]}]}',
+        "messages.1.content",
+    ),
+    "chat:max_completion_tokens-over-limit": bad(
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": LIMIT + 1}, "max_completion_tokens"
+    ),
     "chat:six-stops": bad({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcdef")}, "stop"),
 }
 
@@ -182,8 +196,11 @@ def test_the_prompt_and_max_tokens_must_fit_the_context(server, generator):
 def test_bounds_within_the_limits_are_served(server, generator):
     base = server[0]
     stops = ["\u0000" * 64, "zz", "\n\n\n", "x" * 10]  # four stops of up to 64 characters: allowed
-    r = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stop": stops,
-                                       "seed": 2**63 - 1, "n": 1})
+    r = post(
+        base,
+        "/v1/completions",
+        {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stop": stops, "seed": 2**63 - 1, "n": 1},
+    )
     assert r.status_code == 200, r.text
     # A temperature too small to divide logits by decodes greedily (vLLM's rule) instead of failing.
     tiny = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 1e-300})
@@ -207,6 +224,7 @@ def test_the_bounds_are_configurable(generator):
 
 
 # 3. Cancellation.
+
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def test_abandoned_requests_stop_at_the_next_token_and_free_the_worker(generator, monkeypatch, streamed):
@@ -239,8 +257,9 @@ def test_a_client_leaving_mid_stream_frees_its_row_for_a_waiting_request(generat
     with running(app) as base, ThreadPoolExecutor(1) as pool:
         gate = Gate(monkeypatch, worker, hold=3)
         jobs = record_jobs(monkeypatch, worker)
-        leaver = raw_request(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0,
-                                                       "stream": True})
+        leaver = raw_request(
+            base, "/v1/completions", {"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": True}
+        )
         wait_for(lambda: len(gate.steps) == 3, "the stream did not start")
         waiter = pool.submit(post, base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
         wait_for(lambda: worker.waiting == 1, "the second request did not queue")
@@ -255,6 +274,7 @@ def test_a_client_leaving_mid_stream_frees_its_row_for_a_waiting_request(generat
 
 
 # 4. A bounded queue.
+
 
 def test_a_full_pool_and_queue_answer_429_at_once_and_abandoned_requests_give_way(generator, monkeypatch):
     app = create_app(generator, MODEL, max_tokens_limit=LIMIT, max_batch=1, max_queue=2)
@@ -284,14 +304,17 @@ def test_a_full_pool_and_queue_answer_429_at_once_and_abandoned_requests_give_wa
 
 # 5. Read deadlines.
 
+
 def test_slow_clients_are_cut_off_after_the_read_timeout(generator):
     app = create_app(generator, MODEL, max_tokens_limit=LIMIT, read_timeout=0.5)
     with running(app) as base:
         host, port = base.removeprefix("http://").split(":")
         # Headers, then a body that never finishes: a 408, and the connection closed.
         body_stalls = socket.create_connection((host, int(port)), timeout=10)
-        body_stalls.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        body_stalls.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
         answer = read_all(body_stalls)
         assert answer.startswith(b"HTTP/1.1 408"), answer
         error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
@@ -336,6 +359,7 @@ def read_all(sock: socket.socket) -> bytes:
 
 # 6. The API key.
 
+
 def test_an_api_key_guards_every_route_but_health(generator):
     app = create_app(generator, MODEL, max_tokens_limit=LIMIT, api_key="sk-palm-test")
     with running(app) as base:
@@ -343,15 +367,22 @@ def test_an_api_key_guards_every_route_but_health(generator):
         assert [m.id for m in right.models.list().data] == [MODEL]
         assert right.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].finish_reason
         wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-palm-tesT", max_retries=0, timeout=30)
-        for call in (wrong.models.list, lambda: wrong.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2),
-                     lambda: wrong.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])):
+        for call in (
+            wrong.models.list,
+            lambda: wrong.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2),
+            lambda: wrong.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]),
+        ):
             with pytest.raises(openai.AuthenticationError):
                 call()
         bare = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
         assert assert_openai_error(bare, 401, None)["code"] == "invalid_api_key"
         assert bare.headers["www-authenticate"] == "Bearer"
-        lowercase = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2},
-                         headers={"authorization": "bearer sk-palm-test"})
+        lowercase = post(
+            base,
+            "/v1/completions",
+            {"prompt": PROMPT, "max_tokens": 2},
+            headers={"authorization": "bearer sk-palm-test"},
+        )
         assert lowercase.status_code == 200
         assert httpx.get(f"{base}/health").json() == {"status": "ok"}
 
@@ -360,25 +391,72 @@ def test_an_api_key_guards_every_route_but_health(generator):
 
 # What broke the server before, and its neighbours: lone surrogates (JSON can spell them; hypothesis
 # leaves them out of text by default), numbers past float32 and int64, NaN and Infinity, wrong shapes.
-TRICKY = [2**31, 2**63 - 1, 2**63, 2**64, 2**80, -2**80, 1e308, -1e308, 1e-300, 1e-45, 5e-324, float("nan"),
-          float("inf"), float("-inf"), -0.0, "\ud800", "a\udfffb", "\ud83d\ude00", "\x00", [], {}, [[]], [{}],
-          [{"type": "text", "text": "\ud800"}], [{"type": "text"}], {"include_usage": "\ud800"}]
-texts = st.one_of(st.sampled_from(["", " ", "hi", PROMPT, "user", "\n\n", "<s>"]),
-                  st.sampled_from(["\ud800", "a\udfffb", "\udbff\udbff", "hi\ud83d"]),
-                  st.text(st.characters() | st.characters(categories=["Cs"]), min_size=1, max_size=12))
+TRICKY = [
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64,
+    2**80,
+    -(2**80),
+    1e308,
+    -1e308,
+    1e-300,
+    1e-45,
+    5e-324,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    -0.0,
+    "\ud800",
+    "a\udfffb",
+    "\ud83d\ude00",
+    "\x00",
+    [],
+    {},
+    [[]],
+    [{}],
+    [{"type": "text", "text": "\ud800"}],
+    [{"type": "text"}],
+    {"include_usage": "\ud800"},
+]
+texts = st.one_of(
+    st.sampled_from(["", " ", "hi", PROMPT, "user", "\n\n", "<s>"]),
+    st.sampled_from(["\ud800", "a\udfffb", "\udbff\udbff", "hi\ud83d"]),
+    st.text(st.characters() | st.characters(categories=["Cs"]), min_size=1, max_size=12),
+)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 80), st.floats(), texts, st.sampled_from(TRICKY))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(texts, inner, max_size=4)), max_leaves=10)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(texts, inner, max_size=4)),
+    max_leaves=10,
+)
 parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), max_size=2)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer"]),
-                                           "content": st.one_of(st.none(), texts, parts)}), min_size=1, max_size=3)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "developer"]),
+            "content": st.one_of(st.none(), texts, parts),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
 # Values each field may take (the server's limit on max_tokens is 4): a body of these reaches the model.
 VALID = {
-    "model": texts, "max_tokens": st.integers(1, 4), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
-    "top_k": st.integers(0, 50), "repetition_penalty": st.floats(0.5, 2), "n": st.just(1),
-    "seed": st.integers(0, 2**63 - 1), "stop": texts | st.lists(texts, max_size=4), "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "logprobs": st.none(),
-    "best_of": st.just(1), "echo": st.booleans(),
+    "model": texts,
+    "max_tokens": st.integers(1, 4),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(0, 50),
+    "repetition_penalty": st.floats(0.5, 2),
+    "n": st.just(1),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": texts | st.lists(texts, max_size=4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logprobs": st.none(),
+    "best_of": st.just(1),
+    "echo": st.booleans(),
 }
 FIELDS = ["prompt", "messages", "max_completion_tokens", *VALID]
 
@@ -386,16 +464,22 @@ FIELDS = ["prompt", "messages", "max_completion_tokens", *VALID]
 def body_of(required: dict, extra: dict):
     """A body the server should serve, with at most one field made hostile: one bad field is enough to
     refuse a body at validation, so more would hide what lies deeper."""
-    hostile = st.lists(st.tuples(st.sampled_from(FIELDS), st.one_of(st.sampled_from(TRICKY), texts, values)),
-                       max_size=1)
-    return st.builds(lambda fixed, optional, bad: {**fixed, **optional, **dict(bad)},
-                     st.fixed_dictionaries(required), st.fixed_dictionaries({}, optional={**VALID, **extra}), hostile)
+    hostile = st.lists(
+        st.tuples(st.sampled_from(FIELDS), st.one_of(st.sampled_from(TRICKY), texts, values)), max_size=1
+    )
+    return st.builds(
+        lambda fixed, optional, bad: {**fixed, **optional, **dict(bad)},
+        st.fixed_dictionaries(required),
+        st.fixed_dictionaries({}, optional={**VALID, **extra}),
+        hostile,
+    )
 
 
 requests = st.one_of(
     st.tuples(st.just("/v1/completions"), body_of({"prompt": texts | st.lists(texts, max_size=1)}, {})),
-    st.tuples(st.just("/v1/chat/completions"),
-              body_of({"messages": messages}, {"max_completion_tokens": st.integers(1, 4)})),
+    st.tuples(
+        st.just("/v1/chat/completions"), body_of({"messages": messages}, {"max_completion_tokens": st.integers(1, 4)})
+    ),
     st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), values),
 )
 
@@ -430,23 +514,27 @@ def test_the_fuzzed_server_still_serves(fuzzed):
 
 # 8. Options checked before anything starts.
 
-@pytest.mark.parametrize("argv, words", [
-    (["--port", "70000"], ["--port", "65535", "70000"]),
-    (["--port", "-1"], ["--port"]),
-    (["--max-tokens-limit", "0"], ["--max-tokens-limit"]),
-    (["--max-total-tokens", "0"], ["--max-total-tokens"]),
-    (["--max-stop", "-1"], ["--max-stop"]),
-    (["--max-stop-length", "0"], ["--max-stop-length"]),
-    (["--max-batch", "0"], ["--max-batch"]),
-    (["--max-queue", "0"], ["--max-queue"]),
-    (["--max-model-len", "0"], ["--max-model-len"]),
-    (["--prefill-chunk", "0"], ["--prefill-chunk"]),
-    (["--quantize", "int4"], ["--quantize", "int8"]),
-    (["--read-timeout", "0"], ["--read-timeout"]),
-    (["--read-timeout", "nan"], ["--read-timeout"]),
-    (["--api-key", ""], ["API key"]),
-    (["--api-key", " sk "], ["API key"]),
-])
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--port", "70000"], ["--port", "65535", "70000"]),
+        (["--port", "-1"], ["--port"]),
+        (["--max-tokens-limit", "0"], ["--max-tokens-limit"]),
+        (["--max-total-tokens", "0"], ["--max-total-tokens"]),
+        (["--max-stop", "-1"], ["--max-stop"]),
+        (["--max-stop-length", "0"], ["--max-stop-length"]),
+        (["--max-batch", "0"], ["--max-batch"]),
+        (["--max-queue", "0"], ["--max-queue"]),
+        (["--max-model-len", "0"], ["--max-model-len"]),
+        (["--prefill-chunk", "0"], ["--prefill-chunk"]),
+        (["--quantize", "int4"], ["--quantize", "int8"]),
+        (["--read-timeout", "0"], ["--read-timeout"]),
+        (["--read-timeout", "nan"], ["--read-timeout"]),
+        (["--api-key", ""], ["API key"]),
+        (["--api-key", " sk "], ["API key"]),
+    ],
+)
 def test_cli_serve_refuses_bad_options_in_one_line(capsys, tmp_path, argv, words):
     # tmp_path holds no model: an option's error must come first, before anything loads or listens.
     code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path), *argv)

@@ -5,15 +5,15 @@ in-process log-likelihoods do."""
 from __future__ import annotations
 
 import openai
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_serve import running
 
 from palm.evaluate import loglikelihoods, split_for_scoring
 from palm.inference.generate import Generator, SamplingConfig
 from palm.serve import create_app
-from test_serve import running
 
 PROMPT = "我喜欢编程，因为"
 
@@ -38,7 +38,9 @@ def test_completion_logprobs_are_the_model_s_streamed_or_not(served):
     whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, logprobs=3, **plain)
     lp = whole.choices[0].logprobs
     tokens = generator.generate([PROMPT], SamplingConfig(max_new_tokens=8))[0].token_ids
-    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == whole.usage.completion_tokens == len(tokens)
+    assert (
+        len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == whole.usage.completion_tokens == len(tokens)
+    )
     reference = model_logprobs(generator, prompt + tokens)
     for i, got in enumerate(lp.token_logprobs):
         row = reference[len(prompt) - 1 + i]
@@ -62,21 +64,23 @@ def test_echo_scores_the_prompt_as_palm_eval_does(served):
     want = [reference[p - 1, ids[p]].item() for p in range(1, len(ids))]
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
     # palm eval's in-process scoring of the continuation gives the same sum
-    (total, _), = loglikelihoods(generator.model, generator.tokenizer, [(context, continuation)])
-    assert sum(choice.logprobs.token_logprobs[len(ctx):]) == pytest.approx(total, abs=1e-4)
+    ((total, _),) = loglikelihoods(generator.model, generator.tokenizer, [(context, continuation)])
+    assert sum(choice.logprobs.token_logprobs[len(ctx) :]) == pytest.approx(total, abs=1e-4)
 
 
 def test_chat_logprobs_are_the_model_s_streamed_or_not(served):
     generator, client = served
     messages = [{"role": "user", "content": "hi"}]
     plain = dict(temperature=0, extra_body={"repetition_penalty": 1.0})
-    whole = client.chat.completions.create(model="m", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2,
-                                           **plain)
+    whole = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, **plain
+    )
     content = whole.choices[0].logprobs.content
     assert len(content) == whole.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
     assert all(abs(e.logprob - e.top_logprobs[0].logprob) < 1e-6 for e in content)  # greedy
-    streamed = client.chat.completions.create(model="m", messages=messages, max_tokens=6, logprobs=True,
-                                              top_logprobs=2, stream=True, **plain)
+    streamed = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, stream=True, **plain
+    )
     values = [e.logprob for chunk in streamed for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert values == pytest.approx([e.logprob for e in content], abs=1e-6)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
@@ -96,64 +100,113 @@ def test_lm_eval_local_completions_scores_like_palm_eval_harness(served, model_d
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    mc = [{"question": q, "choices": c, "label": a} for q, c, a in [
-        ("我喜欢", ["编程", "下雨", "猫"], 0), ("The function", [" returns", " sleeps"], 0),
-        ("1 2 3", [" 4", " 9", " x"], 0), ("今天天气", ["很好", "编程"], 1)]]
-    texts = [{"text": t} for t in ["我喜欢编程，因为它让我的大脑跳跃。", "def f(x):\n    return x + 1\n",
-                                   "The function returns 42, and three spaces."]]
+    mc = [
+        {"question": q, "choices": c, "label": a}
+        for q, c, a in [
+            ("我喜欢", ["编程", "下雨", "猫"], 0),
+            ("The function", [" returns", " sleeps"], 0),
+            ("1 2 3", [" 4", " 9", " x"], 0),
+            ("今天天气", ["很好", "编程"], 1),
+        ]
+    ]
+    texts = [
+        {"text": t}
+        for t in [
+            "我喜欢编程，因为它让我的大脑跳跃。",
+            "def f(x):\n    return x + 1\n",
+            "The function returns 42, and three spaces.",
+        ]
+    ]
     for name, rows in (("mc", mc), ("ppl", texts)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                encoding="utf-8")
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
     (tmp_path / "srv_mc.yaml").write_text(
         f"task: srv_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
-        encoding="utf-8")
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: label\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n',
+        encoding="utf-8",
+    )
     (tmp_path / "srv_ppl.yaml").write_text(
         f"task: srv_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'ppl.jsonl'}\n"
-        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"{{text}}\"\ndoc_to_target: \"{{text}}\"\n"
+        'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: "{{text}}"\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     generator, client = served
     base = str(client.base_url).rstrip("/")
     theirs = simple_evaluate(
         model="local-completions",
-        model_args={"base_url": f"{base}/completions", "model": "m", "tokenizer": model_dir,
-                    "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1,
-                    "max_retries": 1,
-                    # as lm-eval's hf model runs a palm directory: its tokenizer puts BOS first, windows of the context
-                    "add_bos_token": True, "max_length": generator.context},
-        tasks=["srv_mc", "srv_ppl"], task_manager=TaskManager(include_path=str(tmp_path)), batch_size=1)
-    ours = run_harness(model_dir, HarnessConfig(tasks=["srv_mc,srv_ppl"], include_path=[str(tmp_path)], batch_size=1,
-                                                dtype="fp32"))
-    for task, metrics in (("srv_mc", ("acc,none", "acc_norm,none")),
-                          ("srv_ppl", ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"))):
+        model_args={
+            "base_url": f"{base}/completions",
+            "model": "m",
+            "tokenizer": model_dir,
+            "tokenizer_backend": "huggingface",
+            "tokenized_requests": True,
+            "num_concurrent": 1,
+            "max_retries": 1,
+            # as lm-eval's hf model runs a palm directory: its tokenizer puts BOS first, windows of the context
+            "add_bos_token": True,
+            "max_length": generator.context,
+        },
+        tasks=["srv_mc", "srv_ppl"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=1,
+    )
+    ours = run_harness(
+        model_dir, HarnessConfig(tasks=["srv_mc,srv_ppl"], include_path=[str(tmp_path)], batch_size=1, dtype="fp32")
+    )
+    for task, metrics in (
+        ("srv_mc", ("acc,none", "acc_norm,none")),
+        ("srv_ppl", ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")),
+    ):
         for metric in metrics:
             # to 1e-4: absolute for accuracies and bits per byte, relative for the perplexities (their exponentials)
-            assert theirs["results"][task][metric] == pytest.approx(ours["results"][task][metric], rel=1e-4, abs=1e-4), \
-                (task, metric)
+            assert theirs["results"][task][metric] == pytest.approx(
+                ours["results"][task][metric], rel=1e-4, abs=1e-4
+            ), (task, metric)
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st.floats(-300, 300) | st.text(max_size=8),
-                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-                       max_leaves=6)
-NEW_FIELDS = st.fixed_dictionaries({}, optional={
-    "logprobs": st.one_of(st.booleans(), st.integers(-2, 25), JSONISH),
-    "top_logprobs": st.one_of(st.integers(-2, 25), JSONISH),
-    "echo": st.one_of(st.booleans(), JSONISH),
-    "n": st.one_of(st.integers(-1, 3), JSONISH),
-    "max_tokens": st.integers(-1, 4),
-    "frequency_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), JSONISH),
-    "presence_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), JSONISH),
-    "logit_bias": st.one_of(st.dictionaries(st.one_of(st.integers(-5, 10**6).map(str), st.text(max_size=4)),
-                                            st.floats(-150, 150, allow_nan=False), max_size=3), JSONISH),
-    "response_format": st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}), JSONISH),
-    "tools": JSONISH, "tool_choice": JSONISH, "suffix": JSONISH, "best_of": JSONISH,
-    "stream": st.booleans(), "seed": st.integers(-1, 2**64),
-})
-PROMPTS = st.one_of(st.text(max_size=12), st.lists(st.integers(-3, 2**20), max_size=5),
-                    st.lists(st.one_of(st.text(min_size=1, max_size=6), st.lists(st.integers(0, 300), min_size=1, max_size=4)),
-                             max_size=3), JSONISH)
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.floats(-300, 300) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+NEW_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "logprobs": st.one_of(st.booleans(), st.integers(-2, 25), JSONISH),
+        "top_logprobs": st.one_of(st.integers(-2, 25), JSONISH),
+        "echo": st.one_of(st.booleans(), JSONISH),
+        "n": st.one_of(st.integers(-1, 3), JSONISH),
+        "max_tokens": st.integers(-1, 4),
+        "frequency_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), JSONISH),
+        "presence_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), JSONISH),
+        "logit_bias": st.one_of(
+            st.dictionaries(
+                st.one_of(st.integers(-5, 10**6).map(str), st.text(max_size=4)),
+                st.floats(-150, 150, allow_nan=False),
+                max_size=3,
+            ),
+            JSONISH,
+        ),
+        "response_format": st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}), JSONISH),
+        "tools": JSONISH,
+        "tool_choice": JSONISH,
+        "suffix": JSONISH,
+        "best_of": JSONISH,
+        "stream": st.booleans(),
+        "seed": st.integers(-1, 2**64),
+    },
+)
+PROMPTS = st.one_of(
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 2**20), max_size=5),
+    st.lists(
+        st.one_of(st.text(min_size=1, max_size=6), st.lists(st.integers(0, 300), min_size=1, max_size=4)), max_size=3
+    ),
+    JSONISH,
+)
 
 
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -164,8 +217,9 @@ def test_a_fuzz_of_the_new_fields_never_gets_a_5xx(served, fields, prompt, chat)
     _, client = served
     base = str(client.base_url).rstrip("/")
     if chat:
-        r = httpx.post(f"{base}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **fields},
-                       timeout=60)
+        r = httpx.post(
+            f"{base}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **fields}, timeout=60
+        )
     else:
         r = httpx.post(f"{base}/completions", json={"prompt": prompt, **fields}, timeout=60)
     assert r.status_code < 500, (r.status_code, r.text[:300])

@@ -2,10 +2,10 @@
 
 import pytest
 
+from palm.core.settings import build, flatten, read_file, route
 from palm.model.config import ConfigError
 from palm.training.finetune import FinetuneConfig
 from palm.training.loop import LoopConfig
-from palm.core.settings import build, flatten, read_file, route
 from palm.training.train import TrainConfig
 
 
@@ -23,15 +23,18 @@ def test_each_recipe_keeps_its_own_loop_defaults():
     assert TrainConfig.from_settings({"corpus": ["x"], "out": "o"}).loop == LoopConfig()
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"max_step": 3}, "'max_step'"),  # a misspelt key
-    ({"max_steps": "3"}, "max_steps"),  # a string where an int belongs
-    ({"max_steps": 2.5}, "max_steps"),
-    ({"compile": "yes"}, "compile"),
-    ({"corpus": "x"}, "corpus"),  # a list is required
-    ({"model": [1]}, "model"),
-    ({"loop": 3}, "loop"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"max_step": 3}, "'max_step'"),  # a misspelt key
+        ({"max_steps": "3"}, "max_steps"),  # a string where an int belongs
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"compile": "yes"}, "compile"),
+        ({"corpus": "x"}, "corpus"),  # a list is required
+        ({"model": [1]}, "model"),
+        ({"loop": 3}, "loop"),
+    ],
+)
 def test_bad_settings_are_one_clear_error(values, words):
     with pytest.raises(ConfigError, match=words):
         TrainConfig.from_settings({"corpus": ["x"], "out": "o", **values})
@@ -57,7 +60,7 @@ def test_resume_may_change_only_what_the_recipe_allows():
 
 def test_config_files(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('max-steps = 3\n[model]\nhidden_size = 32\n')
+    toml.write_text("max-steps = 3\n[model]\nhidden_size = 32\n")
     assert read_file(toml) == {"max_steps": 3, "model": {"hidden_size": 32}}
     bad = tmp_path / "bad.toml"
     bad.write_text("max-steps = = 3")

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from palm.core.errors import PalmError
 from palm.data import workers as pool
 from palm.data.corpora import CorpusPart
 from palm.data.data import get_batch
-from palm.core.errors import PalmError
 from palm.data.shards import prepare_data, tokenize_corpora
 from palm.data.units import plan
 
@@ -31,15 +31,20 @@ def write_corpus(root: Path) -> Path:
     """A folder of every kind of file: a large text file cut into many units, small ones packed
     together, JSONL, gzipped JSONL (read as a stream), Parquet with many row groups."""
     root.mkdir()
-    lines = [f"line {i}: {'我们一起去公园散步吧。' if i % 4 == 0 else 'the owl reads the fox a story.'}" for i in range(900)]
+    lines = [
+        f"line {i}: {'我们一起去公园散步吧。' if i % 4 == 0 else 'the owl reads the fox a story.'}" for i in range(900)
+    ]
     (root / "big.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for i in range(5):
         (root / f"small{i}.txt").write_text(f"small document {i}\n" * (i + 1), encoding="utf-8")
     rows = "".join(json.dumps({"text": f"row {i} " + "word " * (i % 30)}) + "\n" for i in range(300))
     (root / "rows.jsonl").write_text(rows, encoding="utf-8")
     (root / "more.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
-    pq.write_table(pa.table({"text": [f"parquet row {i} " * (1 + i % 9) for i in range(400)]}), root / "t.parquet",
-                   row_group_size=25)
+    pq.write_table(
+        pa.table({"text": [f"parquet row {i} " * (1 + i % 9) for i in range(400)]}),
+        root / "t.parquet",
+        row_group_size=25,
+    )
     return root
 
 
@@ -50,8 +55,9 @@ def corpus(tmp_path_factory):
 
 def build(tokenizer, cache, corpus, workers, unit_bytes=UNIT):
     part = CorpusPart(str(corpus), 1.0, "path")
-    return prepare_data([part], tokenizer, cache, 16, val_fraction=0.1, progress=False, workers=workers,
-                        unit_bytes=unit_bytes)
+    return prepare_data(
+        [part], tokenizer, cache, 16, val_fraction=0.1, progress=False, workers=workers, unit_bytes=unit_bytes
+    )
 
 
 def shard_bytes(data) -> dict[str, bytes]:
@@ -133,8 +139,11 @@ KILLER = textwrap.dedent("""
 
 def test_a_killed_build_is_never_taken_for_complete_and_resumes(tokenizer, tokenizer_dir, corpus, reference, tmp_path):
     cache = tmp_path / "cache"
-    done = subprocess.run([sys.executable, "-c", KILLER, str(corpus), tokenizer_dir, str(cache), str(UNIT)],
-                          capture_output=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, str(corpus), tokenizer_dir, str(cache), str(UNIT)],
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
     (build_dir,) = cache.iterdir()
     assert build_dir.name.startswith(".") and build_dir.name.endswith(".build")  # no shard folder at all
@@ -187,9 +196,25 @@ def test_under_torchrun_every_rank_tokenizes_its_share_with_forked_workers(token
     script = tmp_path / "ranks.py"
     script.write_text(RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(corpus), tokenizer_dir, str(tmp_path / "cache"), str(UNIT)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(corpus),
+            tokenizer_dir,
+            str(tmp_path / "cache"),
+            str(UNIT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shares = [int(line.split()[3]) for line in done.stdout.splitlines() if " tokenized " in line]
     total = int(done.stdout.split(" of ")[1].split()[0])

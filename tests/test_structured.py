@@ -11,21 +11,50 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-
 from conftest import lively_model, tiny_config
-from palm.inference.generate import Generator, SamplingConfig
-from palm.serve import create_app
 from test_serve import running
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "count", "ok", "tag"],
-          "properties": {"color": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0,
-                                                                               "maximum": 99},
-                         "ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 6}}}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "additionalProperties": False, "required": ["city", "days"],
-    "properties": {"city": {"enum": ["Paris", "北京"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "additionalProperties": False, "required": ["zone"], "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+from palm.inference.generate import Generator, SamplingConfig
+from palm.serve import create_app
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["color", "count", "ok", "tag"],
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+        "tag": {"type": "string", "maxLength": 6},
+    },
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city", "days"],
+            "properties": {
+                "city": {"enum": ["Paris", "北京"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["zone"],
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +69,18 @@ def test_json_schema_replies_parse_and_validate(served):
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
 
     def ask(i: int) -> str:
-        return client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": f"describe thing {i}"}], response_format=fmt,
-            max_tokens=96, temperature=1.0, seed=i).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": f"describe thing {i}"}],
+                response_format=fmt,
+                max_tokens=96,
+                temperature=1.0,
+                seed=i,
+            )
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(ask, range(50)))
@@ -55,9 +93,15 @@ def test_json_schema_replies_parse_and_validate(served):
     closing = {str(tok.encode(c, bos=False)[0]): 6.0 for c in ('"', "}")}
     finished = 0
     for seed in range(5):
-        reply = client.completions.create(model="m", prompt="x", max_tokens=128, temperature=1.0, seed=seed,
-                                          logit_bias=closing,
-                                          extra_body={"response_format": {"type": "json_object"}}).choices[0]
+        reply = client.completions.create(
+            model="m",
+            prompt="x",
+            max_tokens=128,
+            temperature=1.0,
+            seed=seed,
+            logit_bias=closing,
+            extra_body={"response_format": {"type": "json_object"}},
+        ).choices[0]
         assert reply.text.startswith("{"), reply
         if reply.finish_reason == "stop":  # the grammar ended it: a whole object
             finished += 1
@@ -70,8 +114,14 @@ def test_a_required_tool_call_is_a_valid_call(served):
     for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
         for seed in range(5):
             reply = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "weather in Paris?"}], tools=[WEATHER, TIME],
-                tool_choice=choice, max_tokens=64, temperature=1.0, seed=seed).choices[0]
+                model="m",
+                messages=[{"role": "user", "content": "weather in Paris?"}],
+                tools=[WEATHER, TIME],
+                tool_choice=choice,
+                max_tokens=64,
+                temperature=1.0,
+                seed=seed,
+            ).choices[0]
             assert reply.finish_reason == "tool_calls" and reply.message.content is None
             call = reply.message.tool_calls[0]
             tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
@@ -84,8 +134,16 @@ def test_a_streamed_tool_call_comes_as_one_tool_calls_delta(served):
     """Streamed with tools, a call is held back and sent as one `tool_calls` delta (OpenAI's shape: index, id,
     name, the arguments as JSON), the finish "tool_calls"; the same seed gives the call the whole reply gives."""
     _, client = served
-    asked = dict(model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER, TIME],
-                 tool_choice="required", max_tokens=64, temperature=1.0, seed=7, n=2)
+    asked = dict(
+        model="m",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=1.0,
+        seed=7,
+        n=2,
+    )
     whole = client.chat.completions.create(**asked)
     calls, finishes, content = {}, {}, ""
     for chunk in client.chat.completions.create(**asked, stream=True):
@@ -99,8 +157,10 @@ def test_a_streamed_tool_call_comes_as_one_tool_calls_delta(served):
     assert content == "" and finishes == {0: "tool_calls", 1: "tool_calls"}
     for c in whole.choices:
         name, arguments = calls[c.index]
-        assert (name, arguments) == (c.message.tool_calls[0].function.name,
-                                     json.loads(c.message.tool_calls[0].function.arguments))
+        assert (name, arguments) == (
+            c.message.tool_calls[0].function.name,
+            json.loads(c.message.tool_calls[0].function.arguments),
+        )
         jsonschema.validate(arguments, {"get_weather": WEATHER, "get_time": TIME}[name]["function"]["parameters"])
 
 
@@ -110,8 +170,9 @@ def test_constrained_and_free_rows_batch_together(served):
     solo = [generator.generate([p], SamplingConfig(max_new_tokens=12))[0].text for p in free_prompts]
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
     calls = [dict(prompt=p, max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.0}) for p in free_prompts]
-    calls += [dict(prompt=f"json {i}", max_tokens=96, temperature=0, extra_body={"response_format": fmt})
-              for i in range(5)]
+    calls += [
+        dict(prompt=f"json {i}", max_tokens=96, temperature=0, extra_body={"response_format": fmt}) for i in range(5)
+    ]
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda kw: client.completions.create(model="m", **kw).choices[0].text, calls))
     assert texts[:3] == solo
@@ -122,12 +183,16 @@ def test_constrained_and_free_rows_batch_together(served):
 def test_what_cannot_be_constrained_is_a_400_naming_it(served):
     _, client = served
     messages = [{"role": "user", "content": "hi"}]
-    bad = [(dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
-            "response_format"),
-           (dict(response_format={"type": "yaml"}), "response_format"),
-           (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
-           (dict(tool_choice="required"), "tool_choice"),
-           (dict(tools=[{"type": "function"}]), "tools")]
+    bad = [
+        (
+            dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+            "response_format",
+        ),
+        (dict(response_format={"type": "yaml"}), "response_format"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(tools=[{"type": "function"}]), "tools"),
+    ]
     for extra, param in bad:
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="m", messages=messages, max_tokens=4, **extra)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import assert_one_line_error, corpus_texts, run_cli
+
+from palm.core.errors import CorpusError
 from palm.data.choice import position_hash
 from palm.data.corpora import CorpusPart, part_pieces
-from palm.core.errors import CorpusError
 from palm.data.subsample import parse_size, sample_corpora
 from palm.text.tokenizer import train_tokenizer
 
@@ -31,7 +31,9 @@ def test_a_corpus_within_the_budget_is_used_whole_and_in_order(parts):
 
 
 def test_the_sample_is_the_lowest_hashes_that_fit_and_the_same_every_time(parts):
-    pieces = [(position_hash(p, i), text) for p, part in enumerate(parts) for i, (text, _) in enumerate(part_pieces(part))]
+    pieces = [
+        (position_hash(p, i), text) for p, part in enumerate(parts) for i, (text, _) in enumerate(part_pieces(part))
+    ]
     total = sum(len(t.encode()) for _, t in pieces)
     budget = total // 3
     sample = sample_corpora(parts, budget)
@@ -67,10 +69,32 @@ def test_sizes_and_budgets():
 
 
 def test_the_command_reports_its_sample(capsys, parts, tmp_path):
-    code, out, err = run_cli(capsys, "tokenizer", "train", "--corpus", parts[0].name, "--corpus", parts[1].name,
-                             "--vocab-size", "600", "--sample-bytes", "40kB", "--out", str(tmp_path / "tok"))
+    code, out, err = run_cli(
+        capsys,
+        "tokenizer",
+        "train",
+        "--corpus",
+        parts[0].name,
+        "--corpus",
+        parts[1].name,
+        "--vocab-size",
+        "600",
+        "--sample-bytes",
+        "40kB",
+        "--out",
+        str(tmp_path / "tok"),
+    )
     assert code == 0, err
     assert "budget 40.0 kB (--sample-bytes)" in out and "(the whole corpus)" not in out and "600-token" in out
-    code, _, err = run_cli(capsys, "tokenizer", "train", "--corpus", parts[0].name, "--sample-bytes", "lots",
-                           "--out", str(tmp_path / "tok2"))
+    code, _, err = run_cli(
+        capsys,
+        "tokenizer",
+        "train",
+        "--corpus",
+        parts[0].name,
+        "--sample-bytes",
+        "lots",
+        "--out",
+        str(tmp_path / "tok2"),
+    )
     assert_one_line_error(code, err, "--sample-bytes", "lots")

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from palm.training.finetune_data import read_rows
-from palm.text.templates import TEMPLATES
 from palm.data.synthetic import arithmetic_task, chinese, english, number_task, write_task
+from palm.text.templates import TEMPLATES
+from palm.training.finetune_data import read_rows
 
 KNOWN = {
     1: ("one", "一"),
@@ -58,7 +58,9 @@ def test_number_task_splits_are_disjoint_in_both_directions():
     held = {r["prompt"] for r in split.test} | {r["answer"] for r in split.test}
     assert not held & (train | {r["completion"] for r in split.train})
     assert {"prompt": "三百一十二", "answer": "three hundred and twelve"} in split.test + split.fewshot or {
-        "prompt": "三百一十二", "completion": "three hundred and twelve"} in split.train
+        "prompt": "三百一十二",
+        "completion": "three hundred and twelve",
+    } in split.train
 
 
 def test_arithmetic_task_holds_out_both_orders():
@@ -66,7 +68,7 @@ def test_arithmetic_task_holds_out_both_orders():
     pairs = lambda rows: {frozenset(map(int, r["prompt"][8:-1].split(" + "))) for r in rows}  # noqa: E731
     assert not pairs(split.train) & pairs(split.test) and not pairs(split.fewshot) & pairs(split.test)
     for r in split.train[:50] + split.test:
-        a, b = map(int, r["prompt"][len("What is "):-1].split(" + "))
+        a, b = map(int, r["prompt"][len("What is ") : -1].split(" + "))
         assert r.get("completion", r.get("answer")) == str(a + b)
 
 
@@ -77,16 +79,24 @@ def test_same_seed_same_files_and_the_eval_format(tmp_path):
     assert all(a[k].read_bytes() == b[k].read_bytes() for k in a)
     assert a["test"].read_bytes() != c["test"].read_bytes()
     spec = yaml.safe_load(a["yaml"].read_text())
-    assert spec == {"name": "arith", "file": "arith-test.jsonl", "kind": "generate", "template": TEMPLATES["qa"],
-                    "metric": "exact_match", "fewshot_file": "arith-fewshot.jsonl", "max_new_tokens": 24, "stop": ["\n"]}
+    assert spec == {
+        "name": "arith",
+        "file": "arith-test.jsonl",
+        "kind": "generate",
+        "template": TEMPLATES["qa"],
+        "metric": "exact_match",
+        "fewshot_file": "arith-fewshot.jsonl",
+        "max_new_tokens": 24,
+        "stop": ["\n"],
+    }
     rows = [json.loads(line) for line in (tmp_path / "a" / spec["file"]).read_text().splitlines()]
     assert all(set(r) == {"prompt", "answer"} and isinstance(r["answer"], str) for r in rows)
     assert len(read_rows(a["train"])) == len(arithmetic_task(seed=3).train)  # valid fine-tuning data
 
 
 def test_the_chat_task_holds_pairs_out_in_both_orders_and_scores_with_palm_eval(tmp_path):
-    from palm.evaluate import load_task
     from palm.data.synthetic import RECALL_QUESTIONS, chat_recall_task, write_chat_task
+    from palm.evaluate import load_task
 
     split = chat_recall_task(seed=3, low=1, high=20, n_test=30)
     assert split == chat_recall_task(seed=3, low=1, high=20, n_test=30)  # deterministic

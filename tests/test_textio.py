@@ -10,14 +10,14 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palm.data import textio
 from palm.core.errors import CorpusError
+from palm.data import textio
 from palm.data.textio import BinaryFileError
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-LINES = st.lists(
-    st.text(alphabet=st.sampled_from(list("ab c\t\u3000\r我,.1😀")), max_size=12), max_size=30
-).map("\n".join)
+LINES = st.lists(st.text(alphabet=st.sampled_from(list("ab c\t\u3000\r我,.1😀")), max_size=12), max_size=30).map(
+    "\n".join
+)
 
 
 def stream(path, **kw):
@@ -119,7 +119,7 @@ def test_text_boundaries_fall_on_safe_cuts_or_character_starts(tmp_path):
         b = textio.text_boundary(path, offset, window=400)
         assert b >= offset
         data[:b].decode("utf-8")  # a character boundary
-        assert b == len(data) or data[b - 1:b] == b"\n" or b - offset < 4
+        assert b == len(data) or data[b - 1 : b] == b"\n" or b - offset < 4
     assert textio.line_start_after(path, 0) == 0
     first = textio.line_start_after(path, 5)
-    assert data[first - 1:first] == b"\n" and first == data.index(b"\n") + 1
+    assert data[first - 1 : first] == b"\n" and first == data.index(b"\n") + 1

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import corpus_texts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -8,8 +9,6 @@ from transformers import AutoTokenizer
 from palm import PalmTokenizer, TokenizerError, train_tokenizer
 from palm.data.documents import iter_documents
 from palm.text.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS
-
-from conftest import corpus_texts
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Arbitrary Unicode (hypothesis leaves out lone surrogates, which are not valid Unicode), plus a
@@ -90,7 +89,9 @@ def test_auto_tokenizer_specials_and_padding(tokenizer_dir):
 
 
 def test_jsonl_and_folder_corpora(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     sub = tmp_path / "sub"
     sub.mkdir()
     (sub / "b.txt").write_text("third", encoding="utf-8")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from palm.training.train import TrainConfig, train
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
@@ -14,9 +14,19 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_di
 
 def config(corpus_dir, tokenizer_dir, tmp_path, name="run", **kw) -> TrainConfig:
     settings = dict(
-        corpus=[str(corpus_dir)], out=str(tmp_path / name), tokenizer=tokenizer_dir, model=SMALL, max_steps=12,
-        seq_len=32, batch_size=8, checkpoint_every=4, eval_every=6, eval_tokens=512, cache_dir=str(tmp_path / "cache"),
-        progress=False, threads=1,
+        corpus=[str(corpus_dir)],
+        out=str(tmp_path / name),
+        tokenizer=tokenizer_dir,
+        model=SMALL,
+        max_steps=12,
+        seq_len=32,
+        batch_size=8,
+        checkpoint_every=4,
+        eval_every=6,
+        eval_tokens=512,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        threads=1,
     )
     return TrainConfig.from_settings({**settings, **kw})
 
@@ -84,7 +94,9 @@ def test_train_rejects_bad_corpora(capsys, tmp_path, tokenizer_dir, case):
     elif case == "too-small":
         path.write_text("tiny")
     out = tmp_path / "run"
-    code, err = cli(capsys, "train", "--corpus", str(path), "--out", str(out), "--tokenizer", tokenizer_dir, "--seq-len", "64")
+    code, err = cli(
+        capsys, "train", "--corpus", str(path), "--out", str(out), "--tokenizer", tokenizer_dir, "--seq-len", "64"
+    )
     assert code != 0 and len(err.strip().splitlines()) == 1 and err.startswith("palm: error:"), err
     assert path.name in err
     assert not out.exists()

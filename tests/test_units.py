@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from palm.core.errors import CorpusError
 from palm.data.corpora import CorpusPart
 from palm.data.documents import iter_pieces
-from palm.core.errors import CorpusError
 from palm.data.units import plan, unit_pieces
 
 
@@ -23,8 +23,11 @@ def corpus(tmp_path):
     rows = "".join(json.dumps({"text": f"row {i} " + "word " * (i % 20)}) + "\n" for i in range(200))
     (root / "b.jsonl").write_text(rows, encoding="utf-8")
     (root / "c.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
-    pq.write_table(pa.table({"text": [f"parquet row {i} " * (1 + i % 5) for i in range(300)]}), root / "d.parquet",
-                   row_group_size=20)
+    pq.write_table(
+        pa.table({"text": [f"parquet row {i} " * (1 + i % 5) for i in range(300)]}),
+        root / "d.parquet",
+        row_group_size=20,
+    )
     return root
 
 
@@ -60,7 +63,7 @@ def test_segments_start_at_lines_and_cover_their_files(corpus):
         assert len(segments) > 2 and {s.kind for s in segments} == {kind}
         assert [s.start for s in segments[1:]] == [s.stop for s in segments[:-1]]
         assert segments[0].start == 0 and segments[-1].stop == len(data)
-        assert all(data[s.start - 1:s.start] == b"\n" for s in segments[1:])
+        assert all(data[s.start - 1 : s.start] == b"\n" for s in segments[1:])
     groups = [s for u in units for s in u.segments if s.kind == "parquet"]
     assert groups[0].start == 0 and groups[-1].stop == 15
     assert [s.start for s in groups[1:]] == [s.stop for s in groups[:-1]]

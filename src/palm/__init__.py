@@ -6,8 +6,8 @@ Importing palm registers the model with Transformers' Auto classes, so `AutoConf
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .model.config import PRESETS, PalmConfig
 from .core.errors import CheckpointError, ConfigError, CorpusError, PalmError, TokenizerError
+from .model.config import PRESETS, PalmConfig
 from .model.model import PalmForCausalLM, PalmModel
 from .text.tokenizer import PalmTokenizer, train_tokenizer
 

@@ -1,7 +1,8 @@
 """The `palm` command line: the only place that prints errors, chooses exit codes and sets process-wide
 state (threads). Commands turn flags into the library's config dataclasses and call the library.
 
-    training.py   palm tokenizer train, init, train, finetune, plot, plan
+    training.py   palm tokenizer train, init, train, finetune
+    runs.py       palm plan, palm plot
     inference.py  palm generate, eval, serve
     adapters.py   palm merge
     export.py     palm export
@@ -16,10 +17,10 @@ import sys
 
 import typer
 
-from ..model.config import ConfigError
 from ..core.errors import PalmError
+from ..model.config import ConfigError
+from . import adapters, export, inference, runs, training  # noqa: F401  (their commands register themselves on `app`)
 from .app import app
-from . import adapters, export, inference, training  # noqa: F401  (their commands register themselves on `app`)
 
 __all__ = ["app", "main"]
 

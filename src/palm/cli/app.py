@@ -23,5 +23,8 @@ def given(options: dict[str, Any], *cli_only: str, rename: dict[str, str] | None
     """The options the user gave (not None), as config field names and plain values: the mapping from
     flags to the config dataclasses, which refuse any name they do not have."""
     rename = rename or {}
-    return {rename.get(k, k): (str(v) if isinstance(v, Path) else v)
-            for k, v in options.items() if v is not None and k not in cli_only}
+    return {
+        rename.get(k, k): (str(v) if isinstance(v, Path) else v)
+        for k, v in options.items()
+        if v is not None and k not in cli_only
+    }

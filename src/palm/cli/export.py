@@ -15,8 +15,12 @@ def export_command(
     fmt: Annotated[str, typer.Option("--format", help="cohere (Transformers, vLLM) or gguf (llama.cpp).")],
     model: Annotated[Path, typer.Option("--model", help="A palm model directory (e.g. RUN/final).")],
     out: Annotated[Path, typer.Option("--out", help="cohere: a folder; gguf: a file (e.g. model.gguf).")],
-    dtype: Annotated[Optional[str], typer.Option(
-        "--type", help="gguf: f32, f16 (the default), bf16 or q8_0; cohere: f32, f16 or bf16 (default: as stored).")] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--type", help="gguf: f32, f16 (the default), bf16 or q8_0; cohere: f32, f16 or bf16 (default: as stored)."
+        ),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Write a palm model as Cohere's Command-R layout (CohereForCausalLM, vLLM) or as a GGUF file (llama.cpp)."""
@@ -40,5 +44,7 @@ def import_command(
     from ..export import import_model
 
     config = import_model(fmt, model, out, overwrite=force)
-    typer.echo(f"wrote {out}: {config.num_hidden_layers} layers, d={config.hidden_size}, "
-               f"{config.num_key_value_heads} K/V heads; every palm command takes it (`palm generate --model {out}`)")
+    typer.echo(
+        f"wrote {out}: {config.num_hidden_layers} layers, d={config.hidden_size}, "
+        f"{config.num_key_value_heads} K/V heads; every palm command takes it (`palm generate --model {out}`)"
+    )

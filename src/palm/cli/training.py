@@ -1,4 +1,4 @@
-"""Commands that make models: palm tokenizer train, init, train, finetune, plot, plan."""
+"""Commands that make models: palm tokenizer train, init, train, finetune."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..model.config import ConfigError
 from ..core.runtime import torch_threads
 from .app import Force, app, given, tokenizer_app
 
-
-TextColumn = Annotated[Optional[str], typer.Option("--text-column", help="The field or column of JSONL, Parquet and Arrow rows that holds the text (default text).")]
-SampleBytes = Annotated[Optional[str], typer.Option("--sample-bytes", help="Train the tokenizer on this much text, documents chosen by a hash of their position (default 200MB).")]
+TextColumn = Annotated[
+    Optional[str],
+    typer.Option(
+        "--text-column", help="The field or column of JSONL, Parquet and Arrow rows that holds the text (default text)."
+    ),
+]
+SampleBytes = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sample-bytes",
+        help="Train the tokenizer on this much text, documents chosen by a hash of their position (default 200MB).",
+    ),
+]
 
 
 def use_persistent_compile_cache() -> None:
@@ -28,10 +37,16 @@ def use_persistent_compile_cache() -> None:
 @tokenizer_app.command("train")
 def tokenizer_train(
     corpus: Annotated[
-        list[Path], typer.Option("--corpus", help="Text, JSONL, Parquet or Arrow file (.gz/.zst too), or a folder of them, or a save_to_disk folder; repeatable.")
+        list[Path],
+        typer.Option(
+            "--corpus",
+            help="Text, JSONL, Parquet or Arrow file (.gz/.zst too), or a folder of them, or a save_to_disk folder; repeatable.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the tokenizer to.")],
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size, specials and bytes included.")] = 8192,
+    vocab_size: Annotated[
+        int, typer.Option("--vocab-size", help="Vocabulary size, specials and bytes included.")
+    ] = 8192,
     text_column: TextColumn = None,
     sample_bytes: SampleBytes = None,
     force: Force = False,
@@ -114,24 +129,38 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")] = None,
-    activation_checkpointing: Annotated[Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")] = None,
+    compile: Annotated[
+        Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")
+    ] = None,
+    activation_checkpointing: Annotated[
+        Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")
+    ] = None,
     parallel: Annotated[Optional[str], typer.Option("--parallel", help="none, or ddp / fsdp under torchrun.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     text_column: TextColumn = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that tokenize the corpora (per rank under torchrun; default: the processors available).")] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            help="Processes that tokenize the corpora (per rank under torchrun; default: the processors available).",
+        ),
+    ] = None,
     sample_bytes: SampleBytes = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")] = None,
-    allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though the corpus changed (not exact).")] = False,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue this run (--max-steps extends it).")
+    ] = None,
+    allow_data_change: Annotated[
+        bool, typer.Option("--allow-data-change", help="Resume even though the corpus changed (not exact).")
+    ] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file with the same keys.")] = None,
 ) -> None:
     """Pretrain a PaLM with the paper's recipe; the result is RUN/final, a Transformers directory."""
     flags = given(locals(), "resume", "config", "allow_data_change")  # first, while locals() holds only the options
     from ..core import settings
-    from ..training import distributed
     from ..data.subsample import parse_size
+    from ..training import distributed
     from ..training.train import TrainConfig, TrainingError, load_run_config, train
 
     if "sample_bytes" in flags:
@@ -161,40 +190,100 @@ def train_command(
 @app.command("finetune")
 def finetune_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="The model directory to start from.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL rows {"prompt": ..., "completion": ...}; with --task also Parquet, Arrow, save_to_disk folders, .tsv, .gz/.zst.')] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--data",
+            help='JSONL rows {"prompt": ..., "completion": ...}; with --task also Parquet, Arrow, save_to_disk folders, .tsv, .gz/.zst.',
+        ),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; the model lands in RUN/final.")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="summarize, qa or translate: rows in their data set's schema (CNN/DailyMail, XSum, LCSTS, SQuAD, CMRC 2018, WMT, .tsv pairs, prompt/completion), with the task's prompt template.")] = None,
-    columns: Annotated[Optional[str], typer.Option("--columns", help="With --task: FIELD=COLUMN,... for other schemas (document, summary; context, question, answer; source, target).")] = None,
-    source_lang: Annotated[Optional[str], typer.Option("--source-lang", help="--task translate: the source language's code (en, zh, ...).")] = None,
-    target_lang: Annotated[Optional[str], typer.Option("--target-lang", help="--task translate: the target language's code.")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help='completion (prompt/completion rows) or chat ({"messages": [...]} rows).')] = None,
-    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="Train rank-R LoRA adapters (peft) instead of every weight.")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (default 16).")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="Dropout on the adapters' input (default 0.05).")] = None,
-    lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated: in_proj,attn_out,mlp_out (default all).")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")] = None,
-    eval_task: Annotated[Optional[Path], typer.Option("--eval-task", help="With --task: held-out rows generated on at each evaluation; RUN/best is the checkpoint best by --select.")] = None,
-    select: Annotated[Optional[str], typer.Option("--select", help="The metric RUN/best is chosen by: rouge2, f1, exact, bleu, chrf, ... (default: rouge2 / f1 / bleu by task).")] = None,
-    eval_max_new_tokens: Annotated[Optional[int], typer.Option("--eval-max-new-tokens", help="Tokens generated per --eval-task row (default 64).")] = None,
+    task: Annotated[
+        Optional[str],
+        typer.Option(
+            "--task",
+            help="summarize, qa or translate: rows in their data set's schema (CNN/DailyMail, XSum, LCSTS, SQuAD, CMRC 2018, WMT, .tsv pairs, prompt/completion), with the task's prompt template.",
+        ),
+    ] = None,
+    columns: Annotated[
+        Optional[str],
+        typer.Option(
+            "--columns",
+            help="With --task: FIELD=COLUMN,... for other schemas (document, summary; context, question, answer; source, target).",
+        ),
+    ] = None,
+    source_lang: Annotated[
+        Optional[str], typer.Option("--source-lang", help="--task translate: the source language's code (en, zh, ...).")
+    ] = None,
+    target_lang: Annotated[
+        Optional[str], typer.Option("--target-lang", help="--task translate: the target language's code.")
+    ] = None,
+    format: Annotated[
+        Optional[str],
+        typer.Option("--format", help='completion (prompt/completion rows) or chat ({"messages": [...]} rows).'),
+    ] = None,
+    lora_r: Annotated[
+        Optional[int], typer.Option("--lora-r", help="Train rank-R LoRA adapters (peft) instead of every weight.")
+    ] = None,
+    lora_alpha: Annotated[
+        Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (default 16).")
+    ] = None,
+    lora_dropout: Annotated[
+        Optional[float], typer.Option("--lora-dropout", help="Dropout on the adapters' input (default 0.05).")
+    ] = None,
+    lora_targets: Annotated[
+        Optional[str], typer.Option("--lora-targets", help="Comma-separated: in_proj,attn_out,mlp_out (default all).")
+    ] = None,
+    val: Annotated[
+        Optional[Path], typer.Option("--val", help="Validation rows (default: hold out 5% of --data).")
+    ] = None,
+    eval_task: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--eval-task",
+            help="With --task: held-out rows generated on at each evaluation; RUN/best is the checkpoint best by --select.",
+        ),
+    ] = None,
+    select: Annotated[
+        Optional[str],
+        typer.Option(
+            "--select",
+            help="The metric RUN/best is chosen by: rouge2, f1, exact, bleu, chrf, ... (default: rouge2 / f1 / bleu by task).",
+        ),
+    ] = None,
+    eval_max_new_tokens: Annotated[
+        Optional[int], typer.Option("--eval-max-new-tokens", help="Tokens generated per --eval-task row (default 64).")
+    ] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default 500).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over --data instead of --steps.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.")] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="0.1 as in the paper.")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", help="Evaluations without a better validation loss before stopping.")] = None,
+    patience: Annotated[
+        Optional[int], typer.Option("--patience", help="Evaluations without a better validation loss before stopping.")
+    ] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Longest row in tokens.")] = None,
     optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="palm (Adafactor) or adamw.")] = None,
     hold_steps: Annotated[Optional[int], typer.Option("--hold-steps")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Rows per forward pass; the rest is gradient accumulation.")] = None,
+    micro_batch_size: Annotated[
+        Optional[int],
+        typer.Option("--micro-batch-size", help="Rows per forward pass; the rest is gradient accumulation."),
+    ] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16 or fp32.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")] = None,
-    activation_checkpointing: Annotated[Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")] = None,
+    compile: Annotated[
+        Optional[bool], typer.Option("--compile/--no-compile", help="Compile each block (regional).")
+    ] = None,
+    activation_checkpointing: Annotated[
+        Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
-    allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="Resume even though --data changed (not exact).")] = False,
+    allow_data_change: Annotated[
+        bool, typer.Option("--allow-data-change", help="Resume even though --data changed (not exact).")
+    ] = False,
 ) -> None:
     """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
     flags = given(locals(), "resume", "allow_data_change", rename={"model": "base_model", "steps": "max_steps"})
@@ -222,59 +311,7 @@ def finetune_command(
     if chosen is not None and run.extra.get("best_metric") is not None:
         note = f", best {chosen} {run.extra['best_metric']:.4f} at step {run.extra['best_step']} (in {run.layout.best})"
     stopped = " (stopped early)" if run.stop else ""
-    adapter = f", LoRA adapter ({run.extra['trainable_params']:,} parameters) in {run.layout.adapter}" if cfg.lora_r else ""
+    adapter = (
+        f", LoRA adapter ({run.extra['trainable_params']:,} parameters) in {run.layout.adapter}" if cfg.lora_r else ""
+    )
     typer.echo(f"fine-tuned {run.step} steps{stopped}{note}; model in {run.layout.final}{adapter}")
-
-
-@app.command("plot")
-def plot_command(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default RUN/curves.png).")] = None,
-) -> None:
-    """Draw a run's loss, validation and learning-rate curves to a PNG."""
-    from ..training.plot import plot_run
-
-    typer.echo(f"wrote {plot_run(run, out)}")
-
-
-@app.command("plan")
-def plan_command(
-    preset: Annotated[Optional[str], typer.Option("--preset", help="tiny, small, base, palm-8b, palm-62b or palm-540b.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A model's config.json, or its folder, instead of --preset.")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 2048,
-    tokens: Annotated[float, typer.Option("--tokens", help="Training tokens, e.g. 780e9 (the paper's).")] = 780e9,
-    device: Annotated[str, typer.Option("--device", help="tpu-v4, a100, h100, h200, cpu, or any name with --peak-tflops.")] = "tpu-v4",
-    devices: Annotated[int, typer.Option("--devices", help="Number of chips.")] = 1,
-    dp: Annotated[Optional[int], typer.Option("--dp", help="Replicated data-parallel degree (default: what is left).")] = None,
-    fsdp: Annotated[Optional[int], typer.Option("--fsdp", help="Fully sharded data-parallel degree.")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor (model) parallel degree.")] = None,
-    mfu: Annotated[float, typer.Option("--mfu", help="MFU to reckon the time at (the paper's 0.462).")] = 0.462,
-    tokens_per_s: Annotated[Optional[float], typer.Option("--tokens-per-s", help="Observed throughput: report its MFU.")] = None,
-    batch_tokens: Annotated[Optional[float], typer.Option("--batch-tokens", help="Tokens per forward/backward, all devices (default: one sequence per dp x fsdp rank).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak bf16 TFLOP/s per device, overriding the table.")] = None,
-    param_bytes: Annotated[int, typer.Option("--param-bytes", help="Bytes per stored weight (2: bf16, 4: fp32).")] = 2,
-    compute_copies: Annotated[bool, typer.Option("--compute-copies", help="fp32 weights computed on as bf16 copies, as palm train runs bf16 on one process (with --param-bytes 4).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
-) -> None:
-    """Parameters, FLOPs (PaLM Appendix B), per-device memory and training time for a model and a layout."""
-    import json
-
-    from ..training.plan import make_plan, render
-
-    overrides: dict = {}
-    if config is not None:
-        path = config / "config.json" if config.is_dir() else config
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}".splitlines()[0]) from None
-        from ..model.config import PalmConfig
-
-        fields = set(PalmConfig.__annotations__)
-        overrides = {k: v for k, v in raw.items() if k in fields} if isinstance(raw, dict) else {}
-    elif preset is None:
-        raise ConfigError("give --preset or --config")
-    plan = make_plan(preset if config is None else None, seq_len, tokens, device, devices, dp, fsdp, tp, mfu,
-                     tokens_per_s, batch_tokens, peak_tflops, overrides, param_bytes=param_bytes,
-                     compute_copies=compute_copies)
-    typer.echo(plan.to_json() if as_json else render(plan))

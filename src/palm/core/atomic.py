@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from .errors import PalmError
 

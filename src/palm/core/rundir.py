@@ -1,17 +1,17 @@
 """The layout of a run folder, named in one place.
 
-    RUN/run.json            the run's settings (what `--resume` continues with)
-    RUN/metrics.jsonl       one JSON object per step (and per event: loss spikes, rewinds)
-    RUN/data.json           what the batches depend on: each corpus's fingerprint, the tokenizer's hash
-    RUN/tokenizer/          the tokenizer (pretraining)
-    RUN/base/               the starting model's config and tokenizer (fine-tuning)
-    RUN/checkpoints/step-N/ training checkpoints, newest last
-    RUN/best/               fine-tuning's weights with the lowest validation loss so far
-    RUN/final/              the finished model: a Transformers directory
-    RUN/adapter/            a LoRA fine-tuning run's adapter, in peft's format
-    RUN/curves.png          `palm plot`'s picture of the metrics
-    RUN/.lock               held by the process that trains the run
-    RUN/../.palm-cache/     token shards, shared by the runs beside this one
+RUN/run.json            the run's settings (what `--resume` continues with)
+RUN/metrics.jsonl       one JSON object per step (and per event: loss spikes, rewinds)
+RUN/data.json           what the batches depend on: each corpus's fingerprint, the tokenizer's hash
+RUN/tokenizer/          the tokenizer (pretraining)
+RUN/base/               the starting model's config and tokenizer (fine-tuning)
+RUN/checkpoints/step-N/ training checkpoints, newest last
+RUN/best/               fine-tuning's weights with the lowest validation loss so far
+RUN/final/              the finished model: a Transformers directory
+RUN/adapter/            a LoRA fine-tuning run's adapter, in peft's format
+RUN/curves.png          `palm plot`'s picture of the metrics
+RUN/.lock               held by the process that trains the run
+RUN/../.palm-cache/     token shards, shared by the runs beside this one
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def check_column(schema, column: str, path: Path) -> int:
     kind = schema.field(index).type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view", bool)(kind)
+    textual = (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view", bool)(kind)
+    )
     if not textual:
         raise CorpusError(f"{path}: column {column!r} holds {schema.field(index).type}, not text")
     return index

@@ -16,6 +16,7 @@ import importlib.util
 import itertools
 import math
 import os
+import pydoc_data.topics
 import re
 import sys
 import sysconfig
@@ -23,10 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydoc_data.topics
-
-from . import documents
 from ..core.errors import CorpusError
+from . import documents
 
 # Bump when a generator below changes what it yields, so that cached token shards are rebuilt.
 _NAMED_FORMAT = 1
@@ -38,8 +37,20 @@ _MIN_DOCSTRING_CHARS = 200
 # Standard-library parts that are not prose or code worth learning from (tests, GUI demos, jokes,
 # generated tables, a build-specific config dump) or that pydoc_data already covers.
 _DOCS_SKIP = frozenset(
-    {"antigravity", "this", "test", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3",
-     "ensurepip", "pydoc_data", "msilib", "encodings"}
+    {
+        "antigravity",
+        "this",
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtle",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "pydoc_data",
+        "msilib",
+        "encodings",
+    }
 )
 _CODE_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "encodings", "pydoc_data"}

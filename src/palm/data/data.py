@@ -30,7 +30,9 @@ class TokenData:
     seq_len: int
     byte_table: np.ndarray | None = None  # token_byte_lengths of the tokenizer, for exact byte counts
     shard_dirs: list[Path] = field(default_factory=list)
-    reports: list = field(default_factory=list)  # palm.data.shards.ShardReport per corpus: built or reused, counts, time
+    reports: list = field(
+        default_factory=list
+    )  # palm.data.shards.ShardReport per corpus: built or reused, counts, time
 
 
 def get_batch(data: TokenData, step: int, seed: int, batch_size: int, rows: range | None = None) -> torch.Tensor:

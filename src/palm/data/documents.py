@@ -25,18 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import columnar, textio
 from ..core.errors import CorpusError, PalmError
-from .textio import BinaryFileError
 from ..text.tokenizer import not_unicode
+from . import columnar, textio
+from .textio import BinaryFileError
 
 DEFAULT_TEXT_COLUMN = "text"
 RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 
 Piece = tuple[str, bool]  # a document's text, or a piece of it; True on its last piece
 
-__all__ = ["BinaryFileError", "CorpusFile", "Piece", "corpus_files", "iter_documents", "iter_pieces", "jsonl_rows",
-           "read_text"]
+__all__ = [
+    "BinaryFileError",
+    "CorpusFile",
+    "Piece",
+    "corpus_files",
+    "iter_documents",
+    "iter_pieces",
+    "jsonl_rows",
+    "read_text",
+]
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ def read_text(path: Path) -> str:
 
 
 def _place(path: Path, at: int, lineno: int | None) -> str:
-    """"PATH:LINE" of the line at byte `at`; the line is counted from the start only when a message needs it."""
+    """ "PATH:LINE" of the line at byte `at`; the line is counted from the start only when a message needs it."""
     if lineno is None:
         lineno = 1 + sum(block.count(b"\n") for block in textio.read_blocks(path, 0, at))
     return f"{path}:{lineno}"
@@ -135,8 +143,9 @@ def _json_lines(path: Path, start: int = 0, stop: int | None = None) -> Iterator
         if b"\\ud" in raw or b"\\uD" in raw:
             problem = not_unicode(json.dumps(value, ensure_ascii=False))
             if problem:
-                raise CorpusError(f"{_place(path, at, lineno)}: not valid Unicode text "
-                                  f"({problem.removeprefix('it holds ')})")
+                raise CorpusError(
+                    f"{_place(path, at, lineno)}: not valid Unicode text ({problem.removeprefix('it holds ')})"
+                )
         yield at, lineno, value
 
 

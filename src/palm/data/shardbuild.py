@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import TEMP_MARK, OutputError, fsync_dir
+from ..core.errors import CorpusError, TokenizerError
 from .choice import in_validation
 from .corpora import CorpusPart
-from ..core.errors import CorpusError, TokenizerError
 from .units import Unit, unit_pieces
 
 _BATCH_CHARS = 1 << 18  # text per encode call: big enough to amortise the call, small enough for its memory
@@ -139,12 +139,19 @@ def tokenize_unit(encoder: Encoder, task: Task) -> dict:
         _write(bin_path, flat.tofile)
         _write(docs_path, lambda f: np.save(f, table, allow_pickle=False))
     except FileNotFoundError:
-        raise CorpusError(f"the build folder {task.build} was removed while unit {unit.index} was written "
-                          "(another process finished or abandoned the same shard)") from None
+        raise CorpusError(
+            f"the build folder {task.build} was removed while unit {unit.index} was written "
+            "(another process finished or abandoned the same shard)"
+        ) from None
     except OSError as e:  # a full disk, most likely
         raise OutputError(f"cannot write {bin_path.parent}: {e.strerror or e}") from None
-    return {"index": unit.index, "size": unit.size, "tokens": total, "docs": int(table[:, 2].sum()),
-            "bytes": int(table[:, 1].sum())}
+    return {
+        "index": unit.index,
+        "size": unit.size,
+        "tokens": total,
+        "docs": int(table[:, 2].sum()),
+        "bytes": int(table[:, 1].sum()),
+    }
 
 
 # ---- joining the units -----------------------------------------------------------------------------
@@ -224,8 +231,16 @@ class ShareStats:
     seconds: float = 0.0
 
 
-def tokenize_share(part: CorpusPart, units: Iterator[Unit], workers, build: Path, dtype: np.dtype,
-                   mine: Callable[[int], bool], bar=None, many: bool = True) -> ShareStats:
+def tokenize_share(
+    part: CorpusPart,
+    units: Iterator[Unit],
+    workers,
+    build: Path,
+    dtype: np.dtype,
+    mine: Callable[[int], bool],
+    bar=None,
+    many: bool = True,
+) -> ShareStats:
     """Tokenize the units of `units` that are `mine` and not complete already, with `workers` (a
     palm.data.workers.Workers); writes plan.json at the end."""
     stats = ShareStats()

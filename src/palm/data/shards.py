@@ -30,20 +30,28 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..core.errors import CorpusError, PalmError
+from ..text.tokenizer import BYTE_TOKENS, PalmTokenizer
 from .choice import in_validation
 from .corpora import CorpusPart, part_fingerprint
 from .data import TokenData
-from ..core.errors import CorpusError, PalmError
 from .shardbuild import Job, ShareStats, join, read_plan, tokenize_share, unit_table
 from .textio import human_size
-from ..text.tokenizer import BYTE_TOKENS, PalmTokenizer
 from .units import UNIT_BYTES, plan, seekable
 from .workers import Workers, default_workers
 
 SHARD_FORMAT = 2
 
-__all__ = ["SHARD_FORMAT", "ShardReport", "in_validation", "prepare_data", "token_byte_lengths", "token_dtype",
-           "tokenize_corpora", "tokenizer_sha256"]
+__all__ = [
+    "SHARD_FORMAT",
+    "ShardReport",
+    "in_validation",
+    "prepare_data",
+    "token_byte_lengths",
+    "token_dtype",
+    "tokenize_corpora",
+    "tokenizer_sha256",
+]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -132,11 +140,14 @@ class ShardReport:
 
     def line(self) -> str:
         docs = f"{self.docs:,} document{'s' if self.docs != 1 else ''}"
-        return (f"tokenized {self.corpus}: {human_size(self.bytes)}, {docs}, {self.tokens:,} tokens "
-                f"({self.bytes_per_token:.2f} bytes/token) in {self.seconds:.1f} s "
-                f"({self.bytes / 1e6 / max(self.seconds, 1e-9):.2f} MB/s, {self.workers} "
-                f"worker{'s' if self.workers > 1 else ''}, {self.units} unit{'s' if self.units != 1 else ''}"
-                + (f", {self.reused_units} from an earlier run" if self.reused_units else "") + ")")
+        return (
+            f"tokenized {self.corpus}: {human_size(self.bytes)}, {docs}, {self.tokens:,} tokens "
+            f"({self.bytes_per_token:.2f} bytes/token) in {self.seconds:.1f} s "
+            f"({self.bytes / 1e6 / max(self.seconds, 1e-9):.2f} MB/s, {self.workers} "
+            f"worker{'s' if self.workers > 1 else ''}, {self.units} unit{'s' if self.units != 1 else ''}"
+            + (f", {self.reused_units} from an earlier run" if self.reused_units else "")
+            + ")"
+        )
 
 
 @dataclass
@@ -155,8 +166,9 @@ class _Shard:
         return cls(part, key, folder, cache_dir / f".{folder.name}.build")
 
 
-def _tokenize(shard: _Shard, workers: Workers, dtype: np.dtype, unit_bytes: int, progress: bool,
-              rank: int = 0, world: int = 1) -> ShareStats:
+def _tokenize(
+    shard: _Shard, workers: Workers, dtype: np.dtype, unit_bytes: int, progress: bool, rank: int = 0, world: int = 1
+) -> ShareStats:
     """Tokenize this process's share of the units not finished yet (all of them in one process)."""
     shard.build.mkdir(exist_ok=True)
     mine = (lambda i: i % world == rank) if world > 1 else (lambda i: True)
@@ -166,13 +178,26 @@ def _tokenize(shard: _Shard, workers: Workers, dtype: np.dtype, unit_bytes: int,
         units = list(units)  # type: ignore[assignment]
         total = sum(u.size for u in units if mine(u.index))
         many = sum(1 for u in units if mine(u.index)) > 1
-    with tqdm(desc=f"tokenizing {shard.part.name}", total=total, unit="B", unit_scale=True, disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        desc=f"tokenizing {shard.part.name}",
+        total=total,
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         return tokenize_share(shard.part, iter(units), workers, shard.build, dtype, mine, bar, many)
 
 
-def _build(shard: _Shard, tokenizer: PalmTokenizer, tok_sha: str, val_fraction: float, workers: Workers,
-           unit_bytes: int, progress: bool) -> tuple[dict, ShardReport]:
+def _build(
+    shard: _Shard,
+    tokenizer: PalmTokenizer,
+    tok_sha: str,
+    val_fraction: float,
+    workers: Workers,
+    unit_bytes: int,
+    progress: bool,
+) -> tuple[dict, ShardReport]:
     """Tokenize what is left of the corpus, join the units into the shard folder; (meta, report)."""
     started = time.perf_counter()
     dtype = token_dtype(len(tokenizer))
@@ -185,9 +210,17 @@ def _build(shard: _Shard, tokenizer: PalmTokenizer, tok_sha: str, val_fraction: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{shard.folder.name}.tmp-", dir=shard.folder.parent))
     try:
         counts = join(shard.build, stats.units, tmp, dtype, val_fraction, part.name)
-        meta = {"format": SHARD_FORMAT, "key": shard.key, "corpus": part.name, "source": part.source,
-                "tokenizer_sha256": tok_sha, "val_fraction": val_fraction, "vocab_size": len(tokenizer),
-                "dtype": dtype.name, **counts}
+        meta = {
+            "format": SHARD_FORMAT,
+            "key": shard.key,
+            "corpus": part.name,
+            "source": part.source,
+            "tokenizer_sha256": tok_sha,
+            "val_fraction": val_fraction,
+            "vocab_size": len(tokenizer),
+            "dtype": dtype.name,
+            **counts,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         # Another process may have finished the same shard meanwhile: its copy is as good as ours and
         # may already be in use, so it stays. Anything else there is a damaged shard and goes.
@@ -208,13 +241,30 @@ def _build(shard: _Shard, tokenizer: PalmTokenizer, tok_sha: str, val_fraction: 
             shutil.rmtree(tmp)
     tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
     docs = meta["train"]["docs"] + meta["val"]["docs"]
-    report = ShardReport(part.name, True, tokens, docs, meta["train"]["bytes"] + meta["val"]["bytes"],
-                         time.perf_counter() - started, workers.count, stats.units, stats.reused)
+    report = ShardReport(
+        part.name,
+        True,
+        tokens,
+        docs,
+        meta["train"]["bytes"] + meta["val"]["bytes"],
+        time.perf_counter() - started,
+        workers.count,
+        stats.units,
+        stats.reused,
+    )
     return meta, report
 
 
-def _ensure_shard(part: CorpusPart, tokenizer: PalmTokenizer, cache_dir: Path, tok_sha: str, val_fraction: float,
-                  workers: Workers, unit_bytes: int, progress: bool) -> tuple[Path, dict, ShardReport]:
+def _ensure_shard(
+    part: CorpusPart,
+    tokenizer: PalmTokenizer,
+    cache_dir: Path,
+    tok_sha: str,
+    val_fraction: float,
+    workers: Workers,
+    unit_bytes: int,
+    progress: bool,
+) -> tuple[Path, dict, ShardReport]:
     """The shard folder of one corpus and its meta.json, tokenizing the corpus only if no shard matches."""
     shard = _Shard.of(part, cache_dir, tok_sha, val_fraction, unit_bytes)
     meta = _load_shard(shard.folder, shard.key)
@@ -229,7 +279,11 @@ def _ensure_shard(part: CorpusPart, tokenizer: PalmTokenizer, cache_dir: Path, t
                 shutil.rmtree(shard.build, ignore_errors=True)  # bad input: nothing worth resuming
                 raise
     tokens, docs = meta["train"]["tokens"] + meta["val"]["tokens"], meta["train"]["docs"] + meta["val"]["docs"]
-    return shard.folder, meta, ShardReport(part.name, False, tokens, docs, meta["train"]["bytes"] + meta["val"]["bytes"])
+    return (
+        shard.folder,
+        meta,
+        ShardReport(part.name, False, tokens, docs, meta["train"]["bytes"] + meta["val"]["bytes"]),
+    )
 
 
 def _job(tokenizer: PalmTokenizer) -> Job:
@@ -237,9 +291,17 @@ def _job(tokenizer: PalmTokenizer) -> Job:
     return Job(backend.to_str(), tokenizer.eod_id, token_dtype(len(tokenizer)).name)
 
 
-def tokenize_corpora(parts: list[CorpusPart], tokenizer: PalmTokenizer, cache_dir: Path, rank: int, world: int,
-                     val_fraction: float = 0.05, workers: int | None = None, progress: bool = False,
-                     unit_bytes: int = UNIT_BYTES) -> list[ShareStats]:
+def tokenize_corpora(
+    parts: list[CorpusPart],
+    tokenizer: PalmTokenizer,
+    cache_dir: Path,
+    rank: int,
+    world: int,
+    val_fraction: float = 0.05,
+    workers: int | None = None,
+    progress: bool = False,
+    unit_bytes: int = UNIT_BYTES,
+) -> list[ShareStats]:
     """Rank `rank` of `world` tokenizes its share (every world-th unit) of each corpus that has no shard
     yet; `prepare_data` on one rank then joins them. Each rank may use several worker processes."""
     cache_dir = Path(cache_dir)
@@ -285,8 +347,10 @@ def prepare_data(
     byte_table = token_byte_lengths(tokenizer)
     out = TokenData([], [], [], [], [], vocab_size=len(tokenizer), seq_len=seq_len, byte_table=byte_table)
     with Workers(_job(tokenizer), workers or default_workers()) as pool:
-        shards = [_ensure_shard(part, tokenizer, cache_dir, tok_sha, val_fraction, pool, unit_bytes, progress)
-                  for part in parts]
+        shards = [
+            _ensure_shard(part, tokenizer, cache_dir, tok_sha, val_fraction, pool, unit_bytes, progress)
+            for part in parts
+        ]
     for part, (folder, meta, report) in zip(parts, shards):
         dtype = np.dtype(meta["dtype"])
         train = _open_tokens(folder / "train.bin", dtype, meta["train"]["tokens"])

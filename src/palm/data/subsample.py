@@ -15,9 +15,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..core.errors import CorpusError
 from .choice import position_hash
 from .corpora import CorpusPart, part_pieces
-from ..core.errors import CorpusError
 from .textio import human_size
 
 DEFAULT_SAMPLE_BYTES = 200_000_000  # enough text for a 32k vocabulary; well under 2 GB of memory to train on
@@ -47,9 +47,11 @@ class Sample:
 
     def line(self) -> str:
         whole = " (the whole corpus)" if self.pieces_kept == self.pieces_total else ""
-        return (f"sampled {human_size(self.bytes_kept)} of {human_size(self.bytes_total)}{whole} for the tokenizer: "
-                f"{self.pieces_kept:,} of {self.pieces_total:,} documents and pieces, "
-                f"budget {human_size(self.budget)} (--sample-bytes)")
+        return (
+            f"sampled {human_size(self.bytes_kept)} of {human_size(self.bytes_total)}{whole} for the tokenizer: "
+            f"{self.pieces_kept:,} of {self.pieces_total:,} documents and pieces, "
+            f"budget {human_size(self.budget)} (--sample-bytes)"
+        )
 
 
 def sample_corpora(parts: Sequence[CorpusPart], budget: int = DEFAULT_SAMPLE_BYTES) -> Sample:

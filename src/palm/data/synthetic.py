@@ -23,8 +23,28 @@ import yaml
 from ..core.atomic import write_text
 from ..text.templates import TEMPLATES
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 ZH_DIGITS = "零一二三四五六七八九"
 
@@ -88,7 +108,9 @@ def _cut(items: list, seed: int, n_test: int, n_fewshot: int, n_train: int | Non
     return test, fewshot, train if n_train is None else train[:n_train]
 
 
-def _split(train: list[tuple[str, str]], fewshot: list[tuple[str, str]], test: list[tuple[str, str]], seed: int) -> Split:
+def _split(
+    train: list[tuple[str, str]], fewshot: list[tuple[str, str]], test: list[tuple[str, str]], seed: int
+) -> Split:
     train = list(train)
     random.Random(seed + 1).shuffle(train)  # mix the directions / orders within the training file
     return Split(
@@ -98,8 +120,9 @@ def _split(train: list[tuple[str, str]], fewshot: list[tuple[str, str]], test: l
     )
 
 
-def number_task(seed: int = 0, n_test: int = 200, n_fewshot: int = 50, n_train: int | None = None,
-                both_directions: bool = True) -> Split:
+def number_task(
+    seed: int = 0, n_test: int = 200, n_fewshot: int = 50, n_train: int | None = None, both_directions: bool = True
+) -> Split:
     """Number words -> Chinese numerals over 1..9999 (and back when `both_directions`).
 
     The prompt is the number alone; its script says which way to translate. A test number is held
@@ -114,8 +137,9 @@ def number_task(seed: int = 0, n_test: int = 200, n_fewshot: int = 50, n_train: 
     return _split(rows(train), rows(fewshot), rows(test), seed)
 
 
-def arithmetic_task(seed: int = 0, low: int = 10, high: int = 99, n_test: int = 200, n_fewshot: int = 50,
-                    n_train: int | None = None) -> Split:
+def arithmetic_task(
+    seed: int = 0, low: int = 10, high: int = 99, n_test: int = 200, n_fewshot: int = 50, n_train: int | None = None
+) -> Split:
     """'What is a + b?' -> str(a + b) for low <= a, b <= high.
 
     Pairs are split unordered: a held-out {a, b} is asked neither as a + b nor as b + a in training.
@@ -166,7 +190,10 @@ def write_task(split: Split, out: str | Path, name: str, task: str, max_new_toke
 
 # ---- a two-turn conversation ---------------------------------------------------------------------
 
-RECALL_QUESTIONS = {"first": "Write the first one in Chinese numerals.", "second": "Write the second one in Chinese numerals."}
+RECALL_QUESTIONS = {
+    "first": "Write the first one in Chinese numerals.",
+    "second": "Write the second one in Chinese numerals.",
+}
 
 
 def recall_conversation(a: int, b: int, which: str) -> list[dict[str, str]]:
@@ -192,12 +219,18 @@ def chat_recall_task(seed: int = 0, low: int = 1, high: int = 99, n_test: int = 
     pairs = [(a, b) for a in range(low, high + 1) for b in range(a + 1, high + 1)]
     test, _, train = _cut(pairs, seed, n_test, 0, None)
     rng = random.Random(seed + 1)
-    conversations = [recall_conversation(*p, rng.choice(sorted(RECALL_QUESTIONS))) for a, b in train for p in ((a, b), (b, a))]
+    conversations = [
+        recall_conversation(*p, rng.choice(sorted(RECALL_QUESTIONS))) for a, b in train for p in ((a, b), (b, a))
+    ]
     rng.shuffle(conversations)
-    held = [recall_conversation(*(p if rng.random() < 0.5 else p[::-1]), rng.choice(sorted(RECALL_QUESTIONS)))  # type: ignore[call-arg]
-            for p in test]
-    return ChatSplit(train=[{"messages": c} for c in conversations],
-                     test=[{"messages": c[:-1], "answer": c[-1]["content"]} for c in held])
+    held = [
+        recall_conversation(*(p if rng.random() < 0.5 else p[::-1]), rng.choice(sorted(RECALL_QUESTIONS)))  # type: ignore[call-arg]
+        for p in test
+    ]
+    return ChatSplit(
+        train=[{"messages": c} for c in conversations],
+        test=[{"messages": c[:-1], "answer": c[-1]["content"]} for c in held],
+    )
 
 
 def write_chat_task(split: ChatSplit, out: str | Path, name: str, max_new_tokens: int = 16) -> dict[str, Path]:
@@ -208,7 +241,12 @@ def write_chat_task(split: ChatSplit, out: str | Path, name: str, max_new_tokens
     paths = {"train": out / f"{name}-train.jsonl", "test": out / f"{name}-test.jsonl", "yaml": out / f"{name}.yaml"}
     _write_jsonl(paths["train"], split.train)
     _write_jsonl(paths["test"], split.test)
-    spec = {"name": name, "file": paths["test"].name, "kind": "chat", "metric": "exact_match",
-            "max_new_tokens": max_new_tokens}
+    spec = {
+        "name": name,
+        "file": paths["test"].name,
+        "kind": "chat",
+        "metric": "exact_match",
+        "max_new_tokens": max_new_tokens,
+    }
     write_text(paths["yaml"], yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
     return paths

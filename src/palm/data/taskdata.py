@@ -26,17 +26,41 @@ from ..text.templates import TEMPLATES as PROMPTS
 
 TASKS = ("summarize", "qa", "translate")
 # A task's fields, the one cut to fit the window first, and the columns each field is found under.
-FIELDS: dict[str, tuple[str, ...]] = {"summarize": ("document", "summary"), "qa": ("context", "question", "answer"),
-                                      "translate": ("source", "target")}
+FIELDS: dict[str, tuple[str, ...]] = {
+    "summarize": ("document", "summary"),
+    "qa": ("context", "question", "answer"),
+    "translate": ("source", "target"),
+}
 CUT = {"summarize": "document", "qa": "context", "translate": "source"}
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "document": ("article", "document", "text", "prompt"), "summary": ("highlights", "summary", "completion"),
-    "context": ("context",), "question": ("question", "prompt"), "answer": ("answers", "answer", "completion"),
-    "source": ("source", "prompt"), "target": ("target", "completion"),
+    "document": ("article", "document", "text", "prompt"),
+    "summary": ("highlights", "summary", "completion"),
+    "context": ("context",),
+    "question": ("question", "prompt"),
+    "answer": ("answers", "answer", "completion"),
+    "source": ("source", "prompt"),
+    "target": ("target", "completion"),
 }
-LANGUAGES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish", "ja": "Japanese",
-             "ru": "Russian", "cs": "Czech", "fi": "Finnish", "et": "Estonian", "kk": "Kazakh", "lt": "Lithuanian",
-             "gu": "Gujarati", "tr": "Turkish", "ro": "Romanian", "ko": "Korean", "ar": "Arabic", "pt": "Portuguese"}
+LANGUAGES = {
+    "en": "English",
+    "zh": "Chinese",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "ja": "Japanese",
+    "ru": "Russian",
+    "cs": "Czech",
+    "fi": "Finnish",
+    "et": "Estonian",
+    "kk": "Kazakh",
+    "lt": "Lithuanian",
+    "gu": "Gujarati",
+    "tr": "Turkish",
+    "ro": "Romanian",
+    "ko": "Korean",
+    "ar": "Arabic",
+    "pt": "Portuguese",
+}
 # palm.text.templates' prompt templates with the fields named, so a prompt/completion row reads the same either
 # way; a QA row with a context puts it first, a translation with languages names them.
 TEMPLATES = {
@@ -98,8 +122,10 @@ class Schema:
             raise TaskDataError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
         unknown = sorted(set(self.columns) - set(FIELDS[self.task]))
         if unknown:
-            raise TaskDataError(f"--columns names {', '.join(unknown)}, which a {self.task} row does not have "
-                                f"(its fields: {', '.join(FIELDS[self.task])})")
+            raise TaskDataError(
+                f"--columns names {', '.join(unknown)}, which a {self.task} row does not have "
+                f"(its fields: {', '.join(FIELDS[self.task])})"
+            )
         if (self.source_lang is None) != (self.target_lang is None):
             raise TaskDataError("give --source-lang and --target-lang together")
         if self.source_lang is not None and self.task != "translate":
@@ -146,8 +172,9 @@ def _raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
             if line.strip():
                 parts = line.rstrip("\r\n").split("\t")
                 if len(parts) != 2:
-                    raise TaskDataError(f"{path}:{i}: expected a source and a target separated by one tab, "
-                                        f"found {len(parts)} fields")
+                    raise TaskDataError(
+                        f"{path}:{i}: expected a source and a target separated by one tab, found {len(parts)} fields"
+                    )
                 yield f"{path}:{i}", {"source": parts[0], "target": parts[1]}
     else:
         yield from jsonl_rows(path, TaskDataError, "data file")
@@ -186,8 +213,10 @@ def _answers(where: str, value: Any) -> list[str]:
         value = value.get("text")
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise TaskDataError(f"{where}: the answer must be a text, a list of texts or {{\"text\": [...]}} "
-                            "(SQuAD's answers), and not empty")
+        raise TaskDataError(
+            f'{where}: the answer must be a text, a list of texts or {{"text": [...]}} '
+            "(SQuAD's answers), and not empty"
+        )
     return texts
 
 
@@ -198,14 +227,18 @@ def _pair(where: str, row: dict, schema: Schema) -> tuple[str, str]:
     if src is not None and src in languages and tgt in languages:
         return _text(where, languages[src], src), _text(where, languages[tgt], tgt or "")
     if src is None and "translation" in row:
-        raise TaskDataError(f"{where} holds translations in {', '.join(map(str, languages))}: say which way with "
-                            "--source-lang and --target-lang")
+        raise TaskDataError(
+            f"{where} holds translations in {', '.join(map(str, languages))}: say which way with "
+            "--source-lang and --target-lang"
+        )
     source, target = _find(where, row, "source", schema), _find(where, row, "target", schema)
     if source is None or target is None:
         asked = f"no {src!r} and {tgt!r} texts and " if src is not None else ""
-        raise TaskDataError(f"{where}: {asked}no source and target (its keys: {', '.join(map(str, languages))}; "
-                            "WMT's translation{...} or language columns with --source-lang/--target-lang, "
-                            "or --columns source=...,target=...)")
+        raise TaskDataError(
+            f"{where}: {asked}no source and target (its keys: {', '.join(map(str, languages))}; "
+            "WMT's translation{...} or language columns with --source-lang/--target-lang, "
+            "or --columns source=...,target=...)"
+        )
     return _text(where, source, "source"), _text(where, target, "target")
 
 
@@ -217,22 +250,33 @@ def task_row(where: str, row: Any, schema: Schema) -> TaskRow:
     if task == "translate":
         source, target = _pair(where, row, schema)
         if schema.source_lang is not None:
-            names = {"source_lang": LANGUAGES.get(schema.source_lang, schema.source_lang),
-                     "target_lang": LANGUAGES.get(schema.target_lang or "", schema.target_lang or "")}
+            names = {
+                "source_lang": LANGUAGES.get(schema.source_lang, schema.source_lang),
+                "target_lang": LANGUAGES.get(schema.target_lang or "", schema.target_lang or ""),
+            }
             return TaskRow(TEMPLATES["translate+languages"], {"source": source, **names}, "source", target, [target])
         return TaskRow(TEMPLATES["translate"], {"source": source}, "source", target, [target])
     found = {name: _find(where, row, name, schema) for name in FIELDS[task]}
     if task == "summarize":
         missing = [n for n in FIELDS[task] if found[n] is None]
         if missing:
-            raise TaskDataError(f"{where}: no {' or '.join(missing)} (columns {', '.join(map(str, row))}; "
-                                "name them with --columns document=...,summary=...)")
+            raise TaskDataError(
+                f"{where}: no {' or '.join(missing)} (columns {', '.join(map(str, row))}; "
+                "name them with --columns document=...,summary=...)"
+            )
         summary = _text(where, found["summary"], "summary")
-        return TaskRow(TEMPLATES["summarize"], {"document": _text(where, found["document"], "document")}, "document",
-                       summary, [summary])
+        return TaskRow(
+            TEMPLATES["summarize"],
+            {"document": _text(where, found["document"], "document")},
+            "document",
+            summary,
+            [summary],
+        )
     if found["question"] is None or found["answer"] is None:
-        raise TaskDataError(f"{where}: no question or answers (columns {', '.join(map(str, row))}; name them with "
-                            "--columns question=...,answer=...)")
+        raise TaskDataError(
+            f"{where}: no question or answers (columns {', '.join(map(str, row))}; name them with "
+            "--columns question=...,answer=...)"
+        )
     answers = _answers(where, found["answer"])
     values = {"question": _text(where, found["question"], "question")}
     if found["context"] is None:

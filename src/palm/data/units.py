@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.errors import CorpusError
 from . import columnar, documents, textio
 from .corpora import CorpusPart, named_documents
 from .documents import CorpusFile, Piece
-from ..core.errors import CorpusError
 
 UNIT_BYTES = 8 << 20
 
@@ -136,8 +136,9 @@ class _Planner:
             yield self._emit(size=size, pieces=held if keep else None, stream=True)
 
 
-def plan(part: CorpusPart, unit_bytes: int = UNIT_BYTES, wanted: Callable[[int], bool] = lambda index: True
-         ) -> Iterator[Unit]:
+def plan(
+    part: CorpusPart, unit_bytes: int = UNIT_BYTES, wanted: Callable[[int], bool] = lambda index: True
+) -> Iterator[Unit]:
     """The units of a corpus, in order. Units read from a stream carry their pieces if `wanted(index)`,
     and None otherwise (the stream is still read past them, to find where the next one starts)."""
     if unit_bytes < 1:
@@ -173,8 +174,9 @@ def segment_pieces(segment: Segment, column: str) -> Iterator[Piece]:
 
 def _text_segment(segment: Segment) -> Iterator[Piece]:
     path = Path(segment.path)
-    texts = textio.decode(path, textio.read_blocks(path, segment.start, segment.stop), segment.start,
-                          sniff=segment.start == 0)
+    texts = textio.decode(
+        path, textio.read_blocks(path, segment.start, segment.stop), segment.start, sniff=segment.start == 0
+    )
     try:
         yield from documents.ending(textio.text_pieces(texts), segment.last)
     except textio.BinaryFileError:

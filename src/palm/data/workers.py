@@ -132,8 +132,10 @@ class Workers:
             except queue.Empty:
                 dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
-                    raise PalmError(f"a tokenizing process died (exit code {dead[0].exitcode}): killed, or out of "
-                                    "memory? Run again to continue the build, or pass fewer --workers")
+                    raise PalmError(
+                        f"a tokenizing process died (exit code {dead[0].exitcode}): killed, or out of "
+                        "memory? Run again to continue the build, or pass fewer --workers"
+                    ) from None
         if status == "failed":
             kind, message = value
             raise kind(message)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..weights.modeldir import check_model_dir
 from ..core.runtime import pick_device, pick_dtype
+from ..weights.modeldir import check_model_dir
 from .errors import EvaluationError, TaskError, require
 from .tasks import split_names
 
@@ -64,12 +64,23 @@ def run_harness(model_dir: str | Path, cfg: HarnessConfig) -> dict[str, Any]:
         results = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": str(model_dir), "dtype": dtype, "backend": "causal"},
-            tasks=names, num_fewshot=cfg.shots, limit=cfg.limit, batch_size=cfg.batch_size, device=str(device),
-            task_manager=manager, bootstrap_iters=cfg.bootstrap_iters, log_samples=cfg.log_samples,
-            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+            tasks=names,
+            num_fewshot=cfg.shots,
+            limit=cfg.limit,
+            batch_size=cfg.batch_size,
+            device=str(device),
+            task_manager=manager,
+            bootstrap_iters=cfg.bootstrap_iters,
+            log_samples=cfg.log_samples,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
         )
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise TaskError(f"lm-eval could not run {', '.join(names)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise TaskError(
+            f"lm-eval could not run {', '.join(names)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if results is None:
         raise EvaluationError("lm-eval returned no results")
     return results

@@ -86,14 +86,18 @@ def _f1(prediction: list[str], reference: list[str]) -> float:
 
 def exact_match(predictions: Sequence[str], references: References) -> float:
     """Share of predictions equal to one of their references after SQuAD's normalisation."""
-    return float(np.mean([max(squad_tokens(p) == squad_tokens(r) for r in refs)
-                          for p, refs in _pairs(predictions, references)]))
+    return float(
+        np.mean([max(squad_tokens(p) == squad_tokens(r) for r in refs) for p, refs in _pairs(predictions, references)])
+    )
 
 
 def f1(predictions: Sequence[str], references: References) -> float:
     """Mean of the best token F1 against each example's references (SQuAD v1.1)."""
-    return float(np.mean([max(_f1(squad_tokens(p), squad_tokens(r)) for r in refs)
-                          for p, refs in _pairs(predictions, references)]))
+    return float(
+        np.mean(
+            [max(_f1(squad_tokens(p), squad_tokens(r)) for r in refs) for p, refs in _pairs(predictions, references)]
+        )
+    )
 
 
 def exact_string(predictions: Sequence[str], references: References) -> float:
@@ -105,7 +109,9 @@ def _rouge(kind: str) -> Callable[[Sequence[str], References], float]:
     def score(predictions: Sequence[str], references: References) -> float:
         rouge_scorer = require("rouge_score.rouge_scorer", f"metric {kind}")
         scorer = rouge_scorer.RougeScorer([kind], tokenizer=WordsAndCharacters())
-        return float(np.mean([scorer.score_multi(refs, p)[kind].fmeasure for p, refs in _pairs(predictions, references)]))
+        return float(
+            np.mean([scorer.score_multi(refs, p)[kind].fmeasure for p, refs in _pairs(predictions, references)])
+        )
 
     score.__doc__ = f"Mean {kind} F-measure (rouge-score), best over each example's references."
     return score
@@ -153,9 +159,22 @@ def signature(name: str, predictions: Sequence[str], references: References) -> 
 
 
 GENERATION_METRICS: dict[str, Callable[[Sequence[str], References], float]] = {
-    "exact_match": exact_match, "f1": f1, "exact_string": exact_string, "rouge1": rouge1, "rouge2": rouge2,
-    "rouge_l": rouge_l, "rouge_lsum": rouge_lsum, "bleu": bleu, "chrf": chrf, "chrf++": chrf_pp,
+    "exact_match": exact_match,
+    "f1": f1,
+    "exact_string": exact_string,
+    "rouge1": rouge1,
+    "rouge2": rouge2,
+    "rouge_l": rouge_l,
+    "rouge_lsum": rouge_lsum,
+    "bleu": bleu,
+    "chrf": chrf,
+    "chrf++": chrf_pp,
 }
 # The names `palm finetune --select` takes, as the issue tracker and papers say them.
-ALIASES = {"exact": "exact_match", "em": "exact_match", "rougeL": "rouge_l", "rougeLsum": "rouge_lsum",
-           "chrfpp": "chrf++"}
+ALIASES = {
+    "exact": "exact_match",
+    "em": "exact_match",
+    "rougeL": "rouge_l",
+    "rougeLsum": "rouge_lsum",
+    "chrfpp": "chrf++",
+}

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..core.heldout import summed_nll
+from ..core.rundir import RunLayout
 from ..data.corpora import parse_corpus_spec
 from ..data.data import val_bytes_for
-from ..core.heldout import summed_nll
-from ..model.loss import IGNORE_INDEX
-from ..core.rundir import RunLayout
 from ..data.shards import prepare_data
+from ..model.loss import IGNORE_INDEX
 from .errors import EvaluationError
 
 if TYPE_CHECKING:
@@ -50,8 +50,14 @@ class TextScore:
         return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"corpus": self.name, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
-                "bits_per_byte": self.bits_per_byte, "perplexity": self.perplexity}
+        return {
+            "corpus": self.name,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "nll": self.nll,
+            "bits_per_byte": self.bits_per_byte,
+            "perplexity": self.perplexity,
+        }
 
 
 def sliding_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -92,8 +98,12 @@ def _window_batches(
 
 
 def score_stream(
-    model: PalmForCausalLM, ids: Sequence[int] | np.ndarray, seq_len: int, stride: int | None = None,
-    batch_size: int = 4, pad_id: int = 0,
+    model: PalmForCausalLM,
+    ids: Sequence[int] | np.ndarray,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    pad_id: int = 0,
 ) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, targets) of ids[1:] given what precedes each, windowed."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -104,7 +114,11 @@ def score_stream(
 
 
 def score_text(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, text: str, seq_len: int | None = None, stride: int | None = None,
+    model: PalmForCausalLM,
+    tokenizer: PalmTokenizer,
+    text: str,
+    seq_len: int | None = None,
+    stride: int | None = None,
     batch_size: int = 4,
 ) -> TextScore:
     """Bits per byte of one text: every token of it is predicted, the first from `<eod>` alone.
@@ -156,7 +170,10 @@ def _run_settings(model_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_corpora(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, cfg: CorpusEvalConfig, model_dir: str | Path | None = None,
+    model: PalmForCausalLM,
+    tokenizer: PalmTokenizer,
+    cfg: CorpusEvalConfig,
+    model_dir: str | Path | None = None,
     progress: bool = False,
 ) -> list[TextScore]:
     """Perplexity and bits per byte on the held-out split of every corpus of a mixture.

@@ -38,14 +38,19 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def corpus_table(scores: Sequence[TextScore]) -> str:
-    return format_table(["corpus", "tokens", "bytes", "perplexity", "bits/byte"],
-                        [(s.name, s.tokens, int(s.bytes), s.perplexity, s.bits_per_byte) for s in scores])
+    return format_table(
+        ["corpus", "tokens", "bytes", "perplexity", "bits/byte"],
+        [(s.name, s.tokens, int(s.bytes), s.perplexity, s.bits_per_byte) for s in scores],
+    )
 
 
 def task_table(results: Sequence[dict[str, Any]]) -> str:
     """One row per task and metric, then sacreBLEU's signature of each BLEU and chrF score shown."""
-    rows = [(r["task"], r["kind"], r["shots"], r["examples"], metric, value)
-            for r in results for metric, value in r["metrics"].items()]
+    rows = [
+        (r["task"], r["kind"], r["shots"], r["examples"], metric, value)
+        for r in results
+        for metric, value in r["metrics"].items()
+    ]
     signed = [f"{r['task']} {name}: {sig}" for r in results for name, sig in r.get("signatures", {}).items()]
     return "\n".join([format_table(["task", "kind", "shots", "n", "metric", "value"], rows), *signed])
 
@@ -84,17 +89,29 @@ class EvalRequest:
             raise EvaluationError(f"--batch-size must be positive, not {self.batch_size}")
 
     def corpus_config(self) -> CorpusEvalConfig:
-        return CorpusEvalConfig(corpus=list(self.corpus), seq_len=self.seq_len, stride=self.stride,
-                                val_fraction=self.val_fraction, max_tokens=self.max_tokens, batch_size=self.batch_size,
-                                cache_dir=str(self.cache_dir) if self.cache_dir else None)
+        return CorpusEvalConfig(
+            corpus=list(self.corpus),
+            seq_len=self.seq_len,
+            stride=self.stride,
+            val_fraction=self.val_fraction,
+            max_tokens=self.max_tokens,
+            batch_size=self.batch_size,
+            cache_dir=str(self.cache_dir) if self.cache_dir else None,
+        )
 
     def harness_config(self) -> HarnessConfig:
-        return HarnessConfig(tasks=list(self.harness), include_path=[str(p) for p in self.include_path],
-                             shots=self.shots, limit=self.limit, batch_size=self.batch_size, seed=self.seed)
+        return HarnessConfig(
+            tasks=list(self.harness),
+            include_path=[str(p) for p in self.include_path],
+            shots=self.shots,
+            limit=self.limit,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
 
 def eval_report(
-    model_dir: str | Path, request: EvalRequest, *, progress: bool = False, echo: Callable[[str], Any] | None = None,
+    model_dir: str | Path, request: EvalRequest, *, progress: bool = False, echo: Callable[[str], Any] | None = None
 ) -> tuple[dict[str, Any], str]:
     """(the report, as `palm eval --out` writes it; its tables as text) for one model directory.
 
@@ -121,8 +138,18 @@ def eval_report(
         show(corpus_table(scores))
         report["corpora"] = [s.to_dict() for s in scores]
     if task_list:
-        results = [evaluate_task(model, tokenizer, t, shots=request.shots or 0, seed=request.seed, limit=request.limit,
-                                 batch_size=request.batch_size) for t in task_list]
+        results = [
+            evaluate_task(
+                model,
+                tokenizer,
+                t,
+                shots=request.shots or 0,
+                seed=request.seed,
+                limit=request.limit,
+                batch_size=request.batch_size,
+            )
+            for t in task_list
+        ]
         show(task_table(results))
         report["tasks"] = results
     if request.harness:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..text.chat import encode_prompt
 from ..inference.generate import Generator, SamplingConfig
+from ..text.chat import encode_prompt
 from ..text.templates import reply_text
 from .errors import EvaluationError
 from .metrics import GENERATION_METRICS, signature
@@ -97,8 +97,7 @@ def _fit_prompt(tokenizer: PalmTokenizer, task: Task, index: int, shots: int, se
 
 
 def _score_choices(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int,
-    batch_size: int,
+    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int, batch_size: int
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(acc and acc_norm, one record per example) of a multiple-choice task."""
     prompts = [build_prompt(task, i, shots, seed) for i in indices]
@@ -112,8 +111,15 @@ def _score_choices(
         norm = lls / np.array([len(c) for c in ex.choices])
         hits.append(int(lls.argmax()) == ex.answer)
         hits_norm.append(int(norm.argmax()) == ex.answer)
-        records.append({"prompt": ex.prompt, "target": ex.answer, "loglikelihoods": lls.tolist(),
-                        "prediction": int(lls.argmax()), "prediction_norm": int(norm.argmax())})
+        records.append(
+            {
+                "prompt": ex.prompt,
+                "target": ex.answer,
+                "loglikelihoods": lls.tolist(),
+                "prediction": int(lls.argmax()),
+                "prediction_norm": int(norm.argmax()),
+            }
+        )
     return {"acc": float(np.mean(hits)), "acc_norm": float(np.mean(hits_norm))}, records
 
 
@@ -130,14 +136,14 @@ def signatures(task: Task, records: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _score_generations(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int,
-    batch_size: int,
+    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int, batch_size: int
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(the task's metrics, one record per example) of greedy generations for a generation task."""
     budget = model.config.max_position_embeddings - task.max_new_tokens
     if budget < 2:
         raise EvaluationError(
-            f"max_new_tokens {task.max_new_tokens} leaves no room for a prompt in the model's context")
+            f"max_new_tokens {task.max_new_tokens} leaves no room for a prompt in the model's context"
+        )
     generator = Generator(model, tokenizer)
     prompts = [_fit_prompt(tokenizer, task, i, shots, seed, budget) for i in indices]
     cfg = SamplingConfig(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=list(task.stop))
@@ -146,14 +152,15 @@ def _score_generations(
         predictions += [c.text for c in generator.generate(prompts[b : b + batch_size], cfg)]
     references = [list(task.examples[i].references) for i in indices]
     metrics = generation_metrics(task, predictions, references)
-    records = [{"prompt": task.examples[i].prompt, "target": r[0] if len(r) == 1 else r, "prediction": p}
-               for i, r, p in zip(indices, references, predictions)]
+    records = [
+        {"prompt": task.examples[i].prompt, "target": r[0] if len(r) == 1 else r, "prediction": p}
+        for i, r, p in zip(indices, references, predictions)
+    ]
     return metrics, records
 
 
 def _score_chats(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int,
-    batch_size: int,
+    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, indices: range, shots: int, seed: int, batch_size: int
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(the task's metrics, one record per example) of the greedy next assistant turn of each conversation,
     prompted by the chat template and ended by its end-of-turn token."""
@@ -161,8 +168,10 @@ def _score_chats(
     prompts = [encode_prompt(tokenizer, list(task.examples[i].messages)) for i in indices]
     context = model.config.max_position_embeddings - task.max_new_tokens
     if any(len(p) > context for p in prompts):
-        raise EvaluationError(f"a conversation of task {task.name} does not fit the model's context with "
-                              f"max_new_tokens {task.max_new_tokens}")
+        raise EvaluationError(
+            f"a conversation of task {task.name} does not fit the model's context with "
+            f"max_new_tokens {task.max_new_tokens}"
+        )
     cfg = SamplingConfig(max_new_tokens=task.max_new_tokens, temperature=0.0)
     predictions: list[str] = []
     for b in range(0, len(prompts), batch_size):
@@ -178,14 +187,22 @@ def _score_chats(
         predictions += [reply_text(tokenizer.decode(ids)) for ids in rows]
     references = [list(task.examples[i].references) for i in indices]
     metrics = generation_metrics(task, predictions, references)
-    records = [{"messages": list(task.examples[i].messages), "target": r[0] if len(r) == 1 else r, "prediction": p}
-               for i, r, p in zip(indices, references, predictions)]
+    records = [
+        {"messages": list(task.examples[i].messages), "target": r[0] if len(r) == 1 else r, "prediction": p}
+        for i, r, p in zip(indices, references, predictions)
+    ]
     return metrics, records
 
 
 def evaluate_task(
-    model: PalmForCausalLM, tokenizer: PalmTokenizer, task: Task, shots: int = 0, seed: int = 0,
-    limit: int | None = None, batch_size: int = 8, samples: bool = True,
+    model: PalmForCausalLM,
+    tokenizer: PalmTokenizer,
+    task: Task,
+    shots: int = 0,
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    samples: bool = True,
 ) -> dict[str, Any]:
     """Score a model on a task, k-shot: a dict with the task, settings, metrics and (optionally) samples."""
     if limit is not None and limit < 1:
@@ -196,8 +213,15 @@ def evaluate_task(
     fewshot_examples(task, 0, shots, seed)  # checks there are enough examples to draw from
     score = {"multiple_choice": _score_choices, "chat": _score_chats}.get(task.kind, _score_generations)
     metrics, records = score(model, tokenizer, task, indices, shots, seed, batch_size)
-    result: dict[str, Any] = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed,
-                              "examples": len(indices), "metrics": metrics, "source": task.source}
+    result: dict[str, Any] = {
+        "task": task.name,
+        "kind": task.kind,
+        "shots": shots,
+        "seed": seed,
+        "examples": len(indices),
+        "metrics": metrics,
+        "source": task.source,
+    }
     if task.kind != "multiple_choice" and signatures(task, records):
         result["signatures"] = signatures(task, records)
     if samples:

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from ..text.chat import ChatError, check_messages
 from ..data.documents import jsonl_rows
+from ..text.chat import ChatError, check_messages
 from .errors import EvaluationError, TaskError
 from .metrics import GENERATION_METRICS
 
@@ -24,8 +24,16 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_METRIC = {"generate": "exact_match", "multiple_choice": "accuracy", "chat": "exact_match"}
 _YAML_KEYS = {
-    "name", "file", "kind", "template", "metric", "fewshot_file", "max_new_tokens", "stop",
-    "target_delimiter", "fewshot_delimiter",
+    "name",
+    "file",
+    "kind",
+    "template",
+    "metric",
+    "fewshot_file",
+    "max_new_tokens",
+    "stop",
+    "target_delimiter",
+    "fewshot_delimiter",
 }
 
 
@@ -103,7 +111,9 @@ def _example(where: str, row: Any, kind: str) -> Example:
         return _chat_example(where, row)
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
-        raise TaskError(f'{where}: "prompt" must be a string' if "prompt" in row else f'{where}: missing field "prompt"')
+        raise TaskError(
+            f'{where}: "prompt" must be a string' if "prompt" in row else f'{where}: missing field "prompt"'
+        )
     if "answer" not in row:
         raise TaskError(f'{where}: missing field "answer"')
     answer = row["answer"]
@@ -127,8 +137,13 @@ def read_examples(path: Path, kind: str | None = None) -> tuple[str, tuple[Examp
     examples = []
     for where, row in jsonl_rows(path, TaskError, "task file"):
         if kind is None:
-            kind = ("chat" if isinstance(row, dict) and "messages" in row
-                    else "multiple_choice" if isinstance(row, dict) and "choices" in row else "generate")
+            kind = (
+                "chat"
+                if isinstance(row, dict) and "messages" in row
+                else "multiple_choice"
+                if isinstance(row, dict) and "choices" in row
+                else "generate"
+            )
         examples.append(_example(where, row, kind))
     if not examples:
         raise TaskError(f"task file {path} is empty: it holds no examples")
@@ -141,7 +156,9 @@ def _yaml_value(where: str, raw: dict, key: str, kind: type, default: Any) -> An
         return default
     value = raw[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise TaskError(f"{where}: {key} must be a{'n' if kind is int else ''} {kind.__name__}, not {type(value).__name__}")
+        raise TaskError(
+            f"{where}: {key} must be a{'n' if kind is int else ''} {kind.__name__}, not {type(value).__name__}"
+        )
     return value
 
 
@@ -195,10 +212,17 @@ def load_task(path: str | Path) -> Task:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise TaskError(f"{where}: stop must be a string or a list of non-empty strings")
     return Task(
-        name=name, kind=kind, examples=examples, metrics=tuple(metrics), fewshot=fewshot, template=template,
+        name=name,
+        kind=kind,
+        examples=examples,
+        metrics=tuple(metrics),
+        fewshot=fewshot,
+        template=template,
         target_delimiter=_yaml_value(where, raw, "target_delimiter", str, ""),
         fewshot_delimiter=_yaml_value(where, raw, "fewshot_delimiter", str, "\n\n"),
-        max_new_tokens=max_new_tokens, stop=tuple(stop), source=str(path),
+        max_new_tokens=max_new_tokens,
+        stop=tuple(stop),
+        source=str(path),
     )
 
 
@@ -246,5 +270,3 @@ def build_prompt(task: Task, index: int, shots: int, seed: int, drop: int = 0) -
     shown = fewshot_examples(task, index, shots, seed)[drop:]
     parts = [task.format(e) + task.target_delimiter + e.target for e in shown]
     return task.fewshot_delimiter.join(parts + [task.format(task.examples[index])])
-
-

@@ -22,8 +22,10 @@ from ..text.tokenizer import BOS, EOD, EOS, PAD, SPECIAL_TOKENS, UNK, PalmTokeni
 
 # The name llama.cpp gives this regex (`tokenizer.ggml.pre`), and the regex as Qwen2's tokenizer.json has it.
 LLAMA_CPP_PRE = "qwen2"
-PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def byte_alphabet() -> list[str]:
@@ -47,25 +49,39 @@ def _renumbered(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def train_byte_level(documents: Callable[[], Iterable[str]], vocab_size: int,
-                     model_max_length: int = 2048) -> PalmTokenizer:
+def train_byte_level(
+    documents: Callable[[], Iterable[str]], vocab_size: int, model_max_length: int = 2048
+) -> PalmTokenizer:
     """A byte-level vocabulary of `vocab_size` pieces trained on `documents()`, as a PalmTokenizer."""
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=byte_alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=byte_alphabet(),
         show_progress=sys.stderr.isatty(),
     )
     tok.train_from_iterator(documents(), trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=_renumbered(tok), bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        extra_special_tokens={"eod_token": EOD}, add_bos_token=True, add_eos_token=False, padding_side="left",
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False, split_special_tokens=True,
+        tokenizer_object=_renumbered(tok),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens={"eod_token": EOD},
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
     )
     return PalmTokenizer(hf)
 
@@ -74,6 +90,10 @@ def is_byte_level(spec: dict) -> bool:
     """Whether a tokenizer.json (parsed) is this vocabulary: byte-level BPE after the `qwen2` split."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    return (len(steps) == 2 and steps[0].get("type") == "Split"
-            and steps[0].get("pattern", {}).get("Regex") == PRETOKENIZE and steps[1].get("type") == "ByteLevel"
-            and (spec.get("decoder") or {}).get("type") == "ByteLevel")
+    return (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("pattern", {}).get("Regex") == PRETOKENIZE
+        and steps[1].get("type") == "ByteLevel"
+        and (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    )

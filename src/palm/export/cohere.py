@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ..core.atomic import atomic_directory
-from ..model.config import PalmConfig
 from ..core.errors import CheckpointError
-from ..weights.modeldir import WEIGHTS, WEIGHTS_INDEX, check_config, check_model_dir, quiet_transformers
+from ..model.config import PalmConfig
 from ..text.tokenizer import PalmTokenizer
+from ..weights.modeldir import WEIGHTS, WEIGHTS_INDEX, check_config, check_model_dir, quiet_transformers
 from .formats import check_type
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -67,8 +67,11 @@ def read_palm(path: str | Path) -> tuple[PalmConfig, StoredWeights]:
     """(config, weights by palm's names, read on demand) of a checked palm directory, from safetensors only."""
     config, path = read_config(path), Path(path)
     index = path / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file() \
+    files = (
+        sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        if index.is_file()
         else [WEIGHTS]
+    )
     return config, StoredWeights(path, files)
 
 
@@ -84,13 +87,23 @@ def cohere_config(config: PalmConfig, dtype: torch.dtype):
     from transformers import CohereConfig
 
     c = CohereConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
-        layer_norm_eps=config.layer_norm_eps, logit_scale=config.head_scale, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, attention_bias=False,
-        use_qk_norm=False, tie_word_embeddings=True, pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps,
+        logit_scale=config.head_scale,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=False,
+        use_qk_norm=False,
+        tie_word_embeddings=True,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
     )
     # Cohere reads head_dim from the config when it is there (palm-540b's 48 x 256 != 18432).
     c.head_dim = config.head_dim
@@ -98,15 +111,17 @@ def cohere_config(config: PalmConfig, dtype: torch.dtype):
     return c
 
 
-def cohere_weights(config: PalmConfig, weights: Mapping[str, torch.Tensor],
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def cohere_weights(
+    config: PalmConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """palm's weights under Cohere's names, the fused input matrix split and q/k reordered for its RoPE,
     in `dtype` (None: as stored)."""
     return dict(iter_cohere_weights(config, weights, dtype))
 
 
-def iter_cohere_weights(config: PalmConfig, weights: Mapping[str, torch.Tensor],
-                        dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_cohere_weights(
+    config: PalmConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """`cohere_weights` one tensor at a time, each read from `weights` once and cast as it is made, so a
     caller that writes each away holds one layer's stored weights at a time."""
     heads, kv, dh, f = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size

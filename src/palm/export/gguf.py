@@ -74,16 +74,33 @@ def _metadata(gguf, name: str, config: PalmConfig, kind: str, vocab: LlamaVocab,
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
     c = config
     return {
-        "name": name, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-        "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
-        "head_count": c.num_attention_heads, "head_count_kv": c.num_key_value_heads, "key_length": c.head_dim,
-        "value_length": c.head_dim, "rope_dimension_count": c.head_dim, "rope_freq_base": c.rope_theta,
-        "layer_norm_eps": c.layer_norm_eps, "logit_scale": c.head_scale,
-        "file_type": getattr(gguf.LlamaFileType, file_types[kind]), "quantization_version": gguf.GGML_QUANT_VERSION,
-        "tokenizer_model": "gpt2", "tokenizer_pre": vocab.pre, "token_list": vocab.tokens,
-        "token_types": vocab.types, "token_merges": vocab.merges, "bos_token_id": ids.bos_id,
-        "eos_token_id": ids.eos_id, "eot_token_id": ids.eod_id,  # palm stops at the end of a document too
-        "unk_token_id": ids.unk_id, "pad_token_id": ids.pad_id, "add_bos_token": True, "add_eos_token": False,
+        "name": name,
+        "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size,
+        "block_count": c.num_hidden_layers,
+        "feed_forward_length": c.intermediate_size,
+        "head_count": c.num_attention_heads,
+        "head_count_kv": c.num_key_value_heads,
+        "key_length": c.head_dim,
+        "value_length": c.head_dim,
+        "rope_dimension_count": c.head_dim,
+        "rope_freq_base": c.rope_theta,
+        "layer_norm_eps": c.layer_norm_eps,
+        "logit_scale": c.head_scale,
+        "file_type": getattr(gguf.LlamaFileType, file_types[kind]),
+        "quantization_version": gguf.GGML_QUANT_VERSION,
+        "tokenizer_model": "gpt2",
+        "tokenizer_pre": vocab.pre,
+        "token_list": vocab.tokens,
+        "token_types": vocab.types,
+        "token_merges": vocab.merges,
+        "bos_token_id": ids.bos_id,
+        "eos_token_id": ids.eos_id,
+        "eot_token_id": ids.eod_id,  # palm stops at the end of a document too
+        "unk_token_id": ids.unk_id,
+        "pad_token_id": ids.pad_id,
+        "add_bos_token": True,
+        "add_eos_token": False,
     }
 
 
@@ -104,21 +121,31 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", overwrite
     config, weights = read_palm(model)
     tokenizer = PalmTokenizer.load(model)
     if not tokenizer.own:
-        raise ExportError(f"{model}: its tokenizer is not a palm vocabulary (an imported model's); GGUF export "
-                          "writes palm's vocabularies only -- convert the original model with llama.cpp's own script")
+        raise ExportError(
+            f"{model}: its tokenizer is not a palm vocabulary (an imported model's); GGUF export "
+            "writes palm's vocabularies only -- convert the original model with llama.cpp's own script"
+        )
     if len(tokenizer) != config.vocab_size:
         raise ExportError(f"{model}: the tokenizer has {len(tokenizer)} pieces and the model {config.vocab_size} rows")
     vocab = llama_vocab(tokenizer)
     # one stored tensor at a time: each is converted to the file's type as it is read
-    write_gguf(out, config, iter_cohere_weights(config, weights, torch.float32), vocab, tokenizer, kind,
-               model.resolve().name)
+    write_gguf(
+        out, config, iter_cohere_weights(config, weights, torch.float32), vocab, tokenizer, kind, model.resolve().name
+    )
     if not vocab.exact:
         log.warning(vocab.note)
     return vocab
 
 
-def write_gguf(out: Path, config: PalmConfig, state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-               vocab: LlamaVocab, ids, kind: str, name: str) -> None:
+def write_gguf(
+    out: Path,
+    config: PalmConfig,
+    state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    vocab: LlamaVocab,
+    ids,
+    kind: str,
+    name: str,
+) -> None:
     """Write Cohere-named weights `state` (a mapping, or (name, tensor) pairs, which are converted to the
     file's type one at a time) and `vocab` as the GGUF file `out`; `ids` has palm's special ids (pad_id,
     bos_id, eos_id, unk_id, eod_id, as a PalmTokenizer does)."""

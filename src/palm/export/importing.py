@@ -18,17 +18,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.atomic import atomic_directory
-from ..model.config import ConfigError, PalmConfig
 from ..core.errors import CheckpointError, TokenizerError
-from ..weights.modeldir import (
-    PICKLED_WEIGHTS, WEIGHTS, WEIGHTS_INDEX, generation_defaults, quiet_transformers, read_config_json,
-)
+from ..model.config import ConfigError, PalmConfig
 from ..text.tokenizer import PalmTokenizer
+from ..weights.modeldir import (
+    PICKLED_WEIGHTS,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    generation_defaults,
+    quiet_transformers,
+    read_config_json,
+)
 from .cohere import GENERATION_CONFIG, rope_pairs_permutation
 
 SHARD_BYTES = 2 << 30  # Transformers' default shard size is 5 GB; smaller shards keep an import's peak lower
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def palm_config(path: Path) -> PalmConfig:
@@ -38,10 +48,14 @@ def palm_config(path: Path) -> PalmConfig:
 
     config_file, raw, kind = read_config_json(path)
     if kind != "cohere":
-        why = " (Cohere2, Command R7B: sliding-window layers without RoPE, which palm's block does not have)" \
-            if kind == "cohere2" else ""
-        raise CheckpointError(f"{path} holds a {kind!r} model{why}; palm imports Cohere's Command-R layout "
-                              "(model_type 'cohere')")
+        why = (
+            " (Cohere2, Command R7B: sliding-window layers without RoPE, which palm's block does not have)"
+            if kind == "cohere2"
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} holds a {kind!r} model{why}; palm imports Cohere's Command-R layout (model_type 'cohere')"
+        )
     try:
         c = CohereConfig.from_dict(raw)
     except (TypeError, ValueError, KeyError, StrictDataclassError) as e:
@@ -53,20 +67,29 @@ def palm_config(path: Path) -> PalmConfig:
         "tie_word_embeddings": (not c.tie_word_embeddings, "a head apart from the embedding (palm ties them)"),
     }
     rope = c.rope_parameters or {}
-    refusals["rope_parameters"] = (rope.get("rope_type", "default") != "default",
-                                   f"RoPE scaling {rope.get('rope_type')!r} (palm runs plain RoPE)")
+    refusals["rope_parameters"] = (
+        rope.get("rope_type", "default") != "default",
+        f"RoPE scaling {rope.get('rope_type')!r} (palm runs plain RoPE)",
+    )
     for field, (refused, what) in refusals.items():
         if refused:
             raise CheckpointError(f"{config_file}: {field} asks for {what}, which palm cannot import")
     try:
         return PalmConfig(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            max_position_embeddings=c.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
-            layer_norm_eps=c.layer_norm_eps, logit_scale=float(c.logit_scale), pad_token_id=c.pad_token_id,
-            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            layer_norm_eps=c.layer_norm_eps,
+            logit_scale=float(c.logit_scale),
+            pad_token_id=c.pad_token_id,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file} does not describe a model palm can run: {e}") from None
@@ -86,8 +109,10 @@ class Tensors:
         elif (path / WEIGHTS).is_file():
             files = [WEIGHTS]
         elif any((path / p).exists() for p in PICKLED_WEIGHTS):
-            raise CheckpointError(f"{path} holds pickled weights (pytorch_model.bin), which can run code when "
-                                  "loaded; palm imports safetensors only")
+            raise CheckpointError(
+                f"{path} holds pickled weights (pytorch_model.bin), which can run code when "
+                "loaded; palm imports safetensors only"
+            )
         else:
             raise CheckpointError(f"{path} has no weights ({WEIGHTS} is missing)")
         self.file: dict[str, Path] = {}
@@ -111,8 +136,13 @@ class Tensors:
 
 def palm_weights(config: PalmConfig, tensors: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
     """palm's weights, one at a time, from Cohere's: the five input projections fused, q/k rows reordered."""
-    d, heads, kv, dh, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                           config.head_dim, config.intermediate_size)
+    d, heads, kv, dh, f = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.intermediate_size,
+    )
     back = torch.argsort(rope_pairs_permutation(dh))
     yield "model.embed_tokens.weight", tensors.get("model.embed_tokens.weight", (config.vocab_size, d))
     yield "model.norm.weight", tensors.get("model.norm.weight", (d,))
@@ -120,10 +150,13 @@ def palm_weights(config: PalmConfig, tensors: Tensors) -> Iterator[tuple[str, to
         at = f"model.layers.{i}."
         q = tensors.get(at + "self_attn.q_proj.weight", (heads * dh, d))
         k = tensors.get(at + "self_attn.k_proj.weight", (kv * dh, d))
-        parts = [q.reshape(heads, dh, d)[:, back].reshape(heads * dh, d),
-                 k.reshape(kv, dh, d)[:, back].reshape(kv * dh, d),
-                 tensors.get(at + "self_attn.v_proj.weight", (kv * dh, d)),
-                 tensors.get(at + "mlp.gate_proj.weight", (f, d)), tensors.get(at + "mlp.up_proj.weight", (f, d))]
+        parts = [
+            q.reshape(heads, dh, d)[:, back].reshape(heads * dh, d),
+            k.reshape(kv, dh, d)[:, back].reshape(kv * dh, d),
+            tensors.get(at + "self_attn.v_proj.weight", (kv * dh, d)),
+            tensors.get(at + "mlp.gate_proj.weight", (f, d)),
+            tensors.get(at + "mlp.up_proj.weight", (f, d)),
+        ]
         if len({p.dtype for p in parts}) > 1:
             raise CheckpointError(f"layer {i}'s projections are stored in different dtypes")
         yield at + "ln.weight", tensors.get(at + "input_layernorm.weight", (d,))

@@ -34,8 +34,14 @@ def version() -> str:
     return _llama_cpp().__version__
 
 
-def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, exact: bool = True,
-              all_logits: bool = True, vocab_only: bool = False):
+def open_gguf(
+    path: str | Path,
+    n_ctx: int = 512,
+    threads: int | None = None,
+    exact: bool = True,
+    all_logits: bool = True,
+    vocab_only: bool = False,
+):
     """A `llama_cpp.Llama` on the file at `path`; `all_logits` keeps every position's logits (for
     `logits`), which costs a prefill the head's matmul at every position; `vocab_only` reads the
     tokenizer and no weights (enough for `tokenize`, `piece_bytes`, `agreement`). Close it when done."""
@@ -43,9 +49,17 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, ex
     cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if exact else {}
     try:
         return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-            n_threads_batch=threads, logits_all=all_logits, flash_attn=False, vocab_only=vocab_only,
-            verbose=False, **cache,
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=all_logits,
+            flash_attn=False,
+            vocab_only=vocab_only,
+            verbose=False,
+            **cache,
         )
     except ValueError as e:  # what llama-cpp-python raises for a file llama.cpp will not load
         raise ExportError(f"llama.cpp cannot load {path}: {e}") from None

@@ -54,9 +54,11 @@ class LlamaVocab:
     def note(self) -> str:
         if self.exact:
             return f"byte-level vocabulary ({self.pre} pre-tokenizer): llama.cpp's tokenizer gives palm's ids"
-        return (f"palm's character vocabulary as byte-level BPE ({self.pre} pre-tokenizer): llama.cpp's tokenizer "
-                f"gives palm's ids except on combining marks and on characters outside palm's alphabet "
-                f"({len(self.extra_rows)} extra tokens keep their bytes); feed palm's ids for exact agreement")
+        return (
+            f"palm's character vocabulary as byte-level BPE ({self.pre} pre-tokenizer): llama.cpp's tokenizer "
+            f"gives palm's ids except on combining marks and on characters outside palm's alphabet "
+            f"({len(self.extra_rows)} extra tokens keep their bytes); feed palm's ids for exact agreement"
+        )
 
 
 def llama_vocab(tokenizer: PalmTokenizer) -> LlamaVocab:
@@ -68,7 +70,11 @@ def llama_vocab(tokenizer: PalmTokenizer) -> LlamaVocab:
     if is_byte_level(spec):
         return _byte_level(tokenizer, model)
     split = spec.get("pre_tokenizer") or {}
-    if split.get("type") != "Split" or split.get("pattern", {}).get("Regex") != PRETOKENIZE or not model.get("byte_fallback"):
+    if (
+        split.get("type") != "Split"
+        or split.get("pattern", {}).get("Regex") != PRETOKENIZE
+        or not model.get("byte_fallback")
+    ):
         raise TokenizerError("the tokenizer is neither palm's default vocabulary nor its byte-level one")
     return _characters(tokenizer, model)
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .generate import Generator
-from .structured import Constraint, restrict
 from .kvcache import KVCache, attention_mask
 from .sampling import GenerationError, SamplingConfig, sample_rows
+from .structured import Constraint, restrict
 
 MIN_SPAN = 16  # the smallest attention window: shorter ones would only add compiled graphs
 # Prompt tokens per prefill pass with prefix reuse on: what reuse can share. Each pass reads every weight, so
@@ -55,8 +55,10 @@ def scores_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Score]:
     logp = logits.float().log_softmax(-1)
     top = logp.topk(k, dim=-1) if k else None
     chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
-    return [(c, list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else [])
-            for i, c in enumerate(chosen)]
+    return [
+        (c, list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else [])
+        for i, c in enumerate(chosen)
+    ]
 
 
 @dataclass(eq=False)
@@ -98,8 +100,15 @@ def pool_bytes(generator: Generator, max_batch: int, max_len: int | None = None)
 class Engine:
     """A pool of cache rows and the requests decoding in it; `step` advances every one of them."""
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 256,
-                 reuse: bool = True, block: int | None = None):
+    def __init__(
+        self,
+        generator: Generator,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        prefill_chunk: int = 256,
+        reuse: bool = True,
+        block: int | None = None,
+    ):
         """`prefill_chunk`: prompt tokens prefilled per step, in passes of `block` tokens at most (by default
         BLOCK with prefix reuse on, prefill_chunk without it)."""
         block = (BLOCK if reuse else prefill_chunk) if block is None else block
@@ -119,7 +128,9 @@ class Engine:
         self.holds: dict[int, Request] = {}  # row -> the request whose prompt its first slots hold (`fed` of them)
         self.reused_tokens = 0  # prompt tokens copied rather than prefilled: for monitoring and tests
         if generator.adapters is not None and generator.adapters.rows.numel() < max_batch:
-            raise ValueError(f"the adapters' selector holds {generator.adapters.rows.numel()} rows, fewer than {max_batch}")
+            raise ValueError(
+                f"the adapters' selector holds {generator.adapters.rows.numel()} rows, fewer than {max_batch}"
+            )
         self.requests: list[Request] = []  # admission order
         self.free = list(range(max_batch))  # a heap: the lowest free row is taken first
         self.decode_steps = 0
@@ -284,8 +295,9 @@ class Engine:
         mask = (self.filled[:b, :span] | idle)[:, None, None, :]  # an idle row sees all: no empty softmax
         if self.generator.adapters is not None:
             self.generator.adapters.rows[:b] = self.adapter_of[:b]
-        logits = self.generator.step.decode(self.cache, torch.tensor(ids, device=self.device)[:, None],
-                                            where_t, where_t, mask)
+        logits = self.generator.step.decode(
+            self.cache, torch.tensor(ids, device=self.device)[:, None], where_t, where_t, mask
+        )
         self.decode_steps += 1
         return self._sample(decoding, logits[index], span)
 
@@ -296,8 +308,9 @@ class Engine:
         if any(r.constraint is not None for r in requests):  # masked apart: log-probabilities stay the model's own
             allowed = logits.float().clone()
             restrict(allowed, [r.constraint for r in requests])
-        tokens = sample_rows(allowed, seen, [r.cfg for r in requests], [r.rng for r in requests],
-                             [len(r.prompt) for r in requests]).tolist()
+        tokens = sample_rows(
+            allowed, seen, [r.cfg for r in requests], [r.rng for r in requests], [len(r.prompt) for r in requests]
+        ).tolist()
         for i, r in enumerate(requests):
             if r.logprobs is not None:
                 r.scores += scores_of(logits[i : i + 1], tokens[i : i + 1], r.logprobs)

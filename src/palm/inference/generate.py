@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kvcache import KVCache, attention_mask, decode_mask
 from ..model.model import PalmForCausalLM
+from ..text.tokenizer import PalmTokenizer
+from .kvcache import KVCache, attention_mask, decode_mask
 from .sampling import GenerationError, SamplingConfig, sample_rows, saved_defaults
 from .step import Stepper, forward_step
-from ..text.tokenizer import PalmTokenizer
 
 if TYPE_CHECKING:
     from .multilora import AdapterRows
@@ -51,8 +51,14 @@ def cache_length(needed: int, context: int, compiled: bool) -> int:
 class Generator:
     """Loads a palm model directory once and decodes prompts with palm's fast path."""
 
-    def __init__(self, model: PalmForCausalLM, tokenizer: PalmTokenizer, compile: bool = False, quantize: str = "none",
-                 in_place: bool = False):
+    def __init__(
+        self,
+        model: PalmForCausalLM,
+        tokenizer: PalmTokenizer,
+        compile: bool = False,
+        quantize: str = "none",
+        in_place: bool = False,
+    ):
         """`in_place`: the decoding weights replace the model's own (one copy of them in memory); the model
         then decodes, and Transformers' generate() still runs on it, but it is not one to train or save."""
         self.model = model.eval()  # as given, unless in_place: Transformers' generate() and scoring keep using it
@@ -83,8 +89,15 @@ class Generator:
         self.adapters = attach(self.step.decoder, adapters, self.tokenizer, max_rows)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False,
-             quantize: str = "none", adapter: str | Path | None = None) -> Generator:
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str | None = None,
+        dtype: str = "auto",
+        compile: bool = False,
+        quantize: str = "none",
+        adapter: str | Path | None = None,
+    ) -> Generator:
         """The model in `model_dir`, with the LoRA adapter in `adapter` merged in when one is given; it is
         loaded for this generator alone, so its decoding weights take the place of its own."""
         if adapter is not None:

@@ -46,7 +46,9 @@ class KVCache:
         """The next forward pass writes rows first..first+B at `slots` [B, T] and attends over `span` slots."""
         self.slots, self.first, self.span = slots, first, self.max_len if span is None else span
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[: self.slots.shape[0]]
         window = slice(self.first, self.first + self.slots.shape[0])
         keys, values = self.keys[layer_idx][window], self.values[layer_idx][window]

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError
-from ..weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_tokenizer, check_adapter_dir
 from ..text.tokenizer import PalmTokenizer
+from ..weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_tokenizer, check_adapter_dir
 
 
 class AdapterRows(nn.Module):
@@ -63,7 +63,9 @@ def _read(name: str, path: Path, tokenizer: PalmTokenizer) -> tuple[dict, dict[s
     raw = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     for field, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if raw.get(field) == bad:
-            raise CheckpointError(f"adapter {name} ({path}) sets {field}, which palm's multi-adapter serving does not run")
+            raise CheckpointError(
+                f"adapter {name} ({path}) sets {field}, which palm's multi-adapter serving does not run"
+            )
     adapter_tokenizer(path, tokenizer, "the served model")
     try:
         weights = load_file(str(path / ADAPTER_WEIGHTS))
@@ -79,8 +81,9 @@ def _scale(raw: dict) -> float:
     return alpha / math.sqrt(r) if raw.get("use_rslora") else alpha / r
 
 
-def attach(decoder: nn.Module, adapters: Mapping[str, str | Path], tokenizer: PalmTokenizer,
-           max_rows: int = 256) -> AdapterRows:
+def attach(
+    decoder: nn.Module, adapters: Mapping[str, str | Path], tokenizer: PalmTokenizer, max_rows: int = 256
+) -> AdapterRows:
     """Put every adapter in `adapters` (name -> peft directory) on `decoder`'s matmuls; returns the selector."""
     config = decoder.config
     found = {name: _read(name, Path(path), tokenizer) for name, path in adapters.items()}
@@ -101,8 +104,10 @@ def attach(decoder: nn.Module, adapters: Mapping[str, str | Path], tokenizer: Pa
                     continue
                 la, lb = weights[key + "A.weight"], weights[key + "B.weight"]
                 if la.shape != (raw["r"], in_features) or lb.shape != (out_features, raw["r"]):
-                    raise CheckpointError(f"adapter {name}: layer {i}'s {target} is {tuple(la.shape)} x "
-                                          f"{tuple(lb.shape)}, not rank {raw['r']} over {in_features} -> {out_features}")
+                    raise CheckpointError(
+                        f"adapter {name}: layer {i}'s {target} is {tuple(la.shape)} x "
+                        f"{tuple(lb.shape)}, not rank {raw['r']} over {in_features} -> {out_features}"
+                    )
                 a[k, : raw["r"]], b[k, :, : raw["r"]] = la, lb
                 used[name] |= {key + "A.weight", key + "B.weight"}
             setattr(block, target, LoraLinear(base, a, b, scales.to(dtype), selector))
@@ -115,6 +120,11 @@ def attach(decoder: nn.Module, adapters: Mapping[str, str | Path], tokenizer: Pa
 
 def _shape(config, target: str) -> tuple[int, int]:
     """(out, in) of a block's matmul."""
-    d, f, heads, kv, dh = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                           config.num_key_value_heads, config.head_dim)
+    d, f, heads, kv, dh = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
     return {"in_proj": ((heads + 2 * kv) * dh + 2 * f, d), "attn_out": (d, heads * dh), "mlp_out": (d, f)}[target]

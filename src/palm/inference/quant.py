@@ -103,8 +103,12 @@ class MatvecLinear(nn.Module):
 
 def onednn_bf16(weight: torch.Tensor) -> bool:
     """Whether oneDNN can prepack this weight: bf16, on a CPU whose oneDNN has bf16 kernels."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def _register(packed: object, owner: nn.Module) -> int:
@@ -178,8 +182,11 @@ def int8_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, tor
 
 def int8pack_fast(weight: torch.Tensor) -> bool:
     """Whether aten's weight-only int8 matmul has a vectorised kernel for this weight's dtype and CPU."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    )
 
 
 class Int8PackLinear(nn.Module):

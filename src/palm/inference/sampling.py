@@ -42,14 +42,18 @@ class SamplingConfig:
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
             (0 <= self.top_k <= MAX_COUNT, f"top_k must be 0 (off) or a count up to {MAX_COUNT}"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "repetition_penalty must be a positive number"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                "repetition_penalty must be a positive number",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be between -2 and 2"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be between -2 and 2"),
-            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-             "logit_bias maps token ids to biases between -100 and 100"),
+            (
+                all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                "logit_bias maps token ids to biases between -100 and 100",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -71,8 +75,9 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     return logits.scatter(1, index, torch.where(seen >= 0, shrunk, prev))
 
 
-def penalize_generated(logits: torch.Tensor, seen: torch.Tensor, starts: torch.Tensor, frequency: torch.Tensor,
-                       presence: torch.Tensor) -> torch.Tensor:
+def penalize_generated(
+    logits: torch.Tensor, seen: torch.Tensor, starts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
     """OpenAI's frequency and presence penalties [B, 1] on the tokens generated so far: the ids in `seen`
     [B, S] at or after each row's first generated slot `starts` [B, 1] (the prompt is not counted)."""
     slots = torch.arange(seen.shape[1], device=seen.device)[None]
@@ -100,7 +105,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample_rows(
-    logits: torch.Tensor, seen: torch.Tensor, cfgs: list[SamplingConfig], gens: list[torch.Generator | None],
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    cfgs: list[SamplingConfig],
+    gens: list[torch.Generator | None],
     starts: list[int] | None = None,
 ) -> torch.Tensor:
     """The next token of each row from last-position logits [B, V], row r under cfgs[r] and gens[r];
@@ -112,8 +120,13 @@ def sample_rows(
     if any(c.frequency_penalty or c.presence_penalty for c in cfgs):
         if starts is None:
             raise ValueError("frequency and presence penalties need each row's first generated slot")
-        logits = penalize_generated(logits, seen, col(starts, torch.long), col([c.frequency_penalty for c in cfgs]),
-                                    col([c.presence_penalty for c in cfgs]))
+        logits = penalize_generated(
+            logits,
+            seen,
+            col(starts, torch.long),
+            col([c.frequency_penalty for c in cfgs]),
+            col([c.presence_penalty for c in cfgs]),
+        )
     if any(c.logit_bias for c in cfgs):
         logits = bias_logits(logits, cfgs)
     logits = logits.clamp(-3e38, 3e38)  # an extreme penalty overflows to inf; keep every logit finite
@@ -126,8 +139,9 @@ def sample_rows(
     # Temperatures below 1e-6 (which fp32 would round to 0) sample as 1e-6 does: the argmax, all but surely.
     rows = (rows - rows.max(-1, keepdim=True).values) / col([max(cfgs[r].temperature, 1e-6) for r in sampled])
     if any(cfgs[r].top_k or cfgs[r].top_p < 1.0 for r in sampled):
-        rows = filter_top_k_top_p(rows, col([cfgs[r].top_k for r in sampled], torch.long),
-                                  col([cfgs[r].top_p for r in sampled]))
+        rows = filter_top_k_top_p(
+            rows, col([cfgs[r].top_k for r in sampled], torch.long), col([cfgs[r].top_p for r in sampled])
+        )
     probs = rows.softmax(-1)
     for i, r in enumerate(sampled):
         greedy[r] = torch.multinomial(probs[i], 1, generator=gens[r])[0]
@@ -146,4 +160,3 @@ def saved_defaults(generation_config) -> dict:
         out = {"temperature": 0.0}
     out.update(repetition_penalty=gc.repetition_penalty, max_new_tokens=gc.max_new_tokens)
     return {k: v for k, v in out.items() if v is not None}
-

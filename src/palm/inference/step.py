@@ -12,24 +12,31 @@ from typing import Any
 
 import torch
 
-from .kvcache import KVCache
 from ..model.model import PalmForCausalLM
+from .kvcache import KVCache
 from .quant import decoding_model
 
 # Compiled graphs kept per step function: one per (rows, slots) window, which are powers of two.
 MAX_GRAPHS = 64
 
 
-def forward_step(model: PalmForCausalLM, cache: KVCache, ids, positions, slots, mask, first: int = 0,
-                 every: bool = False) -> torch.Tensor:
+def forward_step(
+    model: PalmForCausalLM, cache: KVCache, ids, positions, slots, mask, first: int = 0, every: bool = False
+) -> torch.Tensor:
     """Last-position logits [B, V] (`every`: every position's, [B, T, V]) for `ids` [B, T] written into cache
     rows first.. at `slots` [B, T].
 
     The mask [B, 1, T, S] says which of the first S slots each query sees, and so the window attended.
     """
     cache.bind(slots, first, mask.shape[-1])
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=0 if every else 1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=0 if every else 1,
+    )
     return out.logits if every else out.logits[:, -1]
 
 
@@ -39,7 +46,10 @@ def compile_step(device: torch.device):
     Inductor keeps a fused kernel's bf16 intermediates in fp32; rounding them as eager does keeps the
     compiled step's tokens those of the eager model (and of Transformers' generate()) in bf16 too.
     """
-    options: dict[str, Any] = {"emulate_precision_casts": True, "triton.cudagraphs": device.type == "cuda"}  # = "reduce-overhead"
+    options: dict[str, Any] = {
+        "emulate_precision_casts": True,
+        "triton.cudagraphs": device.type == "cuda",
+    }  # = "reduce-overhead"
     return torch.compile(forward_step, fullgraph=True, dynamic=False, options=options)
 
 

@@ -42,8 +42,13 @@ class Grammars:
             pieces = [""] * vocab_size
             for piece, index in tokenizer.hf.backend_tokenizer.get_vocab().items():
                 pieces[index] = piece
-            info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab_size,
-                                     stop_token_ids=stop_ids, add_prefix_space=False)
+            info = xgr.TokenizerInfo(
+                pieces,
+                vocab_type=xgr.VocabType.BYTE_FALLBACK,
+                vocab_size=vocab_size,
+                stop_token_ids=stop_ids,
+                add_prefix_space=False,
+            )
         else:
             info = xgr.TokenizerInfo.from_huggingface(tokenizer.hf, vocab_size=vocab_size, stop_token_ids=stop_ids)
         self.vocab_size = vocab_size
@@ -51,8 +56,11 @@ class Grammars:
         # xgrammar's JSON strings admit raw control characters, which JSON (and Python's json.loads) refuses:
         # tokens holding one are kept out of every JSON reply (no whitespace but spaces is asked for either).
         # They are cleared from a packed mask of the vocabulary that every row's grammar mask is ANDed with.
-        banned = [i for i, piece in enumerate(info.decoded_vocab)
-                  if i not in stop_ids and any(b < 0x20 or b == 0x7F for b in piece)]
+        banned = [
+            i
+            for i, piece in enumerate(info.decoded_vocab)
+            if i not in stop_ids and any(b < 0x20 or b == 0x7F for b in piece)
+        ]
         keep = torch.ones(_words(vocab_size) * 32, dtype=torch.bool)
         keep[banned] = False
         self.keep = _pack(keep)
@@ -120,9 +128,17 @@ def tool_schema(tools: list[dict], choice: Any) -> dict:
         function = tool.get("function", {})
         if named is not None and function.get("name") != named:
             continue
-        calls.append({"type": "object", "properties": {"name": {"const": function.get("name")},
-                                                       "arguments": function.get("parameters") or {"type": "object"}},
-                      "required": ["name", "arguments"], "additionalProperties": False})
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": function.get("name")},
+                    "arguments": function.get("parameters") or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     if not calls:
         raise GrammarError(f"tool_choice names {named!r}, which is not one of the tools")
     return calls[0] if len(calls) == 1 else {"anyOf": calls}

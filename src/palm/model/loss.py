@@ -71,7 +71,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_w = whole = None
         if need_grad and several:
             autocast = torch.is_autocast_enabled(h.device.type)
-            logit_dtype = torch.get_autocast_dtype(h.device.type) if autocast else torch.promote_types(h.dtype, weight.dtype)
+            logit_dtype = (
+                torch.get_autocast_dtype(h.device.type) if autocast else torch.promote_types(h.dtype, weight.dtype)
+            )
             if h.shape[0] * logit_dtype.itemsize <= weight.shape[1] * 4:
                 whole = h.new_empty((h.shape[0], weight.shape[0]), dtype=logit_dtype)
             else:

@@ -91,7 +91,13 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         if attention_mask is not None and attention_mask.shape[1] != 1:
             attention_mask = attention_mask.reshape(batch, heads // groups, groups, -1)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
         enable_gqa=groups > 1 and not packed,
     )
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2), None
@@ -131,8 +137,12 @@ class PalmAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
 
-    def forward(self, query, key, value, attention_mask, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None:  # kwargs as Transformers passes them: continuous batching's paged cache reads and writes them
+    def forward(
+        self, query, key, value, attention_mask, cache=None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (
+            cache is not None
+        ):  # kwargs as Transformers passes them: continuous batching's paged cache reads and writes them
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
         if implementation == "sdpa":
@@ -140,8 +150,14 @@ class PalmAttention(nn.Module):
         else:
             attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         out, weights = attend(
-            self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
         )
         return out.reshape(*out.shape[:2], -1), weights
 
@@ -157,7 +173,13 @@ class PalmBlock(GradientCheckpointingLayer):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.split = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim, f, f)
+        self.split = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+            f,
+            f,
+        )
         self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
         self.in_proj = nn.Linear(d, sum(self.split), bias=False)
         self.attn = PalmAttention(config, layer_idx)
@@ -308,14 +330,20 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
         h = h * self.config.head_scale
         logits = loss = ce = z = None
         if skip_logits and targets is not None:
-            loss, ce, z = fused_lm_loss(h, self.lm_head.weight, targets.to(h.device), self.config.z_loss_coef,
-                                        num_items_in_batch)
+            loss, ce, z = fused_lm_loss(
+                h, self.lm_head.weight, targets.to(h.device), self.config.z_loss_coef, num_items_in_batch
+            )
         else:
             logits = self.lm_head(h).float()
             if targets is not None:
                 ce, z = lm_loss(logits, targets.to(logits.device), num_items_in_batch)
                 loss = ce + self.config.z_loss_coef * z if self.config.z_loss_coef else ce
         return PalmCausalLMOutput(
-            loss=loss, logits=logits, lm_loss=ce, z_loss=z, cache=out.cache,  # type: ignore[arg-type]
-            hidden_states=out.hidden_states, attentions=out.attentions,
+            loss=loss,
+            logits=logits,
+            lm_loss=ce,  # type: ignore[arg-type]
+            z_loss=z,  # type: ignore[arg-type]
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )

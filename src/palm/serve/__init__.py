@@ -27,7 +27,14 @@ from .handling import ServeSettings
 from .middleware import RequestGuard
 from .options import ServeError, ServeOptions
 from .schemas import (
-    ROLES, APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingRequest, StreamOptions, error_body,
+    ROLES,
+    APIError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    StreamOptions,
+    error_body,
     error_response,
 )
 from .server import listen, serve, uvicorn_config
@@ -35,8 +42,25 @@ from .worker import GenerationJob, GenerationWorker, QueueFull, WorkerNotRunning
 
 __all__ = [
     "ROLES",
-    "APIError", "ChatMessage", "ChatRequest", "CompletionRequest", "GenerationJob", "GenerationWorker",
-    "QueueFull", "RequestGuard", "SamplingRequest", "ServeError", "ServeOptions", "ServeSettings", "StreamOptions",
-    "WorkerNotRunning", "create_app", "error_body", "error_response", "listen", "render_chat", "serve",
+    "APIError",
+    "ChatMessage",
+    "ChatRequest",
+    "CompletionRequest",
+    "GenerationJob",
+    "GenerationWorker",
+    "QueueFull",
+    "RequestGuard",
+    "SamplingRequest",
+    "ServeError",
+    "ServeOptions",
+    "ServeSettings",
+    "StreamOptions",
+    "WorkerNotRunning",
+    "create_app",
+    "error_body",
+    "error_response",
+    "listen",
+    "render_chat",
+    "serve",
     "uvicorn_config",
 ]

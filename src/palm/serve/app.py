@@ -68,12 +68,19 @@ def create_app(generator: Generator, model_name: str, options: ServeOptions | No
     options = replace(options or ServeOptions(), **overrides)
     app = FastAPI(title="palm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = ServeSettings(generator, model_name, options)
-    app.state.worker = GenerationWorker(generator, options.max_batch, options.max_queue, options.max_model_len,
-                                        options.prefill_chunk, options.prefix_reuse)
+    app.state.worker = GenerationWorker(
+        generator,
+        options.max_batch,
+        options.max_queue,
+        options.max_model_len,
+        options.prefill_chunk,
+        options.prefix_reuse,
+    )
     # Around the routes and FastAPI's body parsing: neither sees a request that is unauthorised, too
     # large or too slow.
-    app.add_middleware(RequestGuard, max_body_bytes=options.max_body_bytes, read_timeout=options.read_timeout,
-                       api_key=options.api_key)
+    app.add_middleware(
+        RequestGuard, max_body_bytes=options.max_body_bytes, read_timeout=options.read_timeout, api_key=options.api_key
+    )
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

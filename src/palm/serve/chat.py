@@ -10,15 +10,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..text.chat import ChatError, check_messages, encode_prompt
 from ..inference.generate import Generator
 from ..inference.structured import GrammarError, tool_schema
+from ..text.chat import ChatError, check_messages, encode_prompt
 from ..text.templates import reply_text
 from .handling import Reply, complete, fan_out, prepare, settings_of, stream, usage, worker_of
 from .logprobs import chat_logprobs
 from .schemas import APIError, ChatMessage, ChatRequest
 
 router = APIRouter()
+
 
 def render_chat(generator: Generator, messages: list[ChatMessage]) -> list[int]:
     """The prompt's ids for a conversation: the chat template the model's tokenizer carries (palm's, which
@@ -45,8 +46,11 @@ def tool_call(text: str, tools: list[dict]) -> dict | None:
     names = {t["function"]["name"] for t in tools}
     if not (isinstance(value, dict) and value.get("name") in names and isinstance(value.get("arguments"), dict)):
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)},
+    }
 
 
 def _delta(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
@@ -61,8 +65,11 @@ def _streamed_choices(tokenizer, logprobs: int | None, index: int, tools: list[d
     started, held, held_scores = False, list[str](), list[Any]()
 
     def content(text: str, scores: list, finish: str | None) -> dict:
-        found = chat_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores]) \
-            if logprobs is not None and scores else None
+        found = (
+            chat_logprobs(tokenizer, [t for t, _ in scores], [s for _, s in scores])
+            if logprobs is not None and scores
+            else None
+        )
         return _delta(index, {"content": text}, finish, found)
 
     def choice(text: str | None, finish: str | None, scores: Sequence = ()) -> list[dict]:
@@ -81,8 +88,7 @@ def _streamed_choices(tokenizer, logprobs: int | None, index: int, tools: list[d
             whole = "".join(held)
             call = tool_call(whole, tools or [])
             if call is not None:
-                return [_delta(index, {"tool_calls": [{"index": 0, **call}]}, None),
-                        _delta(index, {}, "tool_calls")]
+                return [_delta(index, {"tool_calls": [{"index": 0, **call}]}, None), _delta(index, {}, "tool_calls")]
             out.append(content(whole, held_scores, None))
         return [*out, _delta(index, {}, finish)]
 
@@ -100,13 +106,19 @@ async def chat_completions(body: ChatRequest, request: Request):
     calls = body.calls_required()
     as_json, schema = body.output_schema()
     try:
-        structured = (tool_schema(body.tools, body.tool_choice), "tools") if calls \
-            else (schema, "response_format") if as_json else None
+        structured = (
+            (tool_schema(body.tools, body.tool_choice), "tools")
+            if calls
+            else (schema, "response_format")
+            if as_json
+            else None
+        )
     except GrammarError as e:
         raise APIError(400, str(e), "tool_choice") from None
     # An unsaid max_tokens lets the turn run to the server's limit (OpenAI's: to the context).
-    job = await prepare(settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit,
-                        structured=structured)
+    job = await prepare(
+        settings, body, prompt, "messages", requested, param, settings.options.max_tokens_limit, structured=structured
+    )
     jobs = fan_out(job, body.choices)
     tools = body.tools if body.tools and body.tool_choice != "none" else None
     if job.streamed:
@@ -118,7 +130,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     reply = Reply.new("chatcmpl", "chat.completion", settings.served_name(body.model))
     choices = []
     for index, (j, done) in enumerate(zip(jobs, dones)):
-        logprobs = chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
+        logprobs = (
+            chat_logprobs(settings.generator.tokenizer, done.token_ids, j.scores) if j.logprobs is not None else None
+        )
         message: dict[str, Any] = {"role": "assistant", "content": reply_text(done.text)}
         finish = done.finish_reason
         call = tool_call(reply_text(done.text), tools) if tools else None

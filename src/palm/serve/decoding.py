@@ -46,7 +46,7 @@ class Row:
     def _emit(self, upto: int) -> str:
         if upto <= self.emitted:
             return ""
-        piece, self.emitted = self.text[self.emitted:upto], upto
+        piece, self.emitted = self.text[self.emitted : upto], upto
         return piece
 
     def completion(self, prompt_tokens: int) -> Completion:

@@ -66,8 +66,12 @@ class ServeSettings:
         if adapters is None or model is None or model == self.model_name:
             return 0
         if model not in adapters.names:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves "
-                           f"{', '.join(map(repr, self.model_names))}", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves {', '.join(map(repr, self.model_names))}",
+                "model",
+                "model_not_found",
+            )
         return adapters.index(model)
 
     def served_name(self, model: str | None) -> str:
@@ -97,13 +101,22 @@ class Reply:
         return cls(f"{prefix}-{uuid.uuid4().hex}", kind, model)
 
     def body(self, choices: list[dict], **extra: Any) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def encode_prompt(generator: Generator, prompt: str | list[int], param: str) -> list[int]:
@@ -119,9 +132,17 @@ async def encode_prompt(generator: Generator, prompt: str | list[int], param: st
         raise APIError(400, str(e), param, TOO_LONG) from None
 
 
-async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | list[int], prompt_param: str,
-                  requested: int | None, requested_param: str, default: int, extra_stops: Sequence[str] = (),
-                  structured: tuple[dict | None, str] | None = None) -> GenerationJob:
+async def prepare(
+    settings: ServeSettings,
+    body: SamplingRequest,
+    prompt: str | list[int],
+    prompt_param: str,
+    requested: int | None,
+    requested_param: str,
+    default: int,
+    extra_stops: Sequence[str] = (),
+    structured: tuple[dict | None, str] | None = None,
+) -> GenerationJob:
     """The job for a request, or a 400 before it costs the model anything.
 
     An explicit max_tokens must fit with the prompt (OpenAI's rule); an unsaid one is `default`, cut
@@ -135,14 +156,25 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
     ids = await encode_prompt(settings.generator, prompt, prompt_param)
     room = total - len(ids)
     if room < 1:
-        raise APIError(400, f"the prompt is {len(ids)} tokens; this server allows {total} tokens for a prompt "
-                       "and its completion together", prompt_param, TOO_LONG)
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens; this server allows {total} tokens for a prompt "
+            "and its completion together",
+            prompt_param,
+            TOO_LONG,
+        )
     if requested is not None and requested > room:
-        raise APIError(400, f"the prompt is {len(ids)} tokens and {requested_param} is {requested}, "
-                       f"{len(ids) + requested} in all; this server allows {total}", requested_param, TOO_LONG)
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens and {requested_param} is {requested}, "
+            f"{len(ids) + requested} in all; this server allows {total}",
+            requested_param,
+            TOO_LONG,
+        )
     if requested == 0 and not getattr(body, "echo", False):
-        raise APIError(400, f"{requested_param} must be at least 1 (0 only with echo, to score the prompt)",
-                       requested_param)
+        raise APIError(
+            400, f"{requested_param} must be at least 1 (0 only with echo, to score the prompt)", requested_param
+        )
     max_tokens = min(default, limit, room) if requested is None else max(requested, 1)  # 0: one token, dropped
     vocab = settings.generator.model.config.vocab_size
     grammar = None
@@ -151,10 +183,15 @@ async def prepare(settings: ServeSettings, body: SamplingRequest, prompt: str | 
             grammar = await run_in_threadpool(settings.generator.grammars().json, structured[0])
         except GrammarError as e:
             raise APIError(400, str(e), structured[1]) from None
-    return GenerationJob(ids, body.sampling(max_tokens, list(extra_stops), settings.generator.defaults, vocab),
-                         streamed=bool(body.stream), adapter=settings.adapter_for(body.model),
-                         logprobs=body.top_count(), prompt_logprobs=bool(getattr(body, "echo", False))
-                         and body.top_count() is not None, grammar=grammar)
+    return GenerationJob(
+        ids,
+        body.sampling(max_tokens, list(extra_stops), settings.generator.defaults, vocab),
+        streamed=bool(body.stream),
+        adapter=settings.adapter_for(body.model),
+        logprobs=body.top_count(),
+        prompt_logprobs=bool(getattr(body, "echo", False)) and body.top_count() is not None,
+        grammar=grammar,
+    )
 
 
 def fan_out(job: GenerationJob, n: int) -> list[GenerationJob]:
@@ -163,8 +200,18 @@ def fan_out(job: GenerationJob, n: int) -> list[GenerationJob]:
     jobs = [job]
     for i in range(1, n):
         seed = None if job.cfg.seed is None else (job.cfg.seed + i) % (MAX_SEED + 1)
-        jobs.append(replace(job, cfg=replace(job.cfg, seed=seed), scores=[], prompt_scores=[],
-                            cancelled=threading.Event(), future=None, events=None, tokens=0))
+        jobs.append(
+            replace(
+                job,
+                cfg=replace(job.cfg, seed=seed),
+                scores=[],
+                prompt_scores=[],
+                cancelled=threading.Event(),
+                future=None,
+                events=None,
+                tokens=0,
+            )
+        )
     return jobs
 
 
@@ -172,8 +219,13 @@ def submit(worker: GenerationWorker, job: GenerationJob) -> None:
     try:
         worker.submit(job)
     except QueueFull as e:
-        raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full", kind="rate_limit_error",
-                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise APIError(
+            429,
+            f"the server is busy: {e}; retry later",
+            code="queue_full",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
 
 
 async def client_gone(request: Request) -> None:
@@ -219,9 +271,16 @@ def _error_event(error: BaseException) -> str:
     return sse(error_body("generation failed", "server_error"))  # the details stay in the server's log
 
 
-def stream(request: Request, worker: GenerationWorker, jobs: Sequence[GenerationJob], reply: Reply,
-           choices: Sequence[ChoiceOf], include_usage: bool, prompt_tokens: int,
-           lead: Sequence[dict] = ()) -> StreamingResponse:
+def stream(
+    request: Request,
+    worker: GenerationWorker,
+    jobs: Sequence[GenerationJob],
+    reply: Reply,
+    choices: Sequence[ChoiceOf],
+    include_usage: bool,
+    prompt_tokens: int,
+    lead: Sequence[dict] = (),
+) -> StreamingResponse:
     """The jobs' texts as one stream of server-sent events, choice i from jobs[i] through choices[i], each
     delta sent as it is made, after a chunk for each `lead` choice; `prompt_tokens` for the usage chunk."""
     try:
@@ -236,9 +295,15 @@ def stream(request: Request, worker: GenerationWorker, jobs: Sequence[Generation
     return stream_response(stream_events(jobs, gone, reply, choices, include_usage, prompt_tokens, lead))
 
 
-async def stream_events(jobs: Sequence[GenerationJob], gone: asyncio.Future, reply: Reply,
-                        choices: Sequence[ChoiceOf], include_usage: bool, prompt_tokens: int,
-                        lead: Sequence[dict]) -> AsyncIterator[str]:
+async def stream_events(
+    jobs: Sequence[GenerationJob],
+    gone: asyncio.Future,
+    reply: Reply,
+    choices: Sequence[ChoiceOf],
+    include_usage: bool,
+    prompt_tokens: int,
+    lead: Sequence[dict],
+) -> AsyncIterator[str]:
     # With stream_options.include_usage every chunk carries "usage": null, and a last one the counts.
     extra = {"usage": None} if include_usage else {}
     merged: asyncio.Queue = asyncio.Queue()
@@ -286,5 +351,6 @@ async def stream_events(jobs: Sequence[GenerationJob], gone: asyncio.Future, rep
 
 def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
     # No caching, and no buffering by a proxy (nginx honours X-Accel-Buffering): deltas must arrive as made.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -21,8 +21,9 @@ def token_text(tokenizer: PalmTokenizer, token: int) -> str:
     return text if "\ufffd" not in text else str(tokenizer.hf.convert_ids_to_tokens(token))
 
 
-def completion_logprobs(tokenizer: PalmTokenizer, tokens: Sequence[int], scores: Sequence[Score | None],
-                        offset: int = 0) -> dict:
+def completion_logprobs(
+    tokenizer: PalmTokenizer, tokens: Sequence[int], scores: Sequence[Score | None], offset: int = 0
+) -> dict:
     texts = [token_text(tokenizer, t) for t in tokens]
     offsets, at = [], offset
     for text in texts:
@@ -41,5 +42,8 @@ def chat_logprobs(tokenizer: PalmTokenizer, tokens: Sequence[int], scores: Seque
         text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(t, s[0]), "top_logprobs": [entry(k, lp) for k, lp in s[1]]}
-                        for t, s in zip(tokens, scores)]}
+    return {
+        "content": [
+            {**entry(t, s[0]), "top_logprobs": [entry(k, lp) for k, lp in s[1]]} for t, s in zip(tokens, scores)
+        ]
+    }

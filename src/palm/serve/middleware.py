@@ -17,13 +17,28 @@ from .schemas import error_body
 OPEN_PATHS = ("/health",)  # what a load balancer probes needs no key
 
 
-async def reject(send, status: int, message: str, code: str, kind: str = "invalid_request_error",
-                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+async def reject(
+    send,
+    status: int,
+    message: str,
+    code: str,
+    kind: str = "invalid_request_error",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     """An OpenAI-shaped error, then the connection closed: what is left of the request is not read."""
     body = json.dumps(error_body(message, kind, code=code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -66,8 +81,13 @@ class RequestGuard:
         drain_budget = 8 * self.limit + (1 << 20)
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
             await self._drain(receive, self.limit, deadline)
-            return await reject(send, 401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
-                                "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+            return await reject(
+                send,
+                401,
+                "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+                "invalid_api_key",
+                headers=((b"www-authenticate", b"Bearer"),),
+            )
         too_big = f"request body is larger than the server's limit of {self.limit} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
@@ -83,8 +103,12 @@ class RequestGuard:
             try:
                 message = await _before(deadline, receive)
             except asyncio.TimeoutError:
-                return await reject(send, 408, f"the request body did not arrive within {self.read_timeout:g} "
-                                    "seconds", "request_timeout")
+                return await reject(
+                    send,
+                    408,
+                    f"the request body did not arrive within {self.read_timeout:g} seconds",
+                    "request_timeout",
+                )
             if message["type"] != "http.request":
                 return  # the client went away before sending its body
             chunk = message.get("body", b"")

@@ -32,6 +32,10 @@ async def list_models(request: Request) -> dict:
 async def get_model(model_id: str, request: Request) -> dict:
     settings = settings_of(request)
     if model_id not in settings.model_names:
-        raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
-                       f"{', '.join(map(repr, settings.model_names))}", "model", "model_not_found")
+        raise APIError(
+            404,
+            f"the model '{model_id}' does not exist; this server serves {', '.join(map(repr, settings.model_names))}",
+            "model",
+            "model_not_found",
+        )
     return model_card(settings, model_id)

@@ -49,8 +49,17 @@ class ServeOptions:
             raise ServeError(f"{flag('read_timeout')} must be a positive number of seconds, not {t!r}")
 
 
-COUNTS = ("max_tokens_limit", "max_total_tokens", "max_stop", "max_stop_length", "max_batch", "max_model_len",
-          "prefill_chunk", "max_queue", "max_body_bytes")
+COUNTS = (
+    "max_tokens_limit",
+    "max_total_tokens",
+    "max_stop",
+    "max_stop_length",
+    "max_batch",
+    "max_model_len",
+    "prefill_chunk",
+    "max_queue",
+    "max_body_bytes",
+)
 
 
 def flag(name: str) -> str:

@@ -32,8 +32,15 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (5 for completions; palm allows
 class APIError(Exception):
     """A request answered with an OpenAI-shaped error."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
@@ -42,12 +49,20 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param, self.code, self.kind, self.headers)
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
@@ -103,19 +118,23 @@ class SamplingRequest(BaseModel):
             return v
         kind = v.get("type") if isinstance(v, dict) else None
         if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError('response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
-                             '"json_schema": {"name": ..., "schema": {...}}}')
+            raise ValueError(
+                'response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                '"json_schema": {"name": ..., "schema": {...}}}'
+            )
         if kind == "json_schema":
             spec = v.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                raise ValueError("response_format.json_schema must be an object with a \"schema\" object")
+                raise ValueError('response_format.json_schema must be an object with a "schema" object')
         return v
 
     @field_validator("functions", "suffix")
     @classmethod
     def _absent(cls, v: Any, info: ValidationInfo) -> Any:
         if v not in (None, [], ""):
-            raise ValueError(f"{info.field_name} is not supported" + (" (use tools)" if info.field_name == "functions" else ""))
+            raise ValueError(
+                f"{info.field_name} is not supported" + (" (use tools)" if info.field_name == "functions" else "")
+            )
         return v
 
     @field_validator("function_call")
@@ -147,8 +166,9 @@ class SamplingRequest(BaseModel):
         bias = {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
         outside = [t for t in bias if t >= vocab_size]
         if outside:
-            raise APIError(400, f"logit_bias names token {outside[0]}; the vocabulary has {vocab_size} tokens",
-                           "logit_bias")
+            raise APIError(
+                400, f"logit_bias names token {outside[0]}; the vocabulary has {vocab_size} tokens", "logit_bias"
+            )
         return bias
 
     @field_validator("n")
@@ -191,15 +211,19 @@ class SamplingRequest(BaseModel):
             raise APIError(400, f"stop has {len(stops)} strings; this server allows at most {options.max_stop}", "stop")
         for s in stops:
             if len(s) > options.max_stop_length:
-                raise APIError(400, f"a stop string is {len(s)} characters; this server allows at most "
-                               f"{options.max_stop_length}", "stop")
+                raise APIError(
+                    400,
+                    f"a stop string is {len(s)} characters; this server allows at most {options.max_stop_length}",
+                    "stop",
+                )
 
     def top_count(self) -> int | None:
         """How many most likely tokens each generated token lists with its log-probability (None: none)."""
         return None
 
-    def sampling(self, max_tokens: int, extra_stops: Sequence[str] = (), defaults: dict | None = None,
-                 vocab_size: int = 0) -> SamplingConfig:
+    def sampling(
+        self, max_tokens: int, extra_stops: Sequence[str] = (), defaults: dict | None = None, vocab_size: int = 0
+    ) -> SamplingConfig:
         """The request's settings; those it leaves unsaid are the model's saved `defaults` (its
         generation_config.json), else OpenAI's (temperature 1, no top-k or top-p, no penalty)."""
         defaults = defaults or {}
@@ -321,9 +345,13 @@ class ChatRequest(SamplingRequest):
         if v is None:
             return v
         if not isinstance(v, list) or not all(
-            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) and t["function"]["name"]
-            and isinstance(t["function"].get("parameters", {}), dict) for t in v
+            isinstance(t, dict)
+            and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+            and t["function"]["name"]
+            and isinstance(t["function"].get("parameters", {}), dict)
+            for t in v
         ):
             raise ValueError('tools is a list of {"type": "function", "function": {"name": str, "parameters": {...}}}')
         return v
@@ -331,10 +359,16 @@ class ChatRequest(SamplingRequest):
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice(cls, v: Any) -> Any:
-        named = isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict) \
+        named = (
+            isinstance(v, dict)
+            and v.get("type") == "function"
+            and isinstance(v.get("function"), dict)
             and isinstance(v["function"].get("name"), str)
+        )
         if v is not None and v not in ("none", "auto", "required") and not named:
-            raise ValueError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+            raise ValueError(
+                'tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+            )
         return v
 
     def calls_required(self) -> bool:

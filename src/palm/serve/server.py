@@ -55,9 +55,11 @@ def check_pool_fits(generator: Generator, settings: ServeOptions) -> None:
     need = pool_bytes(generator, settings.max_batch, settings.max_model_len)
     free = free_memory(generator.model.device)
     if free is not None and need > 0.9 * free:
-        raise ServeError(f"the KV cache for --max-batch {settings.max_batch} rows of --max-model-len "
-                         f"{settings.max_model_len or generator.context} tokens needs {need / 2**20:.0f} MiB, and "
-                         f"{free / 2**20:.0f} MiB are free; lower either")
+        raise ServeError(
+            f"the KV cache for --max-batch {settings.max_batch} rows of --max-model-len "
+            f"{settings.max_model_len or generator.context} tokens needs {need / 2**20:.0f} MiB, and "
+            f"{free / 2**20:.0f} MiB are free; lower either"
+        )
 
 
 def header_deadline(seconds: float) -> type[asyncio.Protocol]:
@@ -90,14 +92,24 @@ def header_deadline(seconds: float) -> type[asyncio.Protocol]:
     return HeaderDeadline
 
 
-def uvicorn_config(app, port: int, read_timeout: float, host: str = "127.0.0.1",
-                   log_level: str = "info") -> uvicorn.Config:
+def uvicorn_config(
+    app, port: int, read_timeout: float, host: str = "127.0.0.1", log_level: str = "info"
+) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_deadline(read_timeout))
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          compile: bool = False, quantize: str = "none", log_level: str = "info", adapter: str | Path | None = None,
-          adapters: Mapping[str, str | Path] | None = None, **options) -> None:
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    compile: bool = False,
+    quantize: str = "none",
+    log_level: str = "info",
+    adapter: str | Path | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
+    **options,
+) -> None:
     """Load a model directory (with a LoRA `adapter` merged in, when given) and serve it until interrupted,
     with `adapters` (name -> peft directory) served beside it, chosen by a request's `model`; `options` are
     ServeOptions fields."""

@@ -52,7 +52,9 @@ class GenerationJob:
     logprobs: int | None = None  # each generated token's log-probability and the top k (None: not asked for)
     prompt_logprobs: bool = False  # the prompt's tokens scored too (echo)
     grammar: Any = None  # structured output: the compiled grammar the reply must follow (palm.inference.structured)
-    scores: list = field(default_factory=list)  # palm.inference.engine's Scores of the tokens returned, set when it ends
+    scores: list = field(
+        default_factory=list
+    )  # palm.inference.engine's Scores of the tokens returned, set when it ends
     prompt_scores: list = field(default_factory=list)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
@@ -85,13 +87,22 @@ class _Running:
 class GenerationWorker:
     """Owns the one thread that touches the model, and the engine whose rows the jobs share."""
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 prefill_chunk: int = 256, prefix_reuse: bool = True):
+    def __init__(
+        self,
+        generator: Generator,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        prefix_reuse: bool = True,
+    ):
         self.generator = generator
         self.engine = Engine(generator, max(1, max_batch), max_model_len, prefill_chunk, reuse=prefix_reuse)
         self.max_batch = self.engine.max_batch
         self.max_queue = max(1, max_queue)
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # rows decoded per step, latest steps: for monitoring and tests
+        self.batch_sizes: deque[int] = deque(
+            maxlen=1024
+        )  # rows decoded per step, latest steps: for monitoring and tests
         self.decode_steps = 0  # engine steps run: the work done, for monitoring and tests
         self._running: list[_Running] = []
         self._pending: deque[GenerationJob] = deque()
@@ -179,8 +190,14 @@ class GenerationWorker:
             if job.cancelled.is_set():
                 continue  # its client left while it waited: it never starts
             constraint = self.generator.grammars().constraint(job.grammar) if job.grammar is not None else None
-            request = Request(job.prompt_ids, job.cfg, adapter=job.adapter, logprobs=job.logprobs,
-                              prompt_logprobs=job.prompt_logprobs, constraint=constraint)
+            request = Request(
+                job.prompt_ids,
+                job.cfg,
+                adapter=job.adapter,
+                logprobs=job.logprobs,
+                prompt_logprobs=job.prompt_logprobs,
+                constraint=constraint,
+            )
             try:
                 self.engine.add(request)
             except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone

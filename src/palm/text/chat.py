@@ -22,7 +22,7 @@ class ChatError(PalmError):
 def check_messages(messages: Any, need_assistant: bool = False) -> list[dict[str, str]]:
     """The messages as {"role", "content"} dicts, or a ChatError saying what is wrong with them."""
     if not isinstance(messages, list) or not messages:
-        raise ChatError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        raise ChatError('\'messages\' must be a non-empty list of {"role", "content"} objects')
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

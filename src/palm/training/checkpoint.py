@@ -13,10 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..core.atomic import atomic_directory, write_json
-from .dcpjson import JsonReader, JsonWriter
 from ..core.errors import CheckpointError
 from ..core.rundir import RunLayout, checkpoint_step
-
+from .dcpjson import JsonReader, JsonWriter
 
 # Training checkpoints: RUN/checkpoints/step-NNNNNNN/ holds model.safetensors (fp32 master weights,
 # tied embedding once), optimizer.safetensors (every state tensor) and state.json (the rest: step,
@@ -184,8 +183,13 @@ def _load_full_into_sharded(path: Path, model, optimizer, meta: dict) -> None:
         "state": {names[idx]: entry for idx, entry in flat["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in flat["param_groups"]],
     }
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,  # type: ignore[arg-type]
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,  # type: ignore[arg-type]
+        optim_state_dict=optim_sd,  # type: ignore[arg-type]
+        options=StateDictOptions(full_state_dict=True),
+    )
     if not optim_sd["state"]:  # saved before the first step
         _zero_optimizer_state(optimizer)
 
@@ -217,10 +221,23 @@ def load_training_checkpoint(path: Path, model, optimizer) -> dict:
         # The tied head is saved once, under the embedding's name (a LoRA model prefixes both names).
         if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
             raise CheckpointError(f"{path} does not match this model (missing {missing}, unexpected {unexpected})")
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
+        optimizer.load_state_dict(
+            _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+        )
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, SafetensorError,
-            CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or does not match: {type(e).__name__}: {e}".splitlines()[0]) from None
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        RuntimeError,
+        SafetensorError,
+        CheckpointException,
+    ) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or does not match: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
     return state

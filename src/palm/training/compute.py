@@ -85,8 +85,12 @@ class ComputeCopies:
         self.copies = {name: p.detach().to(dtype).requires_grad_(p.requires_grad) for name, p in self.masters.items()}
         # Every place a weight sits (a tied one sits in two modules), so that a swap reaches them all.
         by_id = {id(p): name for name, p in self.masters.items()}
-        self._slots = [(module, key, by_id[id(p)]) for module in model.modules()
-                       for key, p in module._parameters.items() if p is not None and id(p) in by_id]
+        self._slots = [
+            (module, key, by_id[id(p)])
+            for module in model.modules()
+            for key, p in module._parameters.items()
+            if p is not None and id(p) in by_id
+        ]
         # fp32 gradient buffers kept from step to step: a fresh fp32 gradient per step is a fresh
         # allocation of the model's size, paid in page faults on a CPU (the optimizer's zero_grad
         # drops `.grad`, not these).

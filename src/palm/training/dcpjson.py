@@ -51,9 +51,15 @@ def encode(metadata: Metadata) -> dict[str, Any]:
             "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes)} for c in md.chunks],
         }
     storage = [
-        {"fqn": index.fqn, "offset": None if index.offset is None else list(index.offset), "index": index.index,
-         "path": info.relative_path, "start": info.offset, "length": info.length,
-         "transforms": list(info.transform_descriptors) if info.transform_descriptors else None}
+        {
+            "fqn": index.fqn,
+            "offset": None if index.offset is None else list(index.offset),
+            "index": index.index,
+            "path": info.relative_path,
+            "start": info.offset,
+            "length": info.length,
+            "transforms": list(info.transform_descriptors) if info.transform_descriptors else None,
+        }
         for index, info in metadata.storage_data.items()
     ]
     planner = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
@@ -68,8 +74,12 @@ def decode(raw: Any) -> Metadata:
             fqn: TensorStorageMetadata(
                 properties=TensorProperties(dtype=_dtype(md["dtype"])),
                 size=torch.Size(int(n) for n in md["size"]),
-                chunks=[ChunkStorageMetadata(offsets=torch.Size(map(int, c["offsets"])),
-                                             sizes=torch.Size(map(int, c["sizes"]))) for c in md["chunks"]],
+                chunks=[
+                    ChunkStorageMetadata(
+                        offsets=torch.Size(map(int, c["offsets"])), sizes=torch.Size(map(int, c["sizes"]))
+                    )
+                    for c in md["chunks"]
+                ],
             )
             for fqn, md in raw["tensors"].items()
         }
@@ -79,11 +89,20 @@ def decode(raw: Any) -> Metadata:
                 raise CheckpointError(f"{METADATA} points outside its folder ({item['path']!r})")
             offset = None if item["offset"] is None else torch.Size(map(int, item["offset"]))
             key = MetadataIndex(fqn=str(item["fqn"]), offset=offset, index=item["index"])
-            storage[key] = _StorageInfo(relative_path=item["path"], offset=int(item["start"]),
-                                        length=int(item["length"]), transform_descriptors=item["transforms"])
+            storage[key] = _StorageInfo(
+                relative_path=item["path"],
+                offset=int(item["start"]),
+                length=int(item["length"]),
+                transform_descriptors=item["transforms"],
+            )
         planner = {k: tuple(v) for k, v in raw["planner"].items()}
-        return Metadata(state_dict_metadata=tensors, planner_data=planner, storage_data=storage,  # type: ignore[arg-type]
-                        version=raw["version"], storage_meta=StorageMeta())
+        return Metadata(
+            state_dict_metadata=tensors,  # type: ignore[arg-type]
+            planner_data=planner,
+            storage_data=storage,
+            version=raw["version"],
+            storage_meta=StorageMeta(),
+        )
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -22,23 +22,24 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
 from ..core import settings
 from ..core.atomic import atomic_directory, write_json
-from .compute import apply_activation_checkpointing
-from ..model.config import PalmConfig
-from .finetune_data import FORMATS, DataError, Examples, collate, load_examples, read_rows
 from ..core.heldout import summed_nll
-from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop
-from ..weights.lora import TARGETS, add_adapters, load_adapter_weights, parameter_counts, save_adapter
-from ..model.model import PalmForCausalLM
-from ..weights.modeldir import check_model_dir, quiet_transformers, save_model_dir
-from .optim import build_optimizer
 from ..core.rundir import RunLayout
 from ..core.runtime import pick_device, pick_dtype
-from .selection import DEFAULT_SELECT, SelectionError, generations, metric_name, reported, task_scores
 from ..data.taskdata import TASKS, Schema, TaskDataError, TaskRow, parse_columns
+from ..model.config import PalmConfig
+from ..model.model import PalmForCausalLM
 from ..text.tokenizer import PalmTokenizer
+from ..weights.lora import TARGETS, add_adapters, load_adapter_weights, parameter_counts, save_adapter
+from ..weights.modeldir import check_model_dir, quiet_transformers, save_model_dir
+from . import distributed
+from .compute import apply_activation_checkpointing
+from .finetune_data import FORMATS, Examples, collate, load_examples, read_rows
+from .loop import LoopConfig, Run, TrainingError, run_loop
+from .optim import build_optimizer
+from .runfolder import claim, read_settings
+from .selection import DEFAULT_SELECT, SelectionError, generations, metric_name, reported, task_scores
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(TARGETS))
     loop: LoopConfig = field(default_factory=finetune_loop)
 
-    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "threads", "progress", "compile",
-                                      "activation_checkpointing"})
+    CHANGEABLE_ON_RESUME = frozenset(
+        {"max_steps", "checkpoint_every", "eval_every", "threads", "progress", "compile", "activation_checkpointing"}
+    )
 
     def validate(self) -> None:
         self.loop.validate()
@@ -88,10 +90,14 @@ class FinetuneConfig:
             (bool(self.data), "--data is required"),
             (bool(self.out), "--out is required"),
             (self.task is None or self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
-            (self.task is not None or not (self.columns or self.source_lang or self.target_lang),
-             "--columns, --source-lang and --target-lang read a task's data: give --task"),
-            (self.eval_task is None or (self.task is not None and self.format != "chat"),
-             "--eval-task scores generations of a task's rows: give --task (summarize, qa or translate)"),
+            (
+                self.task is not None or not (self.columns or self.source_lang or self.target_lang),
+                "--columns, --source-lang and --target-lang read a task's data: give --task",
+            ),
+            (
+                self.eval_task is None or (self.task is not None and self.format != "chat"),
+                "--eval-task scores generations of a task's rows: give --task (summarize, qa or translate)",
+            ),
             (self.select is None or self.eval_task is not None, "--select chooses on --eval-task: give it too"),
             (1 <= self.eval_max_new_tokens <= 4096, "--eval-max-new-tokens must be between 1 and 4096"),
             (self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), "--epochs must be positive"),
@@ -104,8 +110,10 @@ class FinetuneConfig:
             (0 <= self.lora_r <= 4096, "--lora-r must be 0 (no LoRA) or a rank up to 4096"),
             (math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "--lora-alpha must be a positive number"),
             (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
-            (bool(self.lora_targets) and set(self.lora_targets) <= set(TARGETS),
-             f"--lora-targets must be some of {', '.join(TARGETS)}"),
+            (
+                bool(self.lora_targets) and set(self.lora_targets) <= set(TARGETS),
+                f"--lora-targets must be some of {', '.join(TARGETS)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,8 +144,9 @@ class FinetuneConfig:
 
     def resumed(self, given: dict) -> FinetuneConfig:
         flags = {"base_model": "--model", "max_steps": "--steps"}
-        cfg = settings.resumed(self, given, self.CHANGEABLE_ON_RESUME,
-                               flag=lambda n: flags.get(n, "--" + n.replace("_", "-")))
+        cfg = settings.resumed(
+            self, given, self.CHANGEABLE_ON_RESUME, flag=lambda n: flags.get(n, "--" + n.replace("_", "-"))
+        )
         if "max_steps" in given:
             cfg.epochs = None  # an explicit step count replaces the epochs the run was started with
         return cfg
@@ -180,10 +189,19 @@ class FineTuning:
             score, best = -loss, run.extra.get("best_val_loss")
             best = None if best is None else -best
         else:
-            predictions = generations(run.model, self.tokenizer, self.eval_rows, max_new_tokens=self.cfg.eval_max_new_tokens,
-                                      context=run.model.config.max_position_embeddings)  # type: ignore[arg-type]
-            record.update({f"eval/{k}": v for k, v in
-                           task_scores(predictions, self.eval_rows, reported(self.cfg.task or "", select)).items()})
+            predictions = generations(
+                run.model,
+                self.tokenizer,
+                self.eval_rows,
+                max_new_tokens=self.cfg.eval_max_new_tokens,
+                context=run.model.config.max_position_embeddings,  # type: ignore[arg-type]
+            )
+            record.update(
+                {
+                    f"eval/{k}": v
+                    for k, v in task_scores(predictions, self.eval_rows, reported(self.cfg.task or "", select)).items()
+                }
+            )
             score, best = record[f"eval/{select}"], run.extra.get("best_metric")
         if best is None or score > best:
             run.extra.update(best_step=run.step, evals_since_best=0)
@@ -227,9 +245,14 @@ def _load_base(cfg: FinetuneConfig) -> tuple[PalmTokenizer, PalmForCausalLM]:
     tok = PalmTokenizer.load(src)
     try:
         with quiet_transformers():
-            model = PalmForCausalLM.from_pretrained(str(src), dtype=torch.float32, dropout=cfg.dropout,
-                                                    attention_dropout=cfg.dropout, z_loss_coef=cfg.loop.z_loss,
-                                                    use_cache=False)
+            model = PalmForCausalLM.from_pretrained(
+                str(src),
+                dtype=torch.float32,
+                dropout=cfg.dropout,
+                attention_dropout=cfg.dropout,
+                z_loss_coef=cfg.loop.z_loss,
+                use_cache=False,
+            )
     except (OSError, ValueError, RuntimeError) as e:
         raise TrainingError(f"cannot load the model in {src}: {str(e).splitlines()[0]}") from None
     return tok, model
@@ -239,8 +262,10 @@ def open_finetune(cfg: FinetuneConfig, resume: bool, allow_data_change: bool = F
     """A Run for fine-tuning: the base model (or, resuming, the run's own copy of its config), data and hooks."""
     cfg.validate()
     if distributed.launched_processes() > 1:
-        raise TrainingError(f"palm finetune runs in one process, not under torchrun ({distributed.launched_processes()} "
-                            "processes would each train the same run folder); palm train has --parallel ddp|fsdp")
+        raise TrainingError(
+            f"palm finetune runs in one process, not under torchrun ({distributed.launched_processes()} "
+            "processes would each train the same run folder); palm train has --parallel ddp|fsdp"
+        )
     layout = RunLayout(Path(cfg.out))
     if resume:
         cfg.data_sha256 = load_finetune_config(layout.root).data_sha256
@@ -258,8 +283,10 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
     if resume:
         if _digest(cfg) != cfg.data_sha256:
             if not allow_data_change:
-                raise TrainingError(f"{cfg.data} (or --val) changed since the run started, so resuming would not be "
-                                    "exact; pass --allow-data-change to continue on the new data anyway")
+                raise TrainingError(
+                    f"{cfg.data} (or --val) changed since the run started, so resuming would not be "
+                    "exact; pass --allow-data-change to continue on the new data anyway"
+                )
             cfg.data_sha256 = _digest(cfg)
         tok = PalmTokenizer.load(layout.base)
         model = PalmForCausalLM(PalmConfig.from_pretrained(str(layout.base)))
@@ -271,8 +298,13 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
     data = load_examples(cfg.data, cfg.val, cfg.format, cfg.schema(), cfg.seq_len, cfg.val_fraction, cfg.loop.seed, tok)
     if data.cut:
         what = "the tail of its document" if cfg.schema() else "the start of its prompt or its earliest turns"
-        logger.warning("%d of %d rows are longer than --seq-len %d: each lost %s", data.cut,
-                       len(data.train) + len(data.val), cfg.seq_len, what)
+        logger.warning(
+            "%d of %d rows are longer than --seq-len %d: each lost %s",
+            data.cut,
+            len(data.train) + len(data.val),
+            cfg.seq_len,
+            what,
+        )
     if cfg.epochs is not None:
         cfg.loop.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.loop.batch_size))
     if cfg.loop.hold_steps is None:
@@ -288,14 +320,31 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
     apply_activation_checkpointing(model, mode=cfg.loop.activation_checkpointing)
     if cfg.lora_r:
         if cfg.loop.optimizer == "palm":
-            logger.warning("LoRA with palm's Adafactor: its step is relative to each tensor's scale and peft starts "
-                           "the adapters' B at zero, so B barely moves; --optimizer adamw suits adapters")
-        model = add_adapters(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             targets=cfg.lora_targets, seed=cfg.loop.seed)
+            logger.warning(
+                "LoRA with palm's Adafactor: its step is relative to each tensor's scale and peft starts "
+                "the adapters' B at zero, so B barely moves; --optimizer adamw suits adapters"
+            )
+        model = add_adapters(
+            model,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=cfg.lora_targets,
+            seed=cfg.loop.seed,
+        )
     optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
     recipe = FineTuning(cfg, tok, data, read_rows(cfg.eval_task, schema=cfg.schema()) if cfg.eval_task else [])  # type: ignore[arg-type]
-    run = Run(cfg.loop, layout, model, optimizer, device, pick_dtype(cfg.loop.dtype, device), recipe.batches,
-              recipe.evaluate, seq_len=cfg.seq_len)
+    run = Run(
+        cfg.loop,
+        layout,
+        model,
+        optimizer,
+        device,
+        pick_dtype(cfg.loop.dtype, device),
+        recipe.batches,
+        recipe.evaluate,
+        seq_len=cfg.seq_len,
+    )
     run.start()
     run.extra.setdefault("trainable_params", parameter_counts(model)[0])
     return run

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..text.chat import ChatError, check_messages, encode_conversation
-from ..data.documents import jsonl_rows
 from ..core.errors import PalmError
-from ..model.loss import IGNORE_INDEX
+from ..data.documents import jsonl_rows
 from ..data.taskdata import Schema, TaskDataError, TaskRow, read_task_rows
+from ..model.loss import IGNORE_INDEX
+from ..text.chat import ChatError, check_messages, encode_conversation
 from ..text.tokenizer import PalmTokenizer
 
 FORMATS = ("completion", "chat")
@@ -141,8 +141,16 @@ class Examples:
         return self._orders[epoch]
 
 
-def load_examples(data: str, val: str | None, format: str, schema: Schema | None, seq_len: int, val_fraction: float,
-                  seed: int, tok: PalmTokenizer) -> Examples:
+def load_examples(
+    data: str,
+    val: str | None,
+    format: str,
+    schema: Schema | None,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+    tok: PalmTokenizer,
+) -> Examples:
     """The run's training and validation rows, encoded; without `val`, a seeded share of `data` is held out.
     Prompt/completion rows without a task's schema are taken as they are."""
     rows: list = read_rows(data, format, schema)

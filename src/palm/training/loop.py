@@ -12,10 +12,8 @@ number of processes: to float rounding).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -25,18 +23,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .compute import ACTIVATION_CHECKPOINTING, ComputeCopies, compile_blocks
-from .checkpoint import list_checkpoints, load_training_checkpoint, save_sharded_checkpoint, save_training_checkpoint
 from ..core.errors import CheckpointError, PalmError
-from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
-from ..model.loss import IGNORE_INDEX
-from .optim import OPTIMIZERS, lr_at
 from ..core.rundir import RunLayout
+from ..core.runtime import DTYPES, autocast, torch_threads
+from ..model.loss import IGNORE_INDEX
+from . import distributed
+from .checkpoint import list_checkpoints, load_training_checkpoint, save_sharded_checkpoint, save_training_checkpoint
+from .compute import ACTIVATION_CHECKPOINTING, ComputeCopies, compile_blocks
+from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
+from .optim import OPTIMIZERS, lr_at
 from .runlock import RunLock
 from .runlog import MetricsLog
-from ..core.runtime import DTYPES, autocast, torch_threads
-
 
 logger = logging.getLogger("palm")
 
@@ -76,8 +73,18 @@ class LoopConfig:
     activation_checkpointing: str = "none"  # full or selective: recompute a block's activations in backward
 
     # What a resumed run may change: how long it runs, how often it reports, how it is laid out.
-    CHANGEABLE_ON_RESUME = frozenset({"max_steps", "checkpoint_every", "eval_every", "compile", "parallel",
-                                      "threads", "progress", "activation_checkpointing"})
+    CHANGEABLE_ON_RESUME = frozenset(
+        {
+            "max_steps",
+            "checkpoint_every",
+            "eval_every",
+            "compile",
+            "parallel",
+            "threads",
+            "progress",
+            "activation_checkpointing",
+        }
+    )
 
     def validate(self) -> None:
         checks = [
@@ -98,9 +105,14 @@ class LoopConfig:
             (self.skip_batches >= 0 and self.max_rewinds >= 0, "skip_batches and max_rewinds must be 0 or more"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2^63 - 1"),
             (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
-            (self.parallel in distributed.PARALLEL_MODES, f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}"),
-            (self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
-             f"--activation-checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}"),
+            (
+                self.parallel in distributed.PARALLEL_MODES,
+                f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}",
+            ),
+            (
+                self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+                f"--activation-checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,8 +169,15 @@ class Run:
     copies: ComputeCopies | None = None  # bf16 weights the steps compute with, when training in bf16 on one process
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped, "recent": list(self.recent), "rewinds": self.rewinds,
-                "tokens": self.tokens, "extra": self.extra, "stop": self.stop}
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "recent": list(self.recent),
+            "rewinds": self.rewinds,
+            "tokens": self.tokens,
+            "extra": self.extra,
+            "stop": self.stop,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -166,7 +185,9 @@ class Run:
             self.rewinds, self.tokens = int(state["rewinds"]), int(state["tokens"])
             self.extra, self.stop = dict(state.get("extra", {})), bool(state.get("stop", False))
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"a checkpoint's state.json is incomplete or corrupt ({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"a checkpoint's state.json is incomplete or corrupt ({type(e).__name__}: {e})"
+            ) from None
 
     def save(self, step: int) -> None:
         """Checkpoint `step`: with FSDP every rank writes its shards; DDP replicas are identical, so rank 0
@@ -229,8 +250,9 @@ def _steps(run: Run, on_step) -> Run:
     sheet = datasheet_peak(run.device, run.dtype)
     sheet = sheet * run.world.size if sheet else None
     log = MetricsLog(run.layout.metrics, keep_through=run.step) if main else None  # rank 0 alone logs
-    bar = tqdm(total=loop.max_steps, initial=run.step, disable=not (main and show_progress(loop)), desc="train",
-               unit="step")
+    bar = tqdm(
+        total=loop.max_steps, initial=run.step, disable=not (main and show_progress(loop)), desc="train", unit="step"
+    )
     try:
         while run.step < loop.max_steps and not run.stop:
             step = run.step + 1
@@ -255,9 +277,19 @@ def _steps(run: Run, on_step) -> Run:
             run.step, run.tokens = step, run.tokens + n_tokens
             run.recent = (run.recent + [loss])[-loop.spike_window :]
             rate = n_tokens / (time.perf_counter() - start)
-            record = {"step": step, "loss": loss, "lm_loss": ce, "z_loss": z, "lr": run.optimizer.param_groups[0]["lr"],
-                      "grad_norm": norm, "batch_size": loop.batch_at(step), "tokens": run.tokens, "tokens_per_s": rate,
-                      "mfu": mfu(rate, fpt, peak), "mfu_datasheet": mfu(rate, fpt, sheet)}
+            record = {
+                "step": step,
+                "loss": loss,
+                "lm_loss": ce,
+                "z_loss": z,
+                "lr": run.optimizer.param_groups[0]["lr"],
+                "grad_norm": norm,
+                "batch_size": loop.batch_at(step),
+                "tokens": run.tokens,
+                "tokens_per_s": rate,
+                "mfu": mfu(rate, fpt, peak),
+                "mfu_datasheet": mfu(rate, fpt, sheet),
+            }
             sharded = run.world.mode == "fsdp"  # a sharded forward needs every rank; rank 0 still logs alone
             if (main or sharded) and (step % loop.eval_every == 0 or step == loop.max_steps):
                 record.update(run.evaluate(run))
@@ -307,8 +339,14 @@ def forward_backward(run: Run, model, step: int) -> tuple[torch.Tensor, int]:
             with run.copies.in_use() if run.copies is not None else contextlib.nullcontext():
                 with autocast(run.device, run.dtype if run.copies is None else torch.float32):
                     # skip_logits: the loss comes from hidden states chunk by chunk, never the whole logits tensor
-                    out = model(input_ids=x[i : i + micro], shift_labels=y[i : i + micro], skip_logits=True,
-                                logits_to_keep=keep, num_items_in_batch=n_items, use_cache=False)
+                    out = model(
+                        input_ids=x[i : i + micro],
+                        shift_labels=y[i : i + micro],
+                        skip_logits=True,
+                        logits_to_keep=keep,
+                        num_items_in_batch=n_items,
+                        use_cache=False,
+                    )
                 loss = out.loss * scale
                 loss.backward()
             if run.copies is not None:
@@ -340,61 +378,13 @@ def rewind(run: Run, step: int, loss: float, log: MetricsLog | None) -> None:
     run.rewinds = rewinds
     run.skipped += run.loop.skip_batches
     if log:
-        log.write({"step": run.step, "event": "loss_spike", "spike_step": step, "loss": loss, "rewound_to": run.step,
-                   "skipped_batches": run.loop.skip_batches})
-
-
-@dataclass
-class Claim:
-    """Rank 0's hold on a run folder while a run opens: the lock, and whether the folder is new (a new
-    run that fails to open leaves nothing behind, so that a retry starts clean)."""
-
-    layout: RunLayout
-    lock: RunLock | None
-    fresh: bool
-    created: bool = False  # the folder itself is ours (else it was there, empty, and stays)
-
-    def abandon(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-        if not (self.fresh and self.layout.root.is_dir()):
-            return
-        if self.created:
-            shutil.rmtree(self.layout.root, ignore_errors=True)
-            return
-        for entry in self.layout.root.iterdir():
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
-def claim(layout: RunLayout, world: distributed.World, resume: bool) -> Claim:
-    """Lock the run folder (created if new) on rank 0, after clearing what a crash left half-written."""
-    from ..core.atomic import make_dir, remove_stale_temporaries
-
-    if not world.is_main:
-        return Claim(layout, None, False)
-    exists = layout.root.exists()
-    if exists and not layout.root.is_dir():
-        raise TrainingError(f"{layout.root} is a file, not a run folder")
-    if not resume and exists and any(layout.root.iterdir()):
-        raise TrainingError(f"{layout.root} already exists and is not empty; resume it with --resume {layout.root}")
-    make_dir(layout.root)
-    lock = RunLock(layout.lock).acquire()
-    for folder in (layout.root, layout.checkpoints):
-        for gone in remove_stale_temporaries(folder):
-            logger.info("removed %s, left half-written by an interrupted run", gone)
-    return Claim(layout, lock, fresh=not resume, created=not exists)
-
-
-def read_settings(layout: RunLayout) -> dict:
-    """A run's run.json as a mapping, or a TrainingError in one line."""
-    if layout.root.exists() and not layout.root.is_dir():
-        raise TrainingError(f"{layout.root} is a file, not a palm run folder")
-    try:
-        raw = json.loads(layout.settings.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainingError(f"{layout.root} is not a palm run (it has no {layout.settings.name})") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TrainingError(f"{layout.settings} is corrupt: {e}") from None
-    if not isinstance(raw, dict):
-        raise TrainingError(f"{layout.settings} is corrupt: it does not hold a table of settings")
-    return raw
+        log.write(
+            {
+                "step": run.step,
+                "event": "loss_spike",
+                "spike_step": step,
+                "loss": loss,
+                "rewound_to": run.step,
+                "skipped_batches": run.loop.skip_batches,
+            }
+        )

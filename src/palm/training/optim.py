@@ -45,9 +45,7 @@ def palm_lr(step: int, peak_lr: float = 1e-2, hold_steps: int = 10_000) -> float
     return peak_lr * math.sqrt(hold_steps / max(step, hold_steps))
 
 
-def cosine_lr(
-    step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
-) -> float:
+def cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
     """Linear warmup to `peak_lr`, cosine decay to `min_lr_ratio * peak_lr` at `total_steps`, flat after."""
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
@@ -176,8 +174,13 @@ class PalmAdafactor(torch.optim.Optimizer):
     def _blockable(self, p: torch.Tensor) -> bool:
         """A plain tensor on a CPU, laid out as its state: the blocked update applies."""
         state = self.state[p]
-        return (p.device.type == "cpu" and not hasattr(p, "full_tensor") and p.is_contiguous()
-                and p.grad.is_contiguous() and all(t.is_contiguous() for t in state.values() if torch.is_tensor(t)))
+        return (
+            p.device.type == "cpu"
+            and not hasattr(p, "full_tensor")
+            and p.is_contiguous()
+            and p.grad.is_contiguous()
+            and all(t.is_contiguous() for t in state.values() if torch.is_tensor(t))
+        )
 
     def _init_state(self, p: torch.Tensor, use_momentum: bool) -> None:
         state = self.state[p]
@@ -278,9 +281,13 @@ class PalmAdafactor(torch.optim.Optimizer):
             torch._foreach_add_(vs, g2, alpha=1.0 - beta2)
             u = torch._foreach_div(grads, torch._foreach_sqrt(vs))
             roots = [p.numel() ** 0.5 for p in ps]
-            torch._foreach_div_(u, [torch.clamp(n / r / group["clip_threshold"], min=1.0)
-                                    for n, r in zip(torch._foreach_norm(u), roots)])
-            torch._foreach_mul_(u, [lr * torch.clamp(n / r, min=group["eps2"]) for n, r in zip(torch._foreach_norm(ps), roots)])
+            torch._foreach_div_(
+                u,
+                [torch.clamp(n / r / group["clip_threshold"], min=1.0) for n, r in zip(torch._foreach_norm(u), roots)],
+            )
+            torch._foreach_mul_(
+                u, [lr * torch.clamp(n / r, min=group["eps2"]) for n, r in zip(torch._foreach_norm(ps), roots)]
+            )
             s = list(u)
             if beta1:
                 s = [self.state[p]["exp_avg"] for p in ps]
@@ -340,10 +347,7 @@ def build_optimizer(
     # Decaying LayerNorm scales pulls them toward 0 rather than toward their natural value 1: only matrices decay.
     decay = [p for p in unique if p.dim() >= 2]
     no_decay = [p for p in unique if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 

@@ -157,9 +157,16 @@ def make_plan(
     overrides = dict(overrides or {})
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    for name, value in (("--seq-len", seq_len), ("--tokens", tokens), ("--devices", devices),
-                        ("--tokens-per-s", tokens_per_s), ("--batch-tokens", batch_tokens),
-                        ("--peak-tflops", peak_tflops), ("--param-bytes", param_bytes), ("--mfu", mfu)):
+    for name, value in (
+        ("--seq-len", seq_len),
+        ("--tokens", tokens),
+        ("--devices", devices),
+        ("--tokens-per-s", tokens_per_s),
+        ("--batch-tokens", batch_tokens),
+        ("--peak-tflops", peak_tflops),
+        ("--param-bytes", param_bytes),
+        ("--mfu", mfu),
+    ):
         _positive(name, value)
     if mfu > 1:
         raise ConfigError(f"--mfu is a fraction of peak in (0, 1], got {mfu}")
@@ -205,20 +212,47 @@ def make_plan(
         # that layer's saved activations (measured at tiny, where it is 9% of the run; at 1b it is under 1%)
         "backward": math.ceil(2 * t * per_layer_elements * act),
     }
-    states = (memory["weights"] + memory["gradients"] + memory["master_weights"] + memory["optimizer"]
-              + memory["compute_copies"])
+    states = (
+        memory["weights"]
+        + memory["gradients"]
+        + memory["master_weights"]
+        + memory["optimizer"]
+        + memory["compute_copies"]
+    )
     transient = memory["logits"] + memory["backward"]
     memory["total_no_remat"] = states + memory["activations_no_remat"] + transient
     memory["total_remat"] = states + memory["activations_remat"] + transient
     memory["total_selective"] = states + memory["activations_selective"] + transient
 
     plan = Plan(
-        model=preset or "config", layers=L, d_model=d, heads=H, kv_heads=K, head_dim=Q, d_ff=f,
-        vocab_size=config.vocab_size, seq_len=seq_len, params=n, params_total=n_total,
-        flops_per_token=fpt, flops_per_token_no_attention=6.0 * n, flops_per_token_remat=fpt_remat,
-        tokens=float(tokens), total_flops=fpt * tokens, device=device, devices=devices,
-        peak_flops_per_device=peak, device_memory_bytes=memory_bytes, dp=dp, fsdp=fsdp, tp=tp,
-        param_bytes=param_bytes, batch_tokens=batch_tokens, tokens_per_device=t, memory=memory, mfu=mfu,
+        model=preset or "config",
+        layers=L,
+        d_model=d,
+        heads=H,
+        kv_heads=K,
+        head_dim=Q,
+        d_ff=f,
+        vocab_size=config.vocab_size,
+        seq_len=seq_len,
+        params=n,
+        params_total=n_total,
+        flops_per_token=fpt,
+        flops_per_token_no_attention=6.0 * n,
+        flops_per_token_remat=fpt_remat,
+        tokens=float(tokens),
+        total_flops=fpt * tokens,
+        device=device,
+        devices=devices,
+        peak_flops_per_device=peak,
+        device_memory_bytes=memory_bytes,
+        dp=dp,
+        fsdp=fsdp,
+        tp=tp,
+        param_bytes=param_bytes,
+        batch_tokens=batch_tokens,
+        tokens_per_device=t,
+        memory=memory,
+        mfu=mfu,
         tokens_per_s=tokens_per_s,
     )
     if peak:
@@ -272,42 +306,79 @@ def render(plan: Plan) -> str:
     peak = "unknown" if not plan.peak_flops_per_device else f"{plan.peak_flops_per_device / 1e12:g} TFLOP/s"
     capacity = "" if plan.device_memory_bytes is None else f" of {format_bytes(plan.device_memory_bytes)}"
     rows: list[tuple[str, str] | None] = [
-        ("model", f"{plan.model}: {plan.layers} layers, d_model {plan.d_model}, {plan.heads} heads x {plan.head_dim}"
-                  f" ({plan.kv_heads} kv), d_ff {plan.d_ff}, vocab {plan.vocab_size}"),
-        ("parameters", f"{plan.params / 1e9:.2f}B (weight matrices, Table 1); {plan.params_total:,} with LayerNorm scales"),
+        (
+            "model",
+            f"{plan.model}: {plan.layers} layers, d_model {plan.d_model}, {plan.heads} heads x {plan.head_dim}"
+            f" ({plan.kv_heads} kv), d_ff {plan.d_ff}, vocab {plan.vocab_size}",
+        ),
+        (
+            "parameters",
+            f"{plan.params / 1e9:.2f}B (weight matrices, Table 1); {plan.params_total:,} with LayerNorm scales",
+        ),
         ("sequence length", f"{plan.seq_len}"),
-        ("FLOPs per token", f"{format_tflops(plan.flops_per_token)} TFLOPs (6N + 12LHQT); "
-                            f"6N alone {format_tflops(plan.flops_per_token_no_attention)}; "
-                            f"with full remat {format_tflops(plan.flops_per_token_remat)}"),
+        (
+            "FLOPs per token",
+            f"{format_tflops(plan.flops_per_token)} TFLOPs (6N + 12LHQT); "
+            f"6N alone {format_tflops(plan.flops_per_token_no_attention)}; "
+            f"with full remat {format_tflops(plan.flops_per_token_remat)}",
+        ),
         ("training tokens", format_count(plan.tokens)),
         ("training FLOPs", f"{format_sci(plan.total_flops)} FLOPs"),
         None,
         ("devices", f"{plan.devices} x {plan.device} at {peak}"),
         ("layout", f"dp {plan.dp} x fsdp {plan.fsdp} x tp {plan.tp} (states sharded {plan.fsdp * plan.tp}-way)"),
-        ("batch", f"{format_count(plan.batch_tokens)} tokens; {plan.tokens_per_device:,.1f} per device (fully sharded)"),
-        ("memory per device", f"weights {format_bytes(m['weights'])} ({plan.param_bytes} B/param), "
-                              f"gradients {format_bytes(m['gradients'])}"),
-        ("", f"fp32 master weights {format_bytes(m['master_weights'])}, "
-             f"optimizer (fp32 m, v) {format_bytes(m['optimizer'])}"
-             + (f", bf16 compute copies and their gradients {format_bytes(m['compute_copies'])}"
-                if m["compute_copies"] else "")),
-        ("", f"activations {format_bytes(m['activations_no_remat'])} without remat, "
-             f"{format_bytes(m['activations_selective'])} with selective, "
-             f"{format_bytes(m['activations_remat'])} with full remat; logits {format_bytes(m['logits'])}, "
-             f"backward working set {format_bytes(m['backward'])}"),
-        ("", f"total {format_bytes(m['total_no_remat'])} without remat, "
-             f"{format_bytes(m['total_selective'])} selective, "
-             f"{format_bytes(m['total_remat'])} with full remat{capacity}"),
+        (
+            "batch",
+            f"{format_count(plan.batch_tokens)} tokens; {plan.tokens_per_device:,.1f} per device (fully sharded)",
+        ),
+        (
+            "memory per device",
+            f"weights {format_bytes(m['weights'])} ({plan.param_bytes} B/param), "
+            f"gradients {format_bytes(m['gradients'])}",
+        ),
+        (
+            "",
+            f"fp32 master weights {format_bytes(m['master_weights'])}, "
+            f"optimizer (fp32 m, v) {format_bytes(m['optimizer'])}"
+            + (
+                f", bf16 compute copies and their gradients {format_bytes(m['compute_copies'])}"
+                if m["compute_copies"]
+                else ""
+            ),
+        ),
+        (
+            "",
+            f"activations {format_bytes(m['activations_no_remat'])} without remat, "
+            f"{format_bytes(m['activations_selective'])} with selective, "
+            f"{format_bytes(m['activations_remat'])} with full remat; logits {format_bytes(m['logits'])}, "
+            f"backward working set {format_bytes(m['backward'])}",
+        ),
+        (
+            "",
+            f"total {format_bytes(m['total_no_remat'])} without remat, "
+            f"{format_bytes(m['total_selective'])} selective, "
+            f"{format_bytes(m['total_remat'])} with full remat{capacity}",
+        ),
         None,
     ]
     if plan.time_s is None:
         rows.append(("time", "unknown: no peak FLOP/s for this device (give --peak-tflops)"))
     else:
-        rows.append(("time", f"{format_duration(plan.time_s)} at {_pct(plan.mfu)} MFU "
-                             f"({format_count(plan.tokens_per_s_at_mfu)} tokens/s)"))
+        rows.append(
+            (
+                "time",
+                f"{format_duration(plan.time_s)} at {_pct(plan.mfu)} MFU "
+                f"({format_count(plan.tokens_per_s_at_mfu)} tokens/s)",
+            )
+        )
     if plan.tokens_per_s is not None:
-        rows.append(("observed", f"{format_count(plan.tokens_per_s)} tokens/s: MFU {_pct(plan.mfu_observed)} "
-                                 f"(with attention), {_pct(plan.mfu_observed_no_attention)} (6N only, as Appendix B), "
-                                 f"HFU {_pct(plan.hfu_observed)} (full remat)"))
+        rows.append(
+            (
+                "observed",
+                f"{format_count(plan.tokens_per_s)} tokens/s: MFU {_pct(plan.mfu_observed)} "
+                f"(with attention), {_pct(plan.mfu_observed_no_attention)} (6N only, as Appendix B), "
+                f"HFU {_pct(plan.hfu_observed)} (full remat)",
+            )
+        )
     width = max(len(r[0]) for r in rows if r)
     return "\n".join("" if r is None else f"{r[0]:<{width}}  {r[1]}" for r in rows)

@@ -13,13 +13,16 @@ from collections.abc import Sequence
 import torch
 
 from ..core.errors import PalmError
-from ..evaluate.metrics import ALIASES, GENERATION_METRICS
 from ..data.taskdata import TaskRow
+from ..evaluate.metrics import ALIASES, GENERATION_METRICS
 from ..text.tokenizer import PalmTokenizer
 
 # What each task reports, and the default metric to select on (PaLM's and the field's headline figures).
-REPORTED = {"summarize": ("rouge1", "rouge2", "rouge_l", "rouge_lsum"), "qa": ("exact_match", "f1"),
-            "translate": ("bleu", "chrf++")}
+REPORTED = {
+    "summarize": ("rouge1", "rouge2", "rouge_l", "rouge_lsum"),
+    "qa": ("exact_match", "f1"),
+    "translate": ("bleu", "chrf++"),
+}
 DEFAULT_SELECT = {"summarize": "rouge2", "qa": "f1", "translate": "bleu"}
 
 
@@ -31,8 +34,9 @@ def metric_name(name: str) -> str:
     """A `--select` value as a metric's name (`exact` -> exact_match, `chrf` stays chrF)."""
     name = ALIASES.get(name, name)
     if name not in GENERATION_METRICS:
-        raise SelectionError(f"--select {name!r} is no metric palm computes; choose one of "
-                             f"{', '.join([*GENERATION_METRICS, *ALIASES])}")
+        raise SelectionError(
+            f"--select {name!r} is no metric palm computes; choose one of {', '.join([*GENERATION_METRICS, *ALIASES])}"
+        )
     return name
 
 
@@ -41,8 +45,9 @@ def reported(task: str, select: str) -> list[str]:
 
 
 @torch.no_grad()
-def generations(model, tokenizer: PalmTokenizer, rows: Sequence[TaskRow], *, max_new_tokens: int, context: int,
-                batch_size: int = 8) -> list[str]:
+def generations(
+    model, tokenizer: PalmTokenizer, rows: Sequence[TaskRow], *, max_new_tokens: int, context: int, batch_size: int = 8
+) -> list[str]:
     """The model's greedy completion of each row's prompt (cut like training rows to leave room to generate)."""
     was_training = model.training
     model.eval()
@@ -54,9 +59,15 @@ def generations(model, tokenizer: PalmTokenizer, rows: Sequence[TaskRow], *, max
             width = max(map(len, prompts))
             ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            made = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                  repetition_penalty=1.0, pad_token_id=tokenizer.pad_id,
-                                  eos_token_id=[tokenizer.eos_id, tokenizer.eod_id])
+            made = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                repetition_penalty=1.0,
+                pad_token_id=tokenizer.pad_id,
+                eos_token_id=[tokenizer.eos_id, tokenizer.eod_id],
+            )
             out += [tokenizer.decode(row[width:].tolist()).strip() for row in made]
     finally:
         model.train(was_training)

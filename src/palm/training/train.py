@@ -19,25 +19,26 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
 from ..core import settings
 from ..core.atomic import atomic_directory, write_json
-from .compute import apply_activation_checkpointing
-from ..model.config import ConfigError, PalmConfig
-from ..data.corpora import parse_corpus_spec, part_fingerprint
-from ..data.data import TokenData, get_batch, val_windows
 from ..core.errors import PalmError
 from ..core.heldout import summed_nll
-from .loop import LoopConfig, Run, TrainingError, claim, read_settings, run_loop, show_progress
-from ..weights.modeldir import model_config, save_model_dir
-from ..model.model import PalmForCausalLM
-from .optim import build_optimizer
 from ..core.rundir import RunLayout
 from ..core.runtime import pick_device, pick_dtype
+from ..data.corpora import parse_corpus_spec, part_fingerprint
+from ..data.data import TokenData, get_batch, val_windows
 from ..data.shards import prepare_data, token_byte_lengths, tokenize_corpora, tokenizer_sha256
 from ..data.subsample import DEFAULT_SAMPLE_BYTES, sample_corpora
-from ..text.tokenizer import PalmTokenizer, train_tokenizer
 from ..data.workers import default_workers
+from ..model.config import ConfigError, PalmConfig
+from ..model.model import PalmForCausalLM
+from ..text.tokenizer import PalmTokenizer, train_tokenizer
+from ..weights.modeldir import model_config, save_model_dir
+from . import distributed
+from .compute import apply_activation_checkpointing
+from .loop import LoopConfig, Run, TrainingError, run_loop, show_progress
+from .optim import build_optimizer
+from .runfolder import claim, read_settings
 
 logger = logging.getLogger("palm")
 data_log = logging.getLogger("palm.data")  # what preparing the data took, at INFO: the command line shows it
@@ -50,7 +51,9 @@ class TrainConfig:
     corpus: list[str]
     out: str
     preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # PalmConfig overrides on top of the preset, e.g. {"num_hidden_layers": 2}
+    model: dict = field(
+        default_factory=dict
+    )  # PalmConfig overrides on top of the preset, e.g. {"num_hidden_layers": 2}
     tokenizer: str | None = None  # None: train one on the corpus into RUN/tokenizer
     vocab_size: int = 8192
     seq_len: int = 256
@@ -83,8 +86,9 @@ class TrainConfig:
         hints = settings.own_hints(PalmConfig)
         unknown = sorted(set(self.model) - set(hints))
         if unknown:
-            raise TrainingError(f"unknown model setting {', '.join(map(repr, unknown))}; "
-                                f"PalmConfig has {', '.join(sorted(hints))}")
+            raise TrainingError(
+                f"unknown model setting {', '.join(map(repr, unknown))}; PalmConfig has {', '.join(sorted(hints))}"
+            )
         try:
             values = {k: settings.check_value(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
             PalmConfig.from_preset(self.preset, **values)
@@ -130,8 +134,9 @@ class Pretraining:
         metrics = {}
         for i, name in enumerate(self.data.names):
             windows = list(val_windows(self.data, i, self.cfg.eval_tokens))
-            nats, tokens = summed_nll(run.model, ((w[:, :-1], w[:, 1:]) for w in windows), device=run.device,
-                                      dtype=run.dtype)
+            nats, tokens = summed_nll(
+                run.model, ((w[:, :-1], w[:, 1:]) for w in windows), device=run.device, dtype=run.dtype
+            )
             n_bytes = sum(int(table[w[0, 1:]].sum()) for w in windows)
             if tokens:
                 metrics[f"val_loss/{name}"] = nats / tokens
@@ -155,8 +160,10 @@ def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts) -> PalmTokenizer:
 
 def data_identity(parts, tokenizer: PalmTokenizer) -> dict:
     """What the run's batches are a function of, besides the seed: each corpus's files and the vocabulary."""
-    return {"tokenizer_sha256": tokenizer_sha256(tokenizer),
-            "corpora": {part.name: part_fingerprint(part) for part in parts}}
+    return {
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "corpora": {part.name: part_fingerprint(part) for part in parts},
+    }
 
 
 def _check_data(layout: RunLayout, identity: dict, allow_change: bool) -> None:
@@ -164,12 +171,17 @@ def _check_data(layout: RunLayout, identity: dict, allow_change: bool) -> None:
     saved = json.loads(layout.data.read_text(encoding="utf-8")) if layout.data.is_file() else None
     if saved is None or saved == identity:
         return
-    changed = sorted(name for name in {**saved.get("corpora", {}), **identity["corpora"]}
-                     if saved.get("corpora", {}).get(name) != identity["corpora"].get(name))
+    changed = sorted(
+        name
+        for name in {**saved.get("corpora", {}), **identity["corpora"]}
+        if saved.get("corpora", {}).get(name) != identity["corpora"].get(name)
+    )
     what = f"corpus {', '.join(changed)}" if changed else "the tokenizer"
     if not allow_change:
-        raise TrainingError(f"{what} changed since the run started, so resuming would not be exact; "
-                            "pass --allow-data-change to continue on the new data anyway")
+        raise TrainingError(
+            f"{what} changed since the run started, so resuming would not be exact; "
+            "pass --allow-data-change to continue on the new data anyway"
+        )
     logger.warning("%s changed since the run started: the resumed run will not be exact", what)
 
 
@@ -185,15 +197,23 @@ def _cache(cfg: TrainConfig, layout: RunLayout) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else layout.default_cache()
 
 
-def _prepare(cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False, world=None
-             ) -> tuple[PalmTokenizer, TokenData]:
+def _prepare(
+    cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False, world=None
+) -> tuple[PalmTokenizer, TokenData]:
     parts = parse_corpus_spec(cfg.corpus, cfg.text_column)
     tok = _tokenizer_for(cfg, layout, parts)
     identity = data_identity(parts, tok)
     if resume:
         _check_data(layout, identity, allow_change)
-    data = prepare_data(parts, tok, _cache(cfg, layout), cfg.seq_len, cfg.val_fraction, progress=show,
-                        workers=_workers(cfg, world or distributed.World()))
+    data = prepare_data(
+        parts,
+        tok,
+        _cache(cfg, layout),
+        cfg.seq_len,
+        cfg.val_fraction,
+        progress=show,
+        workers=_workers(cfg, world or distributed.World()),
+    )
     write_json(layout.data, identity)
     for report in data.reports:
         if report.built:
@@ -213,8 +233,9 @@ def _any_failure(world, error: Exception | None) -> Exception | None:
     return error if error is not None else first[0](first[1])
 
 
-def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world, allow_change: bool
-                      ) -> tuple[PalmTokenizer, TokenData]:
+def _prepare_on_rank0(
+    cfg: TrainConfig, layout: RunLayout, resume: bool, world, allow_change: bool
+) -> tuple[PalmTokenizer, TokenData]:
     """Rank 0 trains the tokenizer; every rank tokenizes its share of the corpora; rank 0 joins the shards
     and writes run.json; the others then read the same files."""
     failure: Exception | None = None
@@ -231,9 +252,16 @@ def _prepare_on_rank0(cfg: TrainConfig, layout: RunLayout, resume: bool, world, 
         failure = distributed.share_failure(failure)
         if failure is None:
             try:
-                tokenize_corpora(parse_corpus_spec(cfg.corpus, cfg.text_column), PalmTokenizer.load(layout.tokenizer),
-                                 _cache(cfg, layout), world.rank, world.size, cfg.val_fraction, _workers(cfg, world),
-                                 progress=world.is_main and show_progress(cfg.loop))
+                tokenize_corpora(
+                    parse_corpus_spec(cfg.corpus, cfg.text_column),
+                    PalmTokenizer.load(layout.tokenizer),
+                    _cache(cfg, layout),
+                    world.rank,
+                    world.size,
+                    cfg.val_fraction,
+                    _workers(cfg, world),
+                    progress=world.is_main and show_progress(cfg.loop),
+                )
             except PalmError as e:
                 failure = e
             failure = _any_failure(world, failure)
@@ -264,8 +292,14 @@ def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) ->
         world.barrier()
         tok, data = _prepare_on_rank0(cfg, layout, resume, world, allow_data_change)
         device = world.device() if world.active else pick_device()
-        config = model_config(tok, cfg.preset, max_position_embeddings=max(cfg.seq_len, 2048),
-                              z_loss_coef=cfg.loop.z_loss, use_cache=False, **cfg.model)
+        config = model_config(
+            tok,
+            cfg.preset,
+            max_position_embeddings=max(cfg.seq_len, 2048),
+            z_loss_coef=cfg.loop.z_loss,
+            use_cache=False,
+            **cfg.model,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.loop.seed)
             model = PalmForCausalLM(config).to(device).train()  # type: ignore[arg-type]
@@ -274,8 +308,19 @@ def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) ->
         model = distributed.shard(model, world, bf16=dtype == torch.bfloat16)  # before the optimizer sees the params
         optimizer = build_optimizer(cfg.loop.optimizer, model.named_parameters(), lr=cfg.loop.peak_lr)
         recipe = Pretraining(cfg, tok, data)
-        run = Run(cfg.loop, layout, model, optimizer, device, dtype, recipe.batches, recipe.evaluate, world=world,
-                  seq_len=cfg.seq_len, lock=held.lock)
+        run = Run(
+            cfg.loop,
+            layout,
+            model,
+            optimizer,
+            device,
+            dtype,
+            recipe.batches,
+            recipe.evaluate,
+            world=world,
+            seq_len=cfg.seq_len,
+            lock=held.lock,
+        )
         run.start()
     except BaseException:
         held.abandon()
@@ -283,8 +328,12 @@ def open_run(cfg: TrainConfig, resume: bool, allow_data_change: bool = False) ->
     return run
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[Run, dict], None] | None = None,
-          allow_data_change: bool = False) -> Run:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_step: Callable[[Run, dict], None] | None = None,
+    allow_data_change: bool = False,
+) -> Run:
     """Train to max_steps (continuing a run when `resume`) and export RUN/final."""
     run = open_run(cfg, resume, allow_data_change)
     try:

@@ -14,8 +14,8 @@ import torch
 
 from ..core.atomic import atomic_directory
 from ..core.errors import CheckpointError
-from .modeldir import load_model, quiet_transformers, save_model_dir
 from ..text.tokenizer import PalmTokenizer
+from .modeldir import load_model, quiet_transformers, save_model_dir
 
 TARGETS = ("in_proj", "attn_out", "mlp_out")  # every matmul of a PaLM block
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -32,8 +32,14 @@ def add_adapters(model, *, r: int, alpha: float, dropout: float, targets: list[s
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown LoRA targets {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",  # type: ignore[arg-type]
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         return get_peft_model(model, config)
@@ -69,7 +75,9 @@ def check_adapter_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is not a peft adapter ({ADAPTER_CONFIG} is missing)")
     if not (path / ADAPTER_WEIGHTS).is_file():
         pickled = (path / "adapter_model.bin").is_file()
-        raise CheckpointError(f"{path} has {'pickled adapter weights (adapter_model.bin), which palm does not load' if pickled else 'no ' + ADAPTER_WEIGHTS}")
+        raise CheckpointError(
+            f"{path} has {'pickled adapter weights (adapter_model.bin), which palm does not load' if pickled else 'no ' + ADAPTER_WEIGHTS}"
+        )
     try:
         kind = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("peft_type")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
@@ -86,8 +94,10 @@ def adapter_tokenizer(adapter_dir: Path, base: PalmTokenizer, base_dir: str | Pa
     saved with the adapter is what names the model it was trained on."""
     own = PalmTokenizer.load(adapter_dir) if (adapter_dir / "tokenizer.json").is_file() else None
     if own is not None and own.hf.get_vocab() != base.hf.get_vocab():
-        raise CheckpointError(f"adapter {adapter_dir} was trained on a model with another vocabulary ({len(own)} "
-                              f"pieces) than the one in {base_dir} ({len(base)})")
+        raise CheckpointError(
+            f"adapter {adapter_dir} was trained on a model with another vocabulary ({len(own)} "
+            f"pieces) than the one in {base_dir} ({len(base)})"
+        )
     return own
 
 
@@ -103,7 +113,9 @@ def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | Non
         with quiet_transformers():
             merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"adapter {adapter_dir} does not fit the model in {base_dir}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"adapter {adapter_dir} does not fit the model in {base_dir}: {str(e).splitlines()[0]}"
+        ) from None
     return merged.eval(), own or tokenizer
 
 

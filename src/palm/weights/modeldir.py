@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.atomic import atomic_directory
-from ..model.config import ConfigError, PalmConfig
 from ..core.errors import CheckpointError
 from ..core.runtime import pick_device, pick_dtype
+from ..model.config import ConfigError, PalmConfig
 from ..text.tokenizer import PalmTokenizer
 
 Placer = Callable[[torch.nn.Module, str, torch.Tensor], bool]
@@ -116,17 +116,24 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], config: PalmCo
         model = PalmForCausalLM(config)
     tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = [f"{k} is {_dims(shapes[k])} there, {_dims(v)} by config.json"
-             for k, v in expected.items() if k in shapes and shapes[k] != v]
+    wrong = [
+        f"{k} is {_dims(shapes[k])} there, {_dims(v)} by config.json"
+        for k, v in expected.items()
+        if k in shapes and shapes[k] != v
+    ]
     missing = [k for k in expected if k not in shapes and k not in tied]
     # Weights the config has no place for (more layers than it says, say) would be dropped without a word.
     extra = sorted(k for k in shapes if k not in expected)
     if wrong:
         raise CheckpointError(f"the weights in {path} do not match its config.json: {wrong[0]}{_more(wrong)}")
     if missing:
-        raise CheckpointError(f"the weights in {path} lack {missing[0]}{_more(missing)}, which its config.json calls for")
+        raise CheckpointError(
+            f"the weights in {path} lack {missing[0]}{_more(missing)}, which its config.json calls for"
+        )
     if extra:
-        raise CheckpointError(f"the weights in {path} hold {extra[0]}{_more(extra)}, which its config.json has no place for")
+        raise CheckpointError(
+            f"the weights in {path} hold {extra[0]}{_more(extra)}, which its config.json has no place for"
+        )
 
 
 def _more(items: list[str]) -> str:
@@ -149,7 +156,9 @@ def load_model(path: str | Path, device: str | None = None, dtype: str = "auto",
     try:
         model = _read_model(path, dev, pick_dtype(dtype, dev), place)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError) as e:
-        raise CheckpointError(f"cannot load the model in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CheckpointError(
+            f"cannot load the model in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return model.eval(), PalmTokenizer.load(path)
 
 
@@ -200,7 +209,9 @@ def quiet_transformers() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             yield
     finally:
         if was_on:
@@ -210,8 +221,12 @@ def quiet_transformers() -> Iterator[None]:
 def model_config(tokenizer: PalmTokenizer, preset: str, **overrides) -> PalmConfig:
     """A preset's shape sized to `tokenizer`, with its special ids; generation stops at the end of a
     sequence or of a document."""
-    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
-               eos_token_id=[tokenizer.eos_id, tokenizer.eod_id])
+    ids = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=[tokenizer.eos_id, tokenizer.eod_id],
+    )
     return PalmConfig.from_preset(preset, **{**ids, **overrides})
 
 
@@ -221,8 +236,15 @@ def generation_defaults(config: PalmConfig):
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.2, max_new_tokens=64,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_k=40,
+        top_p=0.95,
+        repetition_penalty=1.2,
+        max_new_tokens=64,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
     )
 
 
@@ -245,8 +267,9 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False,
-                   **overrides) -> int:
+def init_model_dir(
+    preset: str, tokenizer_dir: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False, **overrides
+) -> int:
     """Write a randomly initialised `preset` model sized to the tokenizer into `out`; returns its parameter count."""
     from ..model.model import PalmForCausalLM
 
