@@ -62,17 +62,10 @@ class XGrammar(Library):
     def __init__(self, tokenizer, vocab: int, eos: int):
         import xgrammar as xgr
 
+        from palm.inference.structured import tokenizer_info
+
         self.xgr = xgr
-        pieces = [""] * vocab
-        for piece, index in tokenizer.hf.backend_tokenizer.get_vocab().items():
-            pieces[index] = piece
-        info = xgr.TokenizerInfo(
-            pieces,
-            vocab_type=xgr.VocabType.BYTE_FALLBACK,
-            vocab_size=vocab,
-            stop_token_ids=[eos],
-            add_prefix_space=False,
-        )
+        info = tokenizer_info(tokenizer, vocab, [eos])  # as palm serve reads the vocabulary
         self.compiler, self.mask = xgr.GrammarCompiler(info, cache_enabled=False), xgr.allocate_token_bitmask(1, vocab)
 
     def compile(self, schema: dict) -> None:

@@ -201,6 +201,7 @@ def test_every_line_that_is_not_run_is_still_in_the_readme():
 def links(page: Path) -> list[str]:
     """The relative targets of the page's markdown links (outside code blocks), anchors dropped."""
     text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)  # inline code is not a link either
     found = re.findall(r"\]\(([^)\s]+)\)", text)
     return [t.split("#")[0] for t in found if not re.match(r"[a-z]+:", t) and t.split("#")[0]]
 

@@ -33,24 +33,30 @@ def _xgrammar():
     return xgrammar
 
 
+def tokenizer_info(tokenizer: PalmTokenizer, vocab_size: int, stop_ids: list[int]):
+    """xgrammar's view of a model's vocabulary: a palm vocabulary as its raw pieces with `<0xXX>` byte
+    fallback (spaces are ordinary characters), any other through xgrammar's Transformers reader."""
+    xgr = _xgrammar()
+    if not tokenizer.own:
+        return xgr.TokenizerInfo.from_huggingface(tokenizer.hf, vocab_size=vocab_size, stop_token_ids=stop_ids)
+    pieces = [""] * vocab_size
+    for piece, index in tokenizer.hf.backend_tokenizer.get_vocab().items():
+        pieces[index] = piece
+    return xgr.TokenizerInfo(
+        pieces,
+        vocab_type=xgr.VocabType.BYTE_FALLBACK,
+        vocab_size=vocab_size,
+        stop_token_ids=stop_ids,
+        add_prefix_space=False,
+    )
+
+
 class Grammars:
     """Compiles JSON grammars for one model's vocabulary (compiled grammars are cached by the compiler)."""
 
     def __init__(self, tokenizer: PalmTokenizer, vocab_size: int, stop_ids: list[int]):
         xgr = _xgrammar()
-        if tokenizer.own:
-            pieces = [""] * vocab_size
-            for piece, index in tokenizer.hf.backend_tokenizer.get_vocab().items():
-                pieces[index] = piece
-            info = xgr.TokenizerInfo(
-                pieces,
-                vocab_type=xgr.VocabType.BYTE_FALLBACK,
-                vocab_size=vocab_size,
-                stop_token_ids=stop_ids,
-                add_prefix_space=False,
-            )
-        else:
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer.hf, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        info = tokenizer_info(tokenizer, vocab_size, stop_ids)
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(info)
         # xgrammar's JSON strings admit raw control characters, which JSON (and Python's json.loads) refuses:
