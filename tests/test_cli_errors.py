@@ -260,7 +260,76 @@ def test_a_torn_metrics_line_does_not_stop_resume_or_plot(capsys, user, tmp_path
         f.write('{"step": 5, "loss": 1.')  # a kill mid-write
     code, _, err = run_cli(capsys, "plot", str(run))
     assert code == 0, err
+    assert f"palm: warning: {run / 'metrics.jsonl'}:5 is torn" in err  # told, not silently dropped
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--max-steps", "6")
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "field, value", [("hidden_size", "256"), ("num_hidden_layers", "six"), ("vocab_size", -5), ("head_dim", [64])]
+)
+def test_plan_on_a_config_json_with_wrong_types(capsys, tmp_path, field, value):
+    """palm plan --config reads a config.json the way palm generate does: a wrong type is one line naming it."""
+    config = {
+        "model_type": "palm",
+        "hidden_size": 256,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "head_dim": 64,
+        "vocab_size": 8192,
+        field: value,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "plan", "--config", str(tmp_path), "--seq-len", "128", "--tokens", "1000")
+    assert_one_line_error(code, err, field)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_is_bitwise(capsys, user, tmp_path, monkeypatch):
+    """The device fills while step 4's checkpoint is written (ENOSPC from safetensors' writer, as a 30 MB
+    tmpfs gives it): one line naming the checkpoint and the space it needs, step 2's checkpoint intact and no
+    partial folder left; after space is freed, --resume ends with the weights of a run never stopped."""
+    import errno
+
+    from palm.training import checkpoint
+
+    def args(out):
+        return [
+            "train",
+            "--corpus",
+            str(user / "corpus"),
+            "--tokenizer",
+            str(user / "tok"),
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--out",
+            str(out),
+        ]
+
+    code, _, err = run_cli(capsys, *args(tmp_path / "straight"))
+    assert code == 0, err
+    real, calls = checkpoint.save_file, []
+
+    def fill_up(tensors, path, *a, **k):  # the optimizer file of the third checkpoint (steps 0, 2, 4)
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", fill_up)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *args(run))
+    assert_one_line_error(code, err, "no space left", "step-0000004", "MB", "step-0000002 is intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000000", "step-0000002"]
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run))
+    assert code == 0, err
+    final = "final/model.safetensors"
+    assert (run / final).read_bytes() == (tmp_path / "straight" / final).read_bytes()

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 from conftest import assert_one_line_error, run_cli
 
+from palm.core.errors import CorpusError
 from palm.data.corpora import CorpusPart, parse_corpus_spec
 from palm.data.documents import iter_documents
 from palm.data.shards import prepare_data
@@ -170,3 +171,27 @@ def test_the_text_column_flag_reaches_the_files(capsys, tmp_path, corpora, token
     assert code == 0, err
     assert "palm: tokenized" in err and "bytes/token" in err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["text_column"] == "content"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_a_cell_past_the_document_limit_is_refused_naming_its_row(tmp_path, monkeypatch, kind):
+    """A Parquet or Arrow cell longer than palm takes as one document (textio.MAX_LINE_BYTES, lowered here)
+    is one line naming the file and row, not a string of whatever size the file holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from palm.data import columnar, textio
+
+    monkeypatch.setattr(textio, "MAX_LINE_BYTES", 1000)
+    table = pa.table({"text": ["short"] * 5 + ["x" * 5000] + ["short"]})
+    path = tmp_path / f"t.{kind}"
+    if kind == "parquet":
+        pq.write_table(table, path, row_group_size=3)
+        texts = columnar.parquet_texts(path, "text")
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=3):
+                writer.write_batch(batch)
+        texts = columnar.arrow_texts(path, "text")
+    with pytest.raises(CorpusError, match=r"row 6 holds a text of 5\.0 kB"):
+        list(texts)

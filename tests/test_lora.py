@@ -255,3 +255,70 @@ def test_palm_serve_with_an_adapter_chats_as_palm_generate_chat(capsys, lora_run
     assert out == reply + "\n" == streamed + "\n"
     code, _, err = run_cli(capsys, "generate", "--model", model_dir, "--adapter", str(lora_run[0]), "--chat", "hi")
     assert_one_line_error(code, err, "adapter_config.json")
+
+
+def crafted_adapter(src, dst, how: str):
+    """A copy of the adapter at `src`, made hostile one way."""
+    import shutil
+    import struct
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    config_file, weights = dst / "adapter_config.json", dst / "adapter_model.safetensors"
+    config = json.loads(config_file.read_text())
+    edits = {
+        "rank 0": {"r": 0},
+        "rank of a billion": {"r": 10**9},
+        "alpha not a number": {"lora_alpha": "x"},
+        "a layer not there": {"layers_to_transform": [99]},
+        "a foreign target": {"target_modules": ["q_proj"]},
+    }
+    if how in edits:
+        config_file.write_text(json.dumps({**config, **edits[how]}))
+    elif how == "pickled weights only":
+        weights.rename(dst / "adapter_model.bin")
+    elif how == "a header claiming terabytes":
+        data = weights.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name] = {**header[name], "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    elif how == "a tensor of another shape":
+        tensors = load_file(str(weights))
+        name = next(k for k in tensors if "lora_A" in k)
+        tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
+        save_file(tensors, str(weights))
+    return dst
+
+
+HOSTILE = {
+    "rank 0": "r is 0",
+    "rank of a billion": "r is 1000000000",
+    "alpha not a number": "lora_alpha is 'x'",
+    "a layer not there": "layers_to_transform is [99]",
+    "a foreign target": "target_modules is ['q_proj']",
+    "pickled weights only": "pickled adapter weights",
+    "a header claiming terabytes": "not a readable safetensors file",
+    "a tensor of another shape": "this model and r=4 want",
+}
+
+
+@pytest.mark.parametrize("how", list(HOSTILE))
+def test_a_hostile_adapter_is_one_line_before_its_tensors_are_read(capsys, lora_run, model_dir, tmp_path, how):
+    """Merging and serving check an adapter's config and safetensors header against the base first."""
+    from palm.inference.generate import Generator
+
+    adapter = crafted_adapter(lora_run[0] / "adapter", tmp_path / "adapter", how)
+    code, _, err = run_cli(
+        capsys, "merge", "--base", model_dir, "--adapter", str(adapter), "--out", str(tmp_path / "m")
+    )
+    assert_one_line_error(code, err, HOSTILE[how])
+    assert not (tmp_path / "m").exists()
+    generator = Generator.load(model_dir, dtype="fp32")
+    with pytest.raises(Exception, match=HOSTILE[how].replace("[", r"\[").replace("]", r"\]")) as info:
+        generator.add_adapters({"hostile": adapter})
+    assert type(info.value).__name__ == "CheckpointError"

@@ -123,3 +123,65 @@ def test_text_boundaries_fall_on_safe_cuts_or_character_starts(tmp_path):
     assert textio.line_start_after(path, 0) == 0
     first = textio.line_start_after(path, 5)
     assert data[first - 1 : first] == b"\n" and first == data.index(b"\n") + 1
+
+
+def zstd_bomb(path, unit: bytes, copies: int, tail: bytes = b"") -> None:
+    """A .zst that expands to `unit` x copies (+ tail): one frame written `copies` times (frames concatenate),
+    a few kB on disk for gigabytes of text."""
+    frame = zstandard.ZstdCompressor(level=19).compress(unit)
+    with open(path, "wb") as f:
+        for _ in range(copies):
+            f.write(frame)
+        if tail:
+            f.write(zstandard.ZstdCompressor().compress(tail))
+
+
+def peak_rss_mb(code: str) -> float:
+    """Peak RSS (MB) of a fresh interpreter running `code` (measured by a launcher: ru_maxrss of a child
+    starts at its spawner's)."""
+    import subprocess
+    import sys
+
+    launcher = (
+        "import resource, subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", launcher, code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_zstd_bomb_is_read_in_bounded_blocks(tmp_path):
+    """512 MB of text with no line break from a .zst of a few kB: the pieces stay within PIECE_CHARS and
+    reading it all adds less than 150 MB to the process (decompressed whole, one compressed read made 999 MB
+    at once)."""
+    bomb = tmp_path / "bomb.txt.zst"
+    zstd_bomb(bomb, b"a" * (64 << 20), 8)
+    assert bomb.stat().st_size < 200_000
+    code = (
+        "from pathlib import Path; from palm.data import textio\n"
+        f"p = Path({str(bomb)!r}); n = biggest = 0\n"
+        "for piece in textio.text_pieces(textio.decode(p, textio.read_blocks(p))):\n"
+        "    n += len(piece); biggest = max(biggest, len(piece))\n"
+        "assert n == 8 << 26 and biggest <= textio.PIECE_CHARS, (n, biggest)\n"
+    )
+    baseline = peak_rss_mb("from palm.data import textio")  # the interpreter, torch and transformers
+    assert peak_rss_mb(code) - baseline < 150
+
+
+def test_a_jsonl_line_past_the_limit_is_refused_naming_file_and_line(tmp_path, monkeypatch):
+    from palm.data.documents import jsonl_rows
+
+    monkeypatch.setattr(textio, "MAX_LINE_BYTES", 1 << 20)
+    monkeypatch.setattr(textio.lines, "__defaults__", (1 << 20,))
+    bomb = tmp_path / "rows.jsonl.zst"
+    zstd_bomb(bomb, b"x" * (1 << 20), 64, tail=b'"}\n')
+    with open(bomb, "rb") as f:
+        body = f.read()
+    with open(bomb, "wb") as f:  # a first, ordinary row, then one 64 MB line
+        f.write(zstandard.ZstdCompressor().compress(b'{"text": "fine"}\n{"text": "'))
+        f.write(body)
+    rows = jsonl_rows(bomb)
+    assert next(rows)[1] == {"text": "fine"}
+    with pytest.raises(CorpusError, match=r"rows\.jsonl\.zst:2 is a JSON line longer than 1\.0 MB"):
+        next(rows)

@@ -17,9 +17,18 @@ def plot_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default RUN/curves.png).")] = None,
 ) -> None:
     """Draw a run's loss, validation and learning-rate curves to a PNG."""
+    from ..core.rundir import RunLayout
     from ..training.plot import plot_run
 
-    typer.echo(f"wrote {plot_run(run, out)}")
+    skipped: list[int] = []
+    written = plot_run(run, out, skipped)
+    for number in skipped:
+        typer.echo(
+            f"palm: warning: {RunLayout(run).metrics}:{number} is torn (a run killed while writing it?); "
+            "the plot leaves it out",
+            err=True,
+        )
+    typer.echo(f"wrote {written}")
 
 
 @app.command("plan")
@@ -78,7 +87,11 @@ def plan_command(
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}".splitlines()[0]) from None
         from ..model.config import PalmConfig
+        from ..weights.modeldir import check_config
 
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} is not a JSON object")
+        check_config(path, raw)  # each of palm's fields of its type, a consistent shape: one line, never a traceback
         fields = set(PalmConfig.__annotations__)
         overrides = {k: v for k, v in raw.items() if k in fields} if isinstance(raw, dict) else {}
     elif preset is None:

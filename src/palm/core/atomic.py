@@ -25,6 +25,33 @@ class OutputError(PalmError):
     """An output path that cannot be written (under a file, unwritable, or an existing folder)."""
 
 
+class DiskFullError(OutputError):
+    """The device ran out of space while `path` was written; what was there before is untouched and the
+    partial output is gone."""
+
+    def __init__(self, path: Path):
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        super().__init__(
+            f"no space left on the device to write {path} ({_size(free)} free once the partial "
+            "output is removed); what was there before is untouched"
+        )
+        self.path, self.free = path, free
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` is the device being full: ENOSPC (or EDQUOT), from Python or from a library that
+    reports the OS error in its message (safetensors' Rust writer: "... (os error 28)")."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "os error 28" in str(error) or "No space left on device" in str(error)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a folder's entries (a rename, a new file) durable."""
     try:
@@ -95,8 +122,14 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other folder
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+        except Exception as e:
+            if out_of_space(e):
+                shutil.rmtree(tmp, ignore_errors=True)  # first, so that the message counts the space it held
+                raise DiskFullError(out) from None
+            raise
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -121,10 +154,16 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            if out_of_space(e):
+                os.unlink(tmp)
+                raise DiskFullError(path) from None
+            raise
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

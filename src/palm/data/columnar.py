@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import CorpusError
+from . import textio
 
 _BATCH_ROWS = 1024
 # Column chunks are streamed through a buffer of this size, not pre-buffered whole (pyarrow's default): a
@@ -54,7 +55,18 @@ def check_column(schema, column: str, path: Path) -> int:
     return index
 
 
-def _texts(column) -> Iterator[str]:
+def _texts(column, path: Path, first_row: int) -> Iterator[str]:
+    """The non-empty strings of a column; a cell longer than textio.MAX_LINE_BYTES is refused, naming its row,
+    before the column becomes Python strings (a document that long is a crafted file, not a text)."""
+    if len(column):
+        pc = _pyarrow().compute
+        longest = pc.max(pc.binary_length(column)).as_py() or 0
+        if longest > textio.MAX_LINE_BYTES:
+            row = first_row + pc.index(pc.binary_length(column), longest).as_py()
+            raise CorpusError(
+                f"{path}: row {row + 1} holds a text of {textio.human_size(longest)}, more than the "
+                f"{textio.human_size(textio.MAX_LINE_BYTES)} palm takes as one document"
+            )
     for value in column.to_pylist():
         if value:
             yield value
@@ -89,8 +101,10 @@ def parquet_texts(path: Path, column: str, groups: range | None = None) -> Itera
     check_column(pf.schema_arrow, column, path)
     chosen = list(range(pf.metadata.num_row_groups) if groups is None else groups)
     try:
+        seen = sum(pf.metadata.row_group(i).num_rows for i in range(chosen[0])) if chosen else 0
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=chosen, columns=[column], use_threads=False):
-            yield from _texts(batch.column(0))
+            yield from _texts(batch.column(0), path, seen)
+            seen += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise _unreadable(path, "Parquet", e) from None
 
@@ -129,12 +143,14 @@ def arrow_batch_sizes(path: Path, column: str) -> list[int]:
 def arrow_texts(path: Path, column: str, batches: range | None = None) -> Iterator[str]:
     pa = _pyarrow()
     index, stream = _arrow_batches(path, column)
+    seen = 0
     try:
         for i, batch in enumerate(stream):
             if batches is not None and i >= batches.stop:
                 break
             if batches is None or i >= batches.start:
-                yield from _texts(batch.column(index))
+                yield from _texts(batch.column(index), path, seen)
+            seen += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise _unreadable(path, "Arrow", e) from None
 

@@ -126,7 +126,7 @@ def _json_lines(path: Path, start: int = 0, stop: int | None = None) -> Iterator
     if start == 0:
         textio.check_not_binary(path, head)
     offset, lineno = start, 0 if start == 0 else None
-    for raw in textio.lines(_chain(head, blocks)):
+    for raw in _checked_lines(path, _chain(head, blocks), start):
         at, offset = offset, offset + len(raw)
         lineno = None if lineno is None else lineno + 1
         if not raw.strip():
@@ -147,6 +147,17 @@ def _json_lines(path: Path, start: int = 0, stop: int | None = None) -> Iterator
                     f"{_place(path, at, lineno)}: not valid Unicode text ({problem.removeprefix('it holds ')})"
                 )
         yield at, lineno, value
+
+
+def _checked_lines(path: Path, blocks: Iterator[bytes], start: int) -> Iterator[bytes]:
+    try:
+        yield from textio.lines(blocks)
+    except textio.LineTooLongError as e:
+        where = f"{path}:{e.number}" if start == 0 else f"{path}, a line after byte {start}"
+        raise CorpusError(
+            f"{where} is a JSON line longer than {textio.human_size(e.limit)}: palm reads a JSONL "
+            "document whole, so it refuses one this long"
+        ) from None
 
 
 def _chain(head: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

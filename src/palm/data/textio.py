@@ -29,6 +29,13 @@ READ_BYTES = 1 << 20
 PIECE_CHARS = 1 << 18
 SNIFF_BYTES = 8192  # a NUL byte in the first this many bytes marks a binary file
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# zstd's densest block (RLE) turns 4 bytes into 128 KiB, and a decompressor object returns all it makes at
+# once: fed 1 KiB at a time, one call makes at most 32 MiB, however the file was crafted (a 91 KB bomb fed
+# whole made 999 MB in one call). Ordinary text comes out at about the speed of whole reads.
+ZSTD_SLICE = 1 << 10
+# The longest line palm holds whole (a JSONL document is one line and cannot be cut): past it, one line naming
+# the file and line, rather than memory that grows with whatever a file says.
+MAX_LINE_BYTES = 64 << 20
 
 # Unicode's White_Space characters, which is what the tokenizer's regex engine means by \s.
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -56,6 +63,14 @@ def inner_suffix(path: Path) -> str:
     return Path(path.stem).suffix.lower() if compression(path) else path.suffix.lower()
 
 
+def _slices(fh, size: int) -> Iterator[bytes]:
+    """The file's bytes, read READ_BYTES at a time, in slices of `size`."""
+    while data := fh.read(READ_BYTES):
+        view = memoryview(data)
+        for at in range(0, len(data), size):
+            yield bytes(view[at : at + size])
+
+
 def _zstd_blocks(fh, path: Path) -> Iterator[bytes]:
     try:
         import zstandard
@@ -64,12 +79,12 @@ def _zstd_blocks(fh, path: Path) -> Iterator[bytes]:
     maker = zstandard.ZstdDecompressor()
     frame, inside = maker.decompressobj(), False
     try:
-        while chunk := fh.read(READ_BYTES):
+        for chunk in _slices(fh, ZSTD_SLICE):
             while chunk:
                 out = frame.decompress(chunk)
                 inside = True
-                if out:
-                    yield out
+                for at in range(0, len(out), READ_BYTES):  # blocks of the usual size, whatever one call made
+                    yield out[at : at + READ_BYTES]
                 if not frame.eof:
                     break
                 # One decompressor per frame: only then does `eof` tell a cut-off last frame from a whole one.
@@ -198,14 +213,28 @@ def text_pieces(texts: Iterator[str], piece_chars: int = PIECE_CHARS) -> Iterato
     yield from (p for p in cut_text(buf, piece_chars) if p)
 
 
-def lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """The lines of a byte stream, each with its newline (the last one may lack it)."""
-    carry = b""
+class LineTooLongError(CorpusError):
+    """A line longer than palm holds whole; `number` is its line number (1-based)."""
+
+    def __init__(self, number: int, limit: int):
+        super().__init__(f"line {number} is longer than {human_size(limit)}")
+        self.number, self.limit = number, limit
+
+
+def lines(blocks: Iterator[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a byte stream, each with its newline (the last one may lack it); a line longer than
+    `limit` bytes is a LineTooLongError as soon as that many bytes of it are in, whatever it would grow to."""
+    carry, number = b"", 0
     for block in blocks:
         parts = (carry + block).split(b"\n")
         carry = parts.pop()
         for part in parts:
+            number += 1
+            if len(part) >= limit:
+                raise LineTooLongError(number, limit)
             yield part + b"\n"
+        if len(carry) >= limit:
+            raise LineTooLongError(number + 1, limit)
     if carry:
         yield carry
 

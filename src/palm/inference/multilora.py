@@ -11,7 +11,6 @@ compiled step sees new choices without recompiling.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..text.tokenizer import PalmTokenizer
-from ..weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_tokenizer, check_adapter_dir
+from ..weights.lora import ADAPTER_WEIGHTS, TARGETS, adapter_tokenizer, check_adapter, check_adapter_dir, target_shapes
 
 
 class AdapterRows(nn.Module):
@@ -54,13 +53,13 @@ class LoraLinear(nn.Module):
         return self.base(x) + update.to(x.dtype)
 
 
-def _read(name: str, path: Path, tokenizer: PalmTokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(name: str, path: Path, tokenizer: PalmTokenizer, config) -> tuple[dict, dict[str, torch.Tensor]]:
     """(peft config, weights) of one adapter directory, checked against the base model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = check_adapter_dir(path)
-    raw = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    raw = check_adapter(path, target_shapes(config), config.num_hidden_layers)  # before its tensors are read
     for field, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if raw.get(field) == bad:
             raise CheckpointError(
@@ -86,7 +85,7 @@ def attach(
 ) -> AdapterRows:
     """Put every adapter in `adapters` (name -> peft directory) on `decoder`'s matmuls; returns the selector."""
     config = decoder.config
-    found = {name: _read(name, Path(path), tokenizer) for name, path in adapters.items()}
+    found = {name: _read(name, Path(path), tokenizer, config) for name, path in adapters.items()}
     selector = AdapterRows(max_rows, list(adapters))
     dtype, device = next(decoder.parameters()).dtype, next(decoder.parameters()).device
     rank = max(raw["r"] for raw, _ in found.values())

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..core.atomic import atomic_directory, write_json
+from ..core.atomic import DiskFullError, atomic_directory, write_json
 from ..core.errors import CheckpointError
 from ..core.rundir import RunLayout, checkpoint_step
 from .dcpjson import JsonReader, JsonWriter
@@ -57,11 +57,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_training_checkpoint(layout: RunLayout, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Atomically write the checkpoint for `step`, then delete all but the newest `keep`."""
     out = layout.checkpoint(step)
-    with atomic_directory(out, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "state.json", {**state, "step": step, "format": SAFETENSORS, "optimizer": meta})
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    try:
+        with atomic_directory(out, overwrite=True) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json(tmp / "state.json", {**state, "step": step, "format": SAFETENSORS, "optimizer": meta})
+    except DiskFullError as e:
+        weights = {id(t): t for t in model.state_dict().values()}.values()  # a tied tensor is written once
+        need = sum(t.numel() * t.element_size() for t in [*weights, *tensors.values()])
+        kept = list_checkpoints(layout)
+        raise CheckpointError(
+            f"no space left on the device to write the checkpoint {out}: it needs about {need / 1e6:,.1f} MB and "
+            f"{e.free / 1e6:,.1f} MB are free; "
+            + (f"{kept[-1].name} is intact: free some space, then --resume" if kept else "no checkpoint was written")
+        ) from None
     for old in list_checkpoints(layout)[:-keep]:
         shutil.rmtree(old)
     return out

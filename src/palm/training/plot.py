@@ -14,13 +14,15 @@ from ..core.rundir import RunLayout
 from .runlog import read_metrics
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path, out: str | Path | None = None, skipped: list[int] | None = None) -> Path:
+    """Draw the run's curves to `out` (RUN/curves.png); the numbers of metrics.jsonl's lines left out (a torn
+    last line) are added to `skipped`, for the caller to tell."""
     from matplotlib.figure import Figure
 
     layout = RunLayout(Path(run_dir))
     if not layout.metrics.is_file():
         raise CheckpointError(f"{run_dir} is not a palm run (it has no {layout.metrics.name})")
-    everything = read_metrics(layout.metrics)
+    everything = read_metrics(layout.metrics, skipped=skipped)
     records = [r for r in everything if "loss" in r and "event" not in r]
     if not records:
         raise CheckpointError(f"{run_dir} has no training steps logged yet")

@@ -13,9 +13,9 @@ from ..core.atomic import write_text
 from ..core.errors import CheckpointError
 
 
-def read_metrics(path: str | Path, strict: bool = True) -> list[dict]:
+def read_metrics(path: str | Path, strict: bool = True, skipped: list[int] | None = None) -> list[dict]:
     """The log's records. A torn last line (a kill mid-write) is dropped; any other bad line is an
-    error when `strict`, else dropped too."""
+    error when `strict`, else dropped too. The numbers of the lines dropped are added to `skipped`."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -33,6 +33,8 @@ def read_metrics(path: str | Path, strict: bool = True) -> list[dict]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if number == len(lines) or not strict:
+                if skipped is not None:
+                    skipped.append(number)
                 continue
             raise CheckpointError(f"{path}:{number} is corrupt: {e}") from None
         records.append(record)

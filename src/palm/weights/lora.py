@@ -8,6 +8,7 @@ QLoRA (bitsandbytes 4-bit base weights) is not offered: bitsandbytes' 4-bit kern
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -87,6 +88,58 @@ def check_adapter_dir(path: str | Path) -> Path:
     return path
 
 
+def check_adapter(path: Path, shapes: dict[str, tuple[int, int]], layers: int) -> dict:
+    """The adapter's peft config, after checking it and its weights' safetensors header against the base
+    (`shapes`: each target's (out, in) features; `layers`: the base's depth), before a byte of its tensors is
+    read: r, lora_alpha, target_modules, layers_to_transform, every tensor's name, dtype and shape. A crafted
+    adapter (a rank of a billion, a layer that is not there, a header that claims terabytes) is one line."""
+    import math
+
+    from safetensors import SafetensorError, safe_open
+
+    raw = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    r, alpha = raw.get("r"), raw.get("lora_alpha")
+    width = min(min(shape) for shape in shapes.values())
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= width:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: r is {r!r}; a LoRA rank on this model is 1 to {width}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: lora_alpha is {alpha!r}, not a finite number")
+    targets = raw.get("target_modules")
+    if not isinstance(targets, list) or not targets or not set(targets) <= set(shapes):
+        raise CheckpointError(
+            f"{path / ADAPTER_CONFIG}: target_modules is {targets!r}; palm's are a list of {', '.join(shapes)}"
+        )
+    chosen = raw.get("layers_to_transform")
+    chosen = [chosen] if isinstance(chosen, int) and not isinstance(chosen, bool) else chosen
+    if chosen is not None and not (
+        isinstance(chosen, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in chosen)
+    ):
+        raise CheckpointError(
+            f"{path / ADAPTER_CONFIG}: layers_to_transform is {raw['layers_to_transform']!r}; the base has layers 0 to {layers - 1}"
+        )
+    weights = path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None
+    pattern = re.compile(r".*\.layers\.(\d+)\.(\w+)\.lora_(A|B)\.weight")
+    for name, (dtype, shape) in header.items():
+        match = pattern.fullmatch(name)
+        if match is None or match.group(2) not in targets or int(match.group(1)) >= layers:
+            raise CheckpointError(
+                f"{weights} holds {name}, which is no LoRA weight of this model's {', '.join(targets)}"
+            )
+        out, inp = shapes[match.group(2)]
+        want = (r, inp) if match.group(3) == "A" else (out, r)
+        if shape != want or dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(
+                f"{weights}: {name} is {dtype} {list(shape)}; this model and r={r} want a float {list(want)}"
+            )
+    return raw
+
+
 def adapter_tokenizer(adapter_dir: Path, base: PalmTokenizer, base_dir: str | Path) -> PalmTokenizer | None:
     """The tokenizer saved with an adapter (None if it has none), checked to be its base model's vocabulary.
 
@@ -101,6 +154,13 @@ def adapter_tokenizer(adapter_dir: Path, base: PalmTokenizer, base_dir: str | Pa
     return own
 
 
+def target_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) features of each LoRA target of a palm model with this config (every block's are alike)."""
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    fused = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd + 2 * f
+    return {"in_proj": (fused, d), "attn_out": (d, config.num_attention_heads * hd), "mlp_out": (d, f)}
+
+
 def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | None = None, dtype: str = "auto"):
     """(base + adapter, merged into plain weights; its tokenizer): the adapter's own tokenizer when it has
     one (a chat fine-tuning saves its chat template there), else the base's."""
@@ -108,6 +168,7 @@ def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str | Non
 
     adapter_dir = check_adapter_dir(adapter_dir)
     model, tokenizer = load_model(base_dir, device=device, dtype=dtype)  # checks base_dir first
+    check_adapter(adapter_dir, target_shapes(model.config), model.config.num_hidden_layers)
     own = adapter_tokenizer(adapter_dir, tokenizer, base_dir)
     try:
         with quiet_transformers():
