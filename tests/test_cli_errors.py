@@ -333,3 +333,58 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_is_bitwise(capsy
     assert code == 0, err
     final = "final/model.safetensors"
     assert (run / final).read_bytes() == (tmp_path / "straight" / final).read_bytes()
+
+
+def test_force_replaces_only_what_palm_writes(capsys, user, tmp_path):
+    """--out on a user's folder: refused without --force; with it, still refused while the folder holds files
+    palm's output would not replace (they are the user's), and then nothing is touched; palm's own earlier
+    output is replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    init = ["init", "--preset", "tiny", "--tokenizer", str(user / "tok"), "--out", str(out)]
+    code, _, err = run_cli(capsys, *init)
+    assert_one_line_error(code, err, "--force")
+    code, _, err = run_cli(capsys, *init, "--force")
+    assert_one_line_error(code, err, "notes.txt", "only what palm writes")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()
+    code, _, err = run_cli(capsys, *init)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *init, "--seed", "1", "--force")  # its own earlier output: replaced
+    assert code == 0, err
+
+
+def test_symlinks_in_a_run_are_not_followed_out_of_it(capsys, user, tmp_path):
+    """A run whose checkpoints/ links out of it is refused on --resume (palm rotates checkpoints there), and
+    an old checkpoint that is a link is unlinked by rotation, never what it points to."""
+    base = [
+        "--corpus",
+        str(user / "corpus"),
+        "--tokenizer",
+        str(user / "tok"),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+    ]
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *base, "--max-steps", "2", "--out", str(run))
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(run / "checkpoints" / "step-0000000", elsewhere)
+    (run / "checkpoints" / "step-0000000").symlink_to(elsewhere)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--max-steps", "5")
+    assert code == 0, err
+    assert (elsewhere / "state.json").is_file()  # rotated away as a link: the folder it named is intact
+    assert not (run / "checkpoints" / "step-0000000").exists()
+    moved = tmp_path / "moved"
+    shutil.move(run / "checkpoints", moved)
+    (run / "checkpoints").symlink_to(moved)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--max-steps", "7")
+    assert_one_line_error(code, err, "symbolic link")
+    assert sorted(p.name for p in moved.iterdir()) == sorted(
+        p.name for p in moved.iterdir() if p.name.startswith("step")
+    )

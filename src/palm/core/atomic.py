@@ -104,11 +104,13 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | Path, overwrite: bool = False, replace_all: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is synced and renamed to `out`.
 
     If the body raises, `out` is untouched. An existing non-empty `out` is an error unless
-    `overwrite`, and then it is swapped out only once the new contents are complete.
+    `overwrite`, and then it is swapped out only once the new contents are complete, and only when everything
+    in it is something the new contents replace: a user's own files in a folder named by `--out --force` are
+    never deleted (unless `replace_all`, for folders inside a run, which are palm's alone).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -131,6 +133,14 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
                 raise DiskFullError(out) from None
             raise
         old = None
+        if out.exists() and not replace_all:
+            foreign = sorted({e.name for e in out.iterdir()} - {e.name for e in tmp.iterdir()})
+            if foreign:
+                shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+                raise OutputError(
+                    f"{out} holds {shown}, which this output does not replace: --force replaces only "
+                    "what palm writes there; move them away or choose another output"
+                )
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
             out.rename(old)

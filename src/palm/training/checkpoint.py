@@ -59,7 +59,7 @@ def save_training_checkpoint(layout: RunLayout, step: int, model, optimizer, sta
     out = layout.checkpoint(step)
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     try:
-        with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(out, overwrite=True, replace_all=True) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             write_json(tmp / "state.json", {**state, "step": step, "format": SAFETENSORS, "optimizer": meta})
@@ -73,7 +73,7 @@ def save_training_checkpoint(layout: RunLayout, step: int, model, optimizer, sta
             + (f"{kept[-1].name} is intact: free some space, then --resume" if kept else "no checkpoint was written")
         ) from None
     for old in list_checkpoints(layout)[:-keep]:
-        shutil.rmtree(old)
+        _remove(old)
     return out
 
 
@@ -126,7 +126,7 @@ def save_sharded_checkpoint(layout: RunLayout, step: int, model, optimizer, stat
     main = dist.get_rank() == 0
     try:
         with ExitStack() as stack:
-            tmp = stack.enter_context(atomic_directory(out, overwrite=True)) if main else None
+            tmp = stack.enter_context(atomic_directory(out, overwrite=True, replace_all=True)) if main else None
             box = [str(tmp) if main else None]
             dist.broadcast_object_list(box, src=0)  # the others write into rank 0's temporary folder
             model_sd, optim_sd = _state_dicts(model, optimizer)
@@ -140,8 +140,13 @@ def save_sharded_checkpoint(layout: RunLayout, step: int, model, optimizer, stat
         raise CheckpointError(f"could not write checkpoint {out} (the last complete one is kept): {e}") from None
     if main:
         for old in list_checkpoints(layout)[:-keep]:
-            shutil.rmtree(old)
+            _remove(old)
     return out
+
+
+def _remove(path: Path) -> None:
+    """Delete an old checkpoint; a symbolic link is removed itself, never what it points to."""
+    path.unlink() if path.is_symlink() else shutil.rmtree(path)
 
 
 def list_checkpoints(layout: RunLayout | Path) -> list[Path]:

@@ -311,7 +311,7 @@ def _open(cfg: FinetuneConfig, layout: RunLayout, resume: bool, allow_data_chang
         cfg.loop.hold_steps = cfg.loop.max_steps  # hold the lr for the whole run
     if not resume:
         cfg.data_sha256 = _digest(cfg)
-        with atomic_directory(layout.base, overwrite=True) as tmp:
+        with atomic_directory(layout.base, overwrite=True, replace_all=True) as tmp:
             model.config.save_pretrained(str(tmp))
             tok.save(tmp)
         write_json(layout.settings, dataclasses.asdict(cfg))
@@ -358,7 +358,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step=None, allow_data
         if cfg.lora_r:
             export_lora(run, PalmTokenizer.load(run.layout.best))
         else:
-            with atomic_directory(run.layout.final, overwrite=True) as tmp:
+            with atomic_directory(run.layout.final, overwrite=True, replace_all=True) as tmp:
                 shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
     finally:
         run.close()
@@ -367,7 +367,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step=None, allow_data
 
 def export_lora(run: Run, tokenizer: PalmTokenizer) -> None:
     """RUN/adapter: the best adapter, in peft's format; RUN/final: the base with it merged in."""
-    with atomic_directory(run.layout.adapter, overwrite=True) as tmp:
+    with atomic_directory(run.layout.adapter, overwrite=True, replace_all=True) as tmp:
         shutil.copytree(run.layout.best, tmp, dirs_exist_ok=True)
     load_adapter_weights(run.model, run.layout.best)
     save_model_dir(run.model.merge_and_unload(), tokenizer, run.layout.final)

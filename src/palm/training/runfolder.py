@@ -50,6 +50,12 @@ def claim(layout: RunLayout, world: distributed.World, resume: bool) -> Claim:
     if not resume and exists and any(layout.root.iterdir()):
         raise TrainingError(f"{layout.root} already exists and is not empty; resume it with --resume {layout.root}")
     make_dir(layout.root)
+    for inside in (layout.checkpoints, layout.final, layout.best, layout.base, layout.adapter, layout.tokenizer):
+        if inside.is_symlink():  # palm writes, rotates and deletes there: only inside the run folder
+            raise TrainingError(
+                f"{inside} is a symbolic link (to {inside.readlink()}): palm writes and deletes "
+                "only inside its run folder; replace the link with a folder"
+            )
     lock = RunLock(layout.lock).acquire()
     for folder in (layout.root, layout.checkpoints):
         for gone in remove_stale_temporaries(folder):

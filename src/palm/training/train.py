@@ -153,7 +153,7 @@ def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts) -> PalmTokenizer:
         sample = sample_corpora(parts, cfg.sample_bytes)
         tok = train_tokenizer(lambda: sample.texts, cfg.vocab_size)
         data_log.info("tokenizer: %s", sample.line())
-    with atomic_directory(layout.tokenizer, overwrite=True) as tmp:
+    with atomic_directory(layout.tokenizer, overwrite=True, replace_all=True) as tmp:
         tok.save(tmp)
     return tok
 
