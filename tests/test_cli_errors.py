@@ -235,9 +235,9 @@ def test_finetune_longer_than_the_models_context(capsys, user, tmp_path):
     assert not (tmp_path / "ft").exists()
 
 
-def test_a_torn_metrics_line_does_not_stop_resume_or_plot(capsys, user, tmp_path):
-    run = tmp_path / "run"
-    base = [
+def tiny_train(user: Path, out: Path, steps: int, every: int = 2) -> list[str]:
+    """`palm train` of a few steps on the user's corpus and tokenizer, checkpointing every `every` steps."""
+    return [
         "train",
         "--corpus",
         str(user / "corpus"),
@@ -248,12 +248,17 @@ def test_a_torn_metrics_line_does_not_stop_resume_or_plot(capsys, user, tmp_path
         "--batch-size",
         "4",
         "--max-steps",
-        "4",
+        str(steps),
         "--checkpoint-every",
-        "2",
+        str(every),
         "--out",
-        str(run),
+        str(out),
     ]
+
+
+def test_a_torn_metrics_line_does_not_stop_resume_or_plot(capsys, user, tmp_path):
+    run = tmp_path / "run"
+    base = tiny_train(user, run, 4)
     code, _, err = run_cli(capsys, *base)
     assert code == 0, err
     with open(run / "metrics.jsonl", "a") as f:
@@ -295,23 +300,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_is_bitwise(capsy
     from palm.training import checkpoint
 
     def args(out):
-        return [
-            "train",
-            "--corpus",
-            str(user / "corpus"),
-            "--tokenizer",
-            str(user / "tok"),
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "6",
-            "--checkpoint-every",
-            "2",
-            "--out",
-            str(out),
-        ]
+        return tiny_train(user, out, 6)
 
     code, _, err = run_cli(capsys, *args(tmp_path / "straight"))
     assert code == 0, err
@@ -358,20 +347,8 @@ def test_force_replaces_only_what_palm_writes(capsys, user, tmp_path):
 def test_symlinks_in_a_run_are_not_followed_out_of_it(capsys, user, tmp_path):
     """A run whose checkpoints/ links out of it is refused on --resume (palm rotates checkpoints there), and
     an old checkpoint that is a link is unlinked by rotation, never what it points to."""
-    base = [
-        "--corpus",
-        str(user / "corpus"),
-        "--tokenizer",
-        str(user / "tok"),
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "1",
-    ]
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", *base, "--max-steps", "2", "--out", str(run))
+    code, _, err = run_cli(capsys, *tiny_train(user, run, 2, every=1))
     assert code == 0, err
     elsewhere = tmp_path / "elsewhere"
     shutil.move(run / "checkpoints" / "step-0000000", elsewhere)
