@@ -120,4 +120,4 @@ def test_bad_adapter_flags_are_one_line(model_dir, adapter_dirs, tmp_path, capsy
     config = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     code, _, err = run_cli(capsys, *base, "--adapter", f"w={bad}")
-    assert_one_line_error(code, err, "adapter w", "rank 3")
+    assert_one_line_error(code, err, "adapter w", "r=3")

@@ -59,7 +59,8 @@ def _texts(column, path: Path, first_row: int) -> Iterator[str]:
     """The non-empty strings of a column; a cell longer than textio.MAX_LINE_BYTES is refused, naming its row,
     before the column becomes Python strings (a document that long is a crafted file, not a text)."""
     if len(column):
-        pc = _pyarrow().compute
+        import pyarrow.compute as pc
+
         longest = pc.max(pc.binary_length(column)).as_py() or 0
         if longest > textio.MAX_LINE_BYTES:
             row = first_row + pc.index(pc.binary_length(column), longest).as_py()

@@ -59,7 +59,10 @@ def _read(name: str, path: Path, tokenizer: PalmTokenizer, config) -> tuple[dict
     from safetensors.torch import load_file
 
     path = check_adapter_dir(path)
-    raw = check_adapter(path, target_shapes(config), config.num_hidden_layers)  # before its tensors are read
+    try:  # before a byte of its tensors is read
+        raw = check_adapter(path, target_shapes(config), config.num_hidden_layers)
+    except CheckpointError as e:
+        raise CheckpointError(f"adapter {name}: {e}") from None
     for field, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if raw.get(field) == bad:
             raise CheckpointError(
