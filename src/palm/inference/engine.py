@@ -173,13 +173,11 @@ class Engine:
         """Copy into the request's row the longest prefix of its prompt that a row holds, when longer than
         what it has; the logits of the prompt's last position when the whole prompt was held."""
         row = request.row
-        if request.fed == 0:  # from now on the row holds this request's prompt
-            source, length, logits = self._held_prefix(request)
+        source, length, logits = self._held_prefix(request)  # before the row is claimed: it may hold the prefix
+        if self.holds.get(row) is not request:  # from now on the row holds this request's prompt
             self.filled[row] = False
             self.seen[row] = -1
             self.holds[row] = request
-        else:
-            source, length, logits = self._held_prefix(request)
         if length <= request.fed:
             return None
         if source != row:
