@@ -294,3 +294,27 @@ def test_structured_bench_checks_each_library_on_a_palm_vocabulary(tokenizer_dir
     spaced = ['{"title": "a", "count": 1, "ok": true}']  # not the compact separators the grammar is set to
     row = structured.measure(structured.XGrammar, tok, tok.eos_id, spaced, [tok.encode(spaced[0], bos=False)])
     assert "refused token" in row["wrong"]
+
+
+def test_the_bandwidth_probe_reads_the_whole_buffer_on_every_loop():
+    decode = load("decode")
+    from palm.inference import matvec
+
+    built = matvec.build(Path(decode.__file__).with_name("bandwidth.c"))
+    if built is None:
+        pytest.skip("no C compiler here: the probe is torch's sum alone")
+    import ctypes
+
+    lib = ctypes.CDLL(str(built))
+    words = torch.randint(0, 256, ((3 * 32768 + 8) // 8,), dtype=torch.int64)  # small: 64-bit sums stay exact
+    data = words.view(torch.uint8)
+    loops = [lib.palm_read_stream, lib.palm_read_rows] + (
+        [lib.palm_read_rows512] if "avx512f" in matvec.cpu_flags() else []
+    )
+    for f in loops:
+        f.restype, f.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    # Summed as 64-bit lanes, so a loop's total is the sum of the words it read: every one of its whole blocks.
+    assert lib.palm_read_stream(data.data_ptr(), data.numel(), 2) == words[: data.numel() // 128 * 16].sum().item()
+    for f in loops[1:]:
+        assert f(data.data_ptr(), data.numel(), 2) == words[: 3 * 32768 // 8].sum().item()
+    assert decode.read_bandwidth(torch.device("cpu")) > 1e8

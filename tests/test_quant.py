@@ -84,9 +84,10 @@ def test_the_generator_decodes_int8_weights_repeatably(model, tokenizer):
     torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"),
     reason="aten's int8 x bf16 matmul is vectorised on AVX512 and AMX CPUs only",
 )
-def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenizer):
+def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenizer, monkeypatch):
     from palm.inference.quant import Int8PackLinear
 
+    monkeypatch.setenv("PALM_MATVEC", "0")  # aten's kernel, what runs without palm's own (no C compiler)
     bf16 = lively_model(tiny_config(tokenizer)).to(torch.bfloat16)
     decoder = decoding_model(bf16, "int8")
     assert isinstance(decoder.lm_head, Int8PackLinear) and decoder.lm_head.weight.dtype == torch.int8
@@ -97,9 +98,10 @@ def test_bf16_models_on_avx512_get_weight_only_int8_that_is_batch_exact(tokenize
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels here")
-def test_bf16_weights_prepacked_for_onednn_give_the_models_own_numbers(tokenizer):
+def test_bf16_weights_prepacked_for_onednn_give_the_models_own_numbers(tokenizer, monkeypatch):
     from palm.inference.quant import OneDNNLinear
 
+    monkeypatch.setenv("PALM_MATVEC", "0")  # oneDNN, what runs without palm's own kernels (no C compiler)
     bf16 = lively_model(tiny_config(tokenizer)).to(torch.bfloat16)
     decoder = decoding_model(bf16, "none")
     assert isinstance(decoder.lm_head, OneDNNLinear) and weight_bytes(decoder) == weight_bytes(bf16)

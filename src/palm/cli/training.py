@@ -27,6 +27,15 @@ SampleBytes = Annotated[
     ),
 ]
 
+ReportTo = Annotated[
+    Optional[str],
+    typer.Option(
+        "--report-to",
+        help="Also log every step to tensorboard, wandb (offline) or mlflow (a local store), in the run folder; "
+        'comma-separated for several, or none (default). Needs pip install -e ".[tracking]".',
+    ),
+]
+
 
 def use_persistent_compile_cache() -> None:
     """Keep torch.compile's caches where /tmp cleaning does not reach, so a resumed or repeated run
@@ -139,6 +148,7 @@ def train_command(
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    report_to: ReportTo = None,
     text_column: TextColumn = None,
     workers: Annotated[
         Optional[int],
@@ -161,10 +171,13 @@ def train_command(
     from ..core import settings
     from ..data.subsample import parse_size
     from ..training import distributed
+    from ..training.tracking import tracker_names
     from ..training.train import TrainConfig, TrainingError, load_run_config, train
 
     if "sample_bytes" in flags:
         flags["sample_bytes"] = parse_size(flags["sample_bytes"], "--sample-bytes")
+    if "report_to" in flags:
+        flags["report_to"] = tracker_names(flags["report_to"])
     if resume is not None:
         cfg = load_run_config(resume).resumed(flags)
         cfg.out = str(resume)
@@ -174,6 +187,8 @@ def train_command(
             raise TrainingError("--corpus and --out are required (or --resume RUN)")
         if isinstance(values["corpus"], str):
             values["corpus"] = [values["corpus"]]
+        if isinstance(values.get("report_to"), str):  # a config file's "tensorboard,wandb"
+            values["report_to"] = tracker_names(values["report_to"])
         cfg = TrainConfig.from_settings(values)
     cfg.validate()  # before anything runs, threads included
     if cfg.loop.compile:
@@ -280,6 +295,7 @@ def finetune_command(
         Optional[str], typer.Option("--activation-checkpointing", help="none, full or selective.")
     ] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    report_to: ReportTo = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run (--steps extends it).")] = None,
     allow_data_change: Annotated[
         bool, typer.Option("--allow-data-change", help="Resume even though --data changed (not exact).")
@@ -288,7 +304,10 @@ def finetune_command(
     """Fine-tune on prompt/completion pairs (loss on the completion only); the result is RUN/final."""
     flags = given(locals(), "resume", "allow_data_change", rename={"model": "base_model", "steps": "max_steps"})
     from ..training.finetune import FinetuneConfig, TrainingError, finetune, load_finetune_config
+    from ..training.tracking import tracker_names
 
+    if "report_to" in flags:
+        flags["report_to"] = tracker_names(flags["report_to"])
     if "lora_targets" in flags:
         flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
 

@@ -10,6 +10,9 @@ RUN/best/               fine-tuning's weights with the lowest validation loss so
 RUN/final/              the finished model: a Transformers directory
 RUN/adapter/            a LoRA fine-tuning run's adapter, in peft's format
 RUN/curves.png          `palm plot`'s picture of the metrics
+RUN/tensorboard/        --report-to tensorboard: event files (`tensorboard --logdir RUN/tensorboard`)
+RUN/wandb/              --report-to wandb: offline runs (`wandb sync`) and the id a resumed run continues
+RUN/mlflow/             --report-to mlflow: a SQLite store, its artifacts, and the id a resumed run continues
 RUN/.lock               held by the process that trains the run
 RUN/../.palm-cache/     token shards, shared by the runs beside this one
 """
@@ -40,6 +43,9 @@ class RunLayout:
     final: Path = _entry("final")
     adapter: Path = _entry("adapter")
     curves: Path = _entry("curves.png")
+    tensorboard: Path = _entry("tensorboard")
+    wandb: Path = _entry("wandb")
+    mlflow: Path = _entry("mlflow")
     lock: Path = _entry(".lock")
 
     def __post_init__(self):

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PalmError
+from . import matvec
+from .matvec import MANY_ROWS  # rows from which a prefill block goes to aten's matmul
 
 QUANTIZE = ("none", "int8", "fp16")
 MATMULS = ("in_proj", "attn_out", "mlp_out")  # a block's weight matrices
@@ -160,12 +162,6 @@ class PackedLinear(nn.Module):
         return self._nbytes
 
 
-# Rows from which Int8PackLinear widens its weight to bf16 for the call (a prefill's chunk); fewer rows,
-# every decode batch `palm serve` makes included, keep aten's int8 kernel, whose rows do not depend on
-# their batch. At 1b on a Zen 4 EPYC the two cost about the same at 64 rows.
-MANY_ROWS = 64
-
-
 def int8_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, fp32 scale per output channel) of `weight` [out, in], `rows` rows at a time, so that
     the fp32 working copies stay small beside a 1B model's largest matrices (hundreds of MB whole)."""
@@ -233,6 +229,8 @@ def linear_for(weight: torch.Tensor, quantize: str) -> nn.Module | None:
     """The decoding form of one weight matrix [out, in]; None where the model's own Linear is best."""
     device = weight.device
     if quantize == "none":
+        if matvec.bf16_available(weight):
+            return matvec.MatvecBf16(weight)
         if onednn_bf16(weight):
             return OneDNNLinear(weight)
         return MatvecLinear(weight) if device.type == "cpu" else None
@@ -241,6 +239,8 @@ def linear_for(weight: torch.Tensor, quantize: str) -> nn.Module | None:
             raise QuantizeError("fp16 weights need fbgemm (an x86 CPU); on a GPU use bf16 (--dtype bf16)")
         return PackedLinear(weight, int8=False)
     if quantize == "int8":
+        if matvec.int8_available(weight):
+            return matvec.MatvecInt8(weight)
         if int8pack_fast(weight):
             return Int8PackLinear(weight)
         return PackedLinear(weight, int8=True) if fbgemm_available(device) else Int8Linear(weight)

@@ -1,6 +1,8 @@
 """Conversations as text and tokens: rendered by the chat template palm saves with its tokenizers
 (palm.text.templates), tokenized with their special tokens, and masked so that training scores exactly
-the assistant turns and the `</s>` that closes each.
+the assistant turns and the `</s>` that closes each. The mask is Transformers'
+(`apply_chat_template(..., return_assistant_tokens_mask=True)`, read off the template's `{% generation %}`
+blocks), so palm's chat fine-tuning and TRL's `assistant_only_loss` score the same tokens.
 
 Message contents may not hold the special tokens' text (`<s>`, `</s>`, ...): rendered into the
 template they would become real special tokens, letting a user's text end the assistant's turn.
@@ -11,12 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import PalmError
-from .templates import CHAT_ROLES
+from .templates import CHAT_ROLES, has_generation_markers
 from .tokenizer import SPECIAL_TOKENS, PalmTokenizer
 
 
 class ChatError(PalmError):
     """A conversation that cannot be rendered: a bad role, content or shape."""
+
+
+class ChatTemplateError(ChatError):
+    """A chat template that cannot say which tokens of a conversation are the assistant's."""
 
 
 def check_messages(messages: Any, need_assistant: bool = False) -> list[dict[str, str]]:
@@ -63,19 +69,27 @@ def encode_prompt(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) -> l
 
 
 def encode_conversation(tokenizer: PalmTokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-    """(ids, scored): the conversation's tokens, and which of them training scores: every token that
-    carries a character of an assistant turn, its closing `</s>` included."""
+    """(ids, scored): the conversation's tokens, and which of them training scores: every token that carries a
+    character of a `{% generation %}` block (in palm's template, an assistant turn from the space after
+    `Assistant:` to its closing `</s>`)."""
     _check_specials(tokenizer, messages)
+    template = tokenizer.hf.chat_template
+    if isinstance(template, dict):  # named variants: Transformers renders the default one
+        template = template.get("default")
+    if template and not has_generation_markers(template):
+        raise ChatTemplateError(
+            "this model's chat template does not mark its assistant turns, so chat fine-tuning cannot tell which "
+            "tokens to train on: wrap each assistant turn and its end-of-turn token in {% generation %} ... "
+            "{% endgeneration %} in the tokenizer's chat template"
+        )
     text = render(tokenizer, messages)
-    spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))  # just after "Assistant:"
-        end = len(render(tokenizer, messages[: i + 1])) - 1  # up to the closing </s>, not the newline
-        if not text.startswith(render(tokenizer, messages[: i + 1])[:end]):
-            raise ChatError("the chat template does not render a conversation as its turns in order")
-        spans.append((start, end))
-    ids, offsets = tokenizer.encode_markup(text)
-    scored = [any(a < e and b > s for s, e in spans) for a, b in offsets]
-    return ids, scored
+        # The prompt palm generates a turn from must be where training saw that turn begin (Transformers renders
+        # no prompt for an empty conversation, so a conversation that opens with the assistant is not checked).
+        if i and message["role"] == "assistant":
+            if not text.startswith(render(tokenizer, messages[:i], add_generation_prompt=True)):
+                raise ChatError("the chat template does not render a conversation as its turns in order")
+    out: Any = tokenizer.chat_hf.apply_chat_template(  # a BatchEncoding, with return_dict
+        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]

@@ -9,9 +9,15 @@ chat fine-tuning trained on, and `palm serve` and `palm generate --chat` prompt 
     Assistant: {assistant}</s>\\n          (every assistant turn is closed by </s>, the end-of-turn token)
     ...
     Assistant:                           (the generation prompt: the reply starts with its space)
+
+Each assistant turn from its space to its `</s>` sits in `{% generation %}` ... `{% endgeneration %}`, which
+render nothing: `apply_chat_template(..., return_assistant_tokens_mask=True)` then marks the tokens palm's
+chat fine-tuning scores (palm.text.chat), and TRL's `assistant_only_loss=True` takes the same mask.
 """
 
 from __future__ import annotations
+
+import re
 
 TEMPLATES = {
     "summarize": "Summarize the text.\n\n{prompt}\n\nSummary: ",
@@ -22,7 +28,25 @@ TEMPLATES = {
 CHAT_ROLES = ("system", "user", "assistant")
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
+# The space after "Assistant:" is the reply's (the generation prompt ends before it, so the model writes
+# it) and is scored; the newline after `</s>` belongs to no turn and is not. The newline is written as
+# `{{ '\n' }}`: Transformers renders with trim_blocks, which would drop a newline right after `{% endgeneration %}`.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}System: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant:"
+    "{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ raise_exception('palm chat has no role ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# What palm saved with its tokenizers before the markers: it renders the same text, so a tokenizer that
+# holds it is given CHAT_TEMPLATE when loaded (palm.text.tokenizer).
+OLD_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}System: {{ message['content'] }}\n"
@@ -33,6 +57,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether a chat template marks its assistant turns, as `return_assistant_tokens_mask` needs."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
 def format_prompt(prompt: str, task: str | None) -> str:

@@ -10,6 +10,7 @@ never read as a byte. The result is saved as a Transformers fast tokenizer.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from ..core.errors import TokenizerError
-from .templates import CHAT_TEMPLATE
+from .templates import CHAT_TEMPLATE, OLD_CHAT_TEMPLATE
 
 PAD, BOS, EOS, UNK, EOD = "<pad>", "<s>", "</s>", "<unk>", "<eod>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, EOD)
@@ -138,11 +139,19 @@ class PalmTokenizer:
         self.hf = hf
         self._backend: Tokenizer = hf.backend_tokenizer
         self._backend.encode_special_tokens = True
+        # And for Transformers' own calls, which set their flag on the same backend: a tokenizer saved by a
+        # trainer that loaded it reading "<s>" as BOS (TRL's, docs/finetuning.md) is read, and saved, as palm's.
+        hf.split_special_tokens = True
         self._markup: Tokenizer | None = None
+        self._chat_hf: PreTrainedTokenizerFast | None = None
         ids = {t: self._backend.token_to_id(t) for t in SPECIAL_TOKENS}
         self.own = None not in ids.values()
         if self.own:
-            if not hf.chat_template:  # saved before palm had a chat template: every palm tokenizer has one now
+            # Saved before palm had a chat template, or before it marked the assistant turns: the same text,
+            # and now a mask that apply_chat_template and TRL can read.
+            if not hf.chat_template or (
+                isinstance(hf.chat_template, str) and hf.chat_template.strip() == OLD_CHAT_TEMPLATE
+            ):
                 hf.chat_template = CHAT_TEMPLATE
             self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.eod_id = (ids[t] for t in SPECIAL_TOKENS)
             self.special_texts: tuple[str, ...] = SPECIAL_TOKENS
@@ -191,6 +200,20 @@ class PalmTokenizer:
         except TypeError:
             raise TokenizerError(f"the text is not valid Unicode: {not_unicode(text)}") from None
         return enc.ids, list(enc.offsets)
+
+    @property
+    def chat_hf(self) -> PreTrainedTokenizerFast:
+        """`hf` reading the special tokens' text as the tokens (encode_markup's reading), so that its
+        `apply_chat_template(..., tokenize=True)` gives the ids of the text its template wrote: `hf` itself
+        spells out the `<s>` and `</s>` the template writes. A copy, because Transformers leaves its
+        reading set on the backend it encodes with, which encode needs as it is."""
+        if self._chat_hf is None:
+            chat = copy.deepcopy(self.hf)
+            chat.split_special_tokens = False
+            chat.backend_tokenizer.encode_special_tokens = False
+            chat.model_max_length = sys.maxsize  # a conversation is cut to --seq-len later, not warned about here
+            self._chat_hf = chat
+        return self._chat_hf
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         # encode_batch_fast skips character offsets, which palm never reads: 3x the MB/s (bench/tokenizer.py).

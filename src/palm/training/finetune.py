@@ -80,7 +80,16 @@ class FinetuneConfig:
     loop: LoopConfig = field(default_factory=finetune_loop)
 
     CHANGEABLE_ON_RESUME = frozenset(
-        {"max_steps", "checkpoint_every", "eval_every", "threads", "progress", "compile", "activation_checkpointing"}
+        {
+            "max_steps",
+            "checkpoint_every",
+            "eval_every",
+            "threads",
+            "progress",
+            "compile",
+            "activation_checkpointing",
+            "report_to",
+        }
     )
 
     def validate(self) -> None:

@@ -33,7 +33,7 @@ from .compute import ACTIVATION_CHECKPOINTING, ComputeCopies, compile_blocks
 from .flops import datasheet_peak, flops_per_token, measure_matmul_peak, mfu
 from .optim import OPTIMIZERS, lr_at
 from .runlock import RunLock
-from .runlog import MetricsLog
+from .tracking import Records, check_trackers
 
 logger = logging.getLogger("palm")
 
@@ -71,6 +71,7 @@ class LoopConfig:
     progress: bool = True
     parallel: str = "none"  # ddp or fsdp under torchrun (fsdp also runs as a group of one without it)
     activation_checkpointing: str = "none"  # full or selective: recompute a block's activations in backward
+    report_to: list[str] = field(default_factory=list)  # trackers the records also go to: tensorboard, wandb, mlflow
 
     # What a resumed run may change: how long it runs, how often it reports, how it is laid out.
     CHANGEABLE_ON_RESUME = frozenset(
@@ -83,6 +84,7 @@ class LoopConfig:
             "threads",
             "progress",
             "activation_checkpointing",
+            "report_to",
         }
     )
 
@@ -117,6 +119,7 @@ class LoopConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+        check_trackers(self.report_to)
 
     @property
     def peak_lr(self) -> float:
@@ -249,7 +252,7 @@ def _steps(run: Run, on_step) -> Run:
     peak = measure_matmul_peak(run.dtype, run.device) * run.world.size
     sheet = datasheet_peak(run.device, run.dtype)
     sheet = sheet * run.world.size if sheet else None
-    log = MetricsLog(run.layout.metrics, keep_through=run.step) if main else None  # rank 0 alone logs
+    log = Records(run.layout, loop.report_to, start_step=run.step) if main else None  # rank 0 alone logs
     bar = tqdm(
         total=loop.max_steps, initial=run.step, disable=not (main and show_progress(loop)), desc="train", unit="step"
     )
@@ -368,7 +371,7 @@ def is_spike(run: Run, loss: float) -> bool:
     )
 
 
-def rewind(run: Run, step: int, loss: float, log: MetricsLog | None) -> None:
+def rewind(run: Run, step: int, loss: float, log: Records | None) -> None:
     """PaLM's spike recovery: back to the last checkpoint, and skip the batches that led here."""
     run.rewinds += 1
     if run.rewinds > run.loop.max_rewinds:

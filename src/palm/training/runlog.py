@@ -45,7 +45,9 @@ class MetricsLog:
     """Appends records to the log, after cutting it back to the steps up to `keep_through`."""
 
     def __init__(self, path: Path, keep_through: int):
-        kept = [r for r in read_metrics(path, strict=False) if r.get("step", 0) <= keep_through]
+        records = read_metrics(path, strict=False)
+        self.last_step = max((r.get("step", 0) for r in records), default=0)  # what a killed run got to
+        kept = [r for r in records if r.get("step", 0) <= keep_through]
         if path.exists():
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = path.open("a", encoding="utf-8")
