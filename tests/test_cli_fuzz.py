@@ -63,6 +63,7 @@ TRAIN_FLAGS = [
     "--threads",
     "--preset",
     "--vocab-size",
+    "--report-to",
 ]
 GENERATE_FLAGS = ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop"]
 FIELDS = [
@@ -86,6 +87,7 @@ FIELDS = [
     "z_loss",
     "compile",
     "batch_ramp",
+    "report_to",
     "max_stepz",
     "model",
     "loop",

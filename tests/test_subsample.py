@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import assert_one_line_error, corpus_texts, run_cli
@@ -98,3 +99,17 @@ def test_the_command_reports_its_sample(capsys, parts, tmp_path):
         str(tmp_path / "tok2"),
     )
     assert_one_line_error(code, err, "--sample-bytes", "lots")
+
+
+def test_the_progress_bar_counts_the_text_read_not_the_compressed_file(tmp_path, capsys):
+    zstandard = pytest.importorskip("zstandard")
+    text = "".join(f"document {i} " * 40 + "\n\n" for i in range(3000))  # ~1.3 MB, compresses ~100x
+    path = tmp_path / "corpus.txt.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    sample = sample_corpora([CorpusPart(str(path), 1.0, "path")], 10**6, progress=True)
+    bar = capsys.readouterr().err.strip().split("\r")[-1]
+    assert bar.startswith("reading for the tokenizer's sample") and path.stat().st_size < 50_000
+    shown = float(re.search(r": ([\d.]+)MB ", bar).group(1))  # tqdm's unit_scale: 1.33MB
+    assert abs(shown * 1e6 - sample.bytes_total) < 0.01e6 and sample.bytes_total > 1e6
+    sample_corpora([CorpusPart(str(path), 1.0, "path")], 10**6)  # progress off: nothing on stderr
+    assert capsys.readouterr().err == ""

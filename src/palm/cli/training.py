@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -70,7 +71,7 @@ def tokenizer_train(
     budget = parse_size(sample_bytes, "--sample-bytes") if sample_bytes is not None else DEFAULT_SAMPLE_BYTES
     corpus_files(corpus)  # every path exists, before any is read
     parts = [CorpusPart(str(path), 1.0, "path", text_column or "text") for path in corpus]
-    sample = sample_corpora(parts, budget)
+    sample = sample_corpora(parts, budget, progress=sys.stderr.isatty())
     tok = train_tokenizer(lambda: sample.texts, vocab_size)
     with atomic_directory(out, overwrite=force) as tmp:
         tok.save(tmp)

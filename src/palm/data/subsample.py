@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import heapq
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 from ..core.errors import CorpusError
 from .choice import position_hash
@@ -54,18 +57,24 @@ class Sample:
         )
 
 
-def sample_corpora(parts: Sequence[CorpusPart], budget: int = DEFAULT_SAMPLE_BYTES) -> Sample:
-    """At most `budget` bytes of the corpora's text: the pieces of lowest hash that fit, in corpus order."""
+def sample_corpora(parts: Sequence[CorpusPart], budget: int = DEFAULT_SAMPLE_BYTES, progress: bool = False) -> Sample:
+    """At most `budget` bytes of the corpora's text: the pieces of lowest hash that fit, in corpus order.
+    With `progress`, a bar on stderr counts the text read: decompressed bytes, which for a .gz or .zst can be
+    many times the file's size, so a user sees what the wait is for."""
     if budget < 1:
         raise CorpusError(f"the sample budget must be at least 1 byte, not {budget}")
     heap: list[tuple[int, int, str, int]] = []  # (-hash, order, text, bytes): the largest hash on top
     cutoff = 1 << 64  # every piece hashed at or above it is out, whatever comes later
     kept = total = count = 0
+    bar = tqdm(
+        desc="reading for the tokenizer's sample", unit="B", unit_scale=True, disable=not progress, file=sys.stderr
+    )
     for p, part in enumerate(parts):
         for i, (text, _) in enumerate(part_pieces(part)):
             size = len(text.encode("utf-8"))
             total += size
             count += 1
+            bar.update(size)
             h = position_hash(p, i)
             if h >= cutoff:
                 continue
@@ -75,6 +84,7 @@ def sample_corpora(parts: Sequence[CorpusPart], budget: int = DEFAULT_SAMPLE_BYT
                 neg, _, _, dropped = heapq.heappop(heap)
                 kept -= dropped
                 cutoff = -neg
+    bar.close()
     if not heap:
         if total:
             raise CorpusError(f"no document fits the sample budget of {budget:,} bytes; raise --sample-bytes")

@@ -144,13 +144,13 @@ class Pretraining:
         return metrics
 
 
-def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts) -> PalmTokenizer:
+def _tokenizer_for(cfg: TrainConfig, layout: RunLayout, parts, progress: bool = False) -> PalmTokenizer:
     if (layout.tokenizer / "tokenizer.json").is_file():
         return PalmTokenizer.load(layout.tokenizer)
     if cfg.tokenizer:
         tok = PalmTokenizer.load(cfg.tokenizer)
     else:
-        sample = sample_corpora(parts, cfg.sample_bytes)
+        sample = sample_corpora(parts, cfg.sample_bytes, progress=progress)
         tok = train_tokenizer(lambda: sample.texts, cfg.vocab_size)
         data_log.info("tokenizer: %s", sample.line())
     with atomic_directory(layout.tokenizer, overwrite=True, replace_all=True) as tmp:
@@ -201,7 +201,7 @@ def _prepare(
     cfg: TrainConfig, layout: RunLayout, resume: bool, show: bool, allow_change: bool = False, world=None
 ) -> tuple[PalmTokenizer, TokenData]:
     parts = parse_corpus_spec(cfg.corpus, cfg.text_column)
-    tok = _tokenizer_for(cfg, layout, parts)
+    tok = _tokenizer_for(cfg, layout, parts, progress=show)
     identity = data_identity(parts, tok)
     if resume:
         _check_data(layout, identity, allow_change)
@@ -244,7 +244,7 @@ def _prepare_on_rank0(
         if world.is_main:
             try:
                 parts = parse_corpus_spec(cfg.corpus, cfg.text_column)
-                tok = _tokenizer_for(cfg, layout, parts)
+                tok = _tokenizer_for(cfg, layout, parts, progress=show_progress(cfg.loop))
                 if resume:
                     _check_data(layout, data_identity(parts, tok), allow_change)
             except PalmError as e:
