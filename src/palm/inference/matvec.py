@@ -138,7 +138,7 @@ _LIBRARY.define("matvec_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 
 def _matvec_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib = library()
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # the loop reads bf16 and nothing else
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16)
     lib.bf16(
         _ptr(rows), _ptr(weight), _ptr(y), rows.shape[0], weight.shape[1], weight.shape[0], torch.get_num_threads()
@@ -148,7 +148,8 @@ def _matvec_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _matvec_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     lib = library()
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    rows = (rows if rows.dtype in (torch.bfloat16, torch.float32) else rows.float()).contiguous()
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16)
     fp32 = int(rows.dtype == torch.float32)
     n, k, out = rows.shape[0], weight.shape[1], weight.shape[0]
