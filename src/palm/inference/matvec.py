@@ -172,6 +172,20 @@ def _matvec_int8_shape(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.bfloat16)
 
 
+def int8_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output channel) of `weight` [out, in], `rows` rows at a time, so that
+    the fp32 working copies stay small beside a 1B model's largest matrices (hundreds of MB whole)."""
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows].to(torch.float32, copy=True)  # never the weight itself
+        s = (block.abs().amax(1) / 127).clamp(min=1e-12)
+        q[start : start + rows] = block.div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[start : start + rows] = s
+    return q, scales
+
+
 def bf16_available(weight: torch.Tensor) -> bool:
     lib = library() if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else None
     return lib is not None and lib.bf16 is not None
@@ -206,16 +220,11 @@ class MatvecInt8(nn.Module):
     weight: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, rows: int = 1024):
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach()
-        q = torch.empty(w.shape, dtype=torch.uint8)
-        scale = torch.empty(w.shape[0], dtype=torch.float32)
-        for start in range(0, w.shape[0], rows):  # fp32 working copies a block at a time, not the whole matrix
-            block = w[start : start + rows].to(torch.float32, copy=True)
-            s = (block.abs().amax(1) / 127).clamp(min=1e-12)
-            q[start : start + rows] = block.div_(s[:, None]).round_().clamp_(-127, 127).add_(128)
-            scale[start : start + rows] = s
+        q, scale = int8_rows(w)
+        q = torch.bitwise_xor(q, -128).view(torch.uint8)  # flipping the top bit adds 128
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
         self.dtype = w.dtype

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..core.errors import PalmError
 from . import matvec
-from .matvec import MANY_ROWS  # rows from which a prefill block goes to aten's matmul
+from .matvec import MANY_ROWS, int8_rows  # rows from which a prefill block goes to aten's matmul
 
 QUANTIZE = ("none", "int8", "fp16")
 MATMULS = ("in_proj", "attn_out", "mlp_out")  # a block's weight matrices
@@ -160,20 +160,6 @@ class PackedLinear(nn.Module):
 
     def nbytes(self) -> int:
         return self._nbytes
-
-
-def int8_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per output channel) of `weight` [out, in], `rows` rows at a time, so that
-    the fp32 working copies stay small beside a 1B model's largest matrices (hundreds of MB whole)."""
-    w = weight.detach()
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for start in range(0, w.shape[0], rows):
-        block = w[start : start + rows].to(torch.float32, copy=True)  # never the weight itself
-        s = (block.abs().amax(1) / 127).clamp(min=1e-12)
-        q[start : start + rows] = block.div_(s[:, None]).round_().clamp_(-127, 127)
-        scales[start : start + rows] = s
-    return q, scales
 
 
 def int8pack_fast(weight: torch.Tensor) -> bool:
